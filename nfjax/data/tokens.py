@@ -1,0 +1,150 @@
+"""The vocabulary layout and the token dataset (what `tokenize` writes and `train`/`sample` read).
+
+Vocabulary (one place defines it; overlap is impossible by construction):
+
+  ids [0, num_codes)                      codebook entries (weight values / residual codes)
+  ids num_codes, num_codes+1, ...         the special tokens in `specials` order (e.g. pad, sos)
+  next num_classes ids                    one conditioning token per class (class c -> class_token(c))
+
+  vocab_size = num_codes + len(specials) + num_classes
+
+NeF-GPT MNIST parity: 245 codes, specials ('sos',), 10 classes -> 256.
+
+Token dataset directory (``WORKDIR/tokens``), numpy-readable:
+
+  tokens.npy        int32 [N, L]  one sequence per field: prefix (e.g. [SOS, class]) + P weight tokens
+  field_index.npy   int64 [N]     row of each sequence in WORKDIR/fields
+  labels.npy        int32 [N]     class of each sequence
+  train_idx.npy     int64 [Nt]    rows of tokens.npy in the train split (seeded, recorded)
+  val_idx.npy       int64 [Nv]    rows in the val split
+  vocab.json        Vocab.to_dict() plus seq_len, prefix_len, tokens_per_weight
+  summary.json      written last; marks the dataset complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+
+class TokenError(ValueError):
+  """A token id that is not valid where it appears (e.g. a special token in a weight slot)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  num_codes: int
+  num_classes: int = 0
+  specials: tuple[str, ...] = ('pad', 'sos')
+
+  def __post_init__(self):
+    if self.num_codes < 1:
+      raise ValueError(f"a vocabulary needs at least one code, got num_codes={self.num_codes}")
+    if len(set(self.specials)) != len(self.specials):
+      raise ValueError(f"duplicate special tokens: {self.specials}")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_codes + len(self.specials) + self.num_classes
+
+  def special(self, name: str) -> int:
+    if name not in self.specials:
+      raise KeyError(f"vocabulary has no special token {name!r}; it has {self.specials}")
+    return self.num_codes + self.specials.index(name)
+
+  @property
+  def sos(self) -> int:
+    return self.special('sos')
+
+  def class_token(self, c) -> np.ndarray | int:
+    c_arr = np.asarray(c)
+    if np.any((c_arr < 0) | (c_arr >= self.num_classes)):
+      raise ValueError(f"class {c} out of range: the vocabulary has {self.num_classes} classes")
+    out = self.num_codes + len(self.specials) + c_arr
+    return int(out) if out.ndim == 0 else out
+
+  def is_code(self, ids) -> np.ndarray:
+    ids = np.asarray(ids)
+    return (ids >= 0) & (ids < self.num_codes)
+
+  def check_codes(self, ids, where: str = 'weight slots') -> np.ndarray:
+    """Return ids as codes, or raise naming the first offending position and token."""
+    ids = np.asarray(ids)
+    bad = ~self.is_code(ids)
+    if bad.any():
+      pos = tuple(int(i) for i in np.argwhere(bad)[0])
+      tok = int(ids[pos])
+      raise TokenError(f"token {tok} ({self.describe(tok)}) at position {pos} in {where}: only codes "
+                       f"0..{self.num_codes - 1} can be decoded to weights")
+    return ids
+
+  def describe(self, tok: int) -> str:
+    if 0 <= tok < self.num_codes:
+      return f"code {tok}"
+    s = tok - self.num_codes
+    if s < len(self.specials):
+      return self.specials[s].upper()
+    c = s - len(self.specials)
+    if c < self.num_classes:
+      return f"class {c}"
+    return "out of vocabulary"
+
+  def to_dict(self) -> dict:
+    return {'num_codes': self.num_codes, 'num_classes': self.num_classes, 'specials': list(self.specials),
+            'vocab_size': self.vocab_size}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'Vocab':
+    return cls(num_codes=int(d['num_codes']), num_classes=int(d['num_classes']), specials=tuple(d['specials']))
+
+
+@dataclasses.dataclass
+class TokenDataset:
+  tokens: np.ndarray
+  field_index: np.ndarray
+  labels: np.ndarray
+  train_idx: np.ndarray
+  val_idx: np.ndarray
+  vocab: Vocab
+  meta: dict
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.tokens.shape[1])
+
+  @property
+  def prefix_len(self) -> int:
+    return int(self.meta['prefix_len'])
+
+
+ARRAYS = ('tokens', 'field_index', 'labels', 'train_idx', 'val_idx')
+
+
+def write(directory: str, tokens, field_index, labels, train_idx, val_idx, vocab: Vocab, prefix_len: int,
+          extra_meta: dict | None = None) -> None:
+  """Write every file but summary.json (the stage writes that last)."""
+  from nfjax.utils import io
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [N, L], got shape {tokens.shape}")
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab.vocab_size):
+    raise ValueError(f"token ids must lie in [0, {vocab.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+  arrays = dict(tokens=tokens, field_index=np.asarray(field_index, np.int64), labels=np.asarray(labels, np.int32),
+                train_idx=np.asarray(train_idx, np.int64), val_idx=np.asarray(val_idx, np.int64))
+  for k, v in arrays.items():
+    io.write_npy(os.path.join(directory, f'{k}.npy'), v)
+  meta = {**vocab.to_dict(), 'seq_len': int(tokens.shape[1]), 'prefix_len': int(prefix_len),
+          'num_sequences': int(tokens.shape[0]), **(extra_meta or {})}
+  io.write_json(os.path.join(directory, 'vocab.json'), meta)
+
+
+def load(directory: str) -> TokenDataset:
+  if not os.path.exists(os.path.join(directory, 'summary.json')):
+    raise FileNotFoundError(f"no finished token dataset at {directory}: run the tokenize stage first")
+  with open(os.path.join(directory, 'vocab.json')) as f:
+    meta = json.load(f)
+  arrays = {k: np.load(os.path.join(directory, f'{k}.npy')) for k in ARRAYS}
+  return TokenDataset(vocab=Vocab.from_dict(meta), meta=meta, **arrays)

@@ -1,0 +1,85 @@
+"""Meshes and shardings. The one place that knows device axes.
+
+The mesh comes from `config.mesh` ({data, fsdp, model}: sizes, -1 fills the remaining devices).
+Arrays are annotated with *logical* axis names; `LOGICAL_RULES` maps them to mesh axes, so a
+model or a stage never names a mesh axis itself (MaxText / big_vision style).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nfjax.errors import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'model')
+
+# logical axis -> mesh axes (None = replicated).
+LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
+    'fields': ('data', 'fsdp', 'model'),  # a stack of independent neural fields: use every device
+    'batch': ('data', 'fsdp'),
+    'seq': None,
+    'embed': 'fsdp',
+    'mlp': 'model',
+    'heads': 'model',
+    'kv': None,
+    'vocab': 'model',
+    'codes': None,
+}
+
+
+def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, ...]:
+  n = jax.device_count() if num_devices is None else num_devices
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  fills = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fills) > 1:
+    raise ConfigError(f"at most one mesh axis may be -1, got mesh={dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh axis sizes must be positive or -1, got mesh={dict(zip(MESH_AXES, sizes))}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if fills:
+    if n % fixed:
+      raise ConfigError(f"{n} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[fills[0]] = n // fixed
+  if math.prod(sizes) > n:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                      f"only {n} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over the first prod(shape) devices (all of them when an axis is -1)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  used = devices[:math.prod(shape)]
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=used)
+
+
+def logical_spec(*logical_axes: str | None) -> P:
+  return P(*(LOGICAL_RULES.get(a) if a is not None else None for a in logical_axes))
+
+
+def named(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(*logical_axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def axis_size(mesh: Mesh, logical_axis: str) -> int:
+  """How many shards a logical axis is split into on this mesh."""
+  rule = LOGICAL_RULES.get(logical_axis)
+  if rule is None:
+    return 1
+  axes = (rule,) if isinstance(rule, str) else rule
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def leading_axis_sharding(mesh: Mesh, tree, logical_axis: str = 'fields'):
+  """A pytree of shardings that splits every leaf's leading axis on `logical_axis`."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(logical_axis, *([None] * (np.ndim(x) - 1)))), tree)

@@ -1,0 +1,71 @@
+"""Config helpers: validation with messages that name the key, stage fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import ml_collections
+
+from nfjax.errors import ConfigError
+
+
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    if part not in node:
+      raise ConfigError(f"config key {key!r} does not exist")
+    node = node[part]
+  return node
+
+
+def check_choice(config, key: str, choices: Iterable[Any]) -> Any:
+  value = get(config, key)
+  choices = tuple(choices)
+  if value not in choices:
+    raise ConfigError(f"config key {key}={value!r} is not one of {', '.join(map(repr, choices))}")
+  return value
+
+
+def check_positive(config, key: str, allow_zero: bool = False, allow_minus_one: bool = False):
+  value = get(config, key)
+  ok = value >= 0 if allow_zero else value > 0
+  if allow_minus_one and value == -1:
+    ok = True
+  if not ok:
+    what = ">= 0" if allow_zero else "> 0"
+    extra = " (or -1 for all)" if allow_minus_one else ""
+    raise ConfigError(f"config key {key}={value!r} must be {what}{extra}")
+  return value
+
+
+def to_dict(config) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+  return config
+
+
+def fingerprint(config, keys: Iterable[str]) -> dict:
+  """The parts of the config a stage's artifacts depend on, as a plain dict."""
+  out = {}
+  for key in keys:
+    value = get(config, key)
+    out[key] = to_dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+  return json.loads(json.dumps(out, sort_keys=True, default=list))
+
+
+def fingerprint_hash(fp: dict) -> str:
+  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """Human-readable differences between two nested dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, '<missing>'), new.get(k, '<missing>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out

@@ -205,12 +205,10 @@ def run(config, workdir: str) -> dict:
     fields_done += hi - lo
     fitted_now += hi - lo
     finite = psnr[np.isfinite(psnr)]
-    rate = progress.update(fields_done, f"chunk {c + 1}/{num_chunks} PSNR mean {finite.mean():.2f} "
-                                        f"min {finite.min() if len(finite) else float('nan'):.2f} dB"
+    mean, low = (float(finite.mean()), float(finite.min())) if len(finite) else (float('nan'), float('nan'))
+    rate = progress.update(fields_done, f"chunk {c + 1}/{num_chunks} PSNR mean {mean:.2f} min {low:.2f} dB"
                                         + (f"  {int((flags > 0).sum())} flagged" if flags.any() else ''))
-    metrics.write(fields_done, psnr_mean=float(finite.mean()) if len(finite) else float('nan'),
-                  psnr_min=float(finite.min()) if len(finite) else float('nan'),
-                  fields_per_sec=rate, flagged=int((flags > 0).sum()))
+    metrics.write(fields_done, psnr_mean=mean, psnr_min=low, fields_per_sec=rate, flagged=int((flags > 0).sum()))
     fit_seconds = progress.elapsed
   metrics.close()
   refit = _refit(stage, config, fitter, targets, shared, seed, num_chunks, chunk)

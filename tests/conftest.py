@@ -1,0 +1,50 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported), tiny configs, shared fixtures."""
+
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+def load_config(preset='smoke', path='configs/mnist.py', **overrides):
+  """get_config(preset) from a config file, with dotted-key overrides: load_config(**{'fit.steps': 5})."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('cfg_' + os.path.basename(path)[:-3], os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(preset)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(key)
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def smoke_config():
+  return load_config
+
+
+@pytest.fixture(scope='session')
+def smoke_fields(tmp_path_factory):
+  """A finished fit stage on 64 offline MNIST images (smoke preset), shared by the whole session.
+
+  Returns the workdir; the weight dataset is WORKDIR/fields.
+  """
+  from nfjax import fit
+  workdir = str(tmp_path_factory.mktemp('smoke_fields'))
+  fit.run(load_config('smoke'), workdir)
+  return workdir

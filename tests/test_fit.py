@@ -1,0 +1,205 @@
+"""The fit stage: quality, sharding/chunking invariance, resume, flags, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from nfjax import fit, main
+from nfjax.data import weights as wds
+from nfjax.errors import ConfigError, DataError, NfjaxError
+from nfjax.fields import fitting, mlp
+
+TINY = {'data.num_fields': 12, 'fit.steps': 40, 'fit.shared_init_steps': 60, 'fit.chunk_size': 12,
+        'fit.shared_init_candidates': 2, 'fit.shared_init_probe': 4}
+
+
+def tiny(**kw):
+  return load_config('smoke', **{**TINY, **kw})
+
+
+def test_fitting_reaches_psnr_floor_on_a_few_images():
+  from nfjax.data import images
+  config = load_config('smoke', **{'fit.steps': 500})
+  data = images.load(config)
+  spec = mlp.FieldSpec.from_config(config.field)
+  feats = mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28)))
+  targets = jnp.asarray(data.images[:4].reshape(4, 784, 1))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = jax.vmap(lambda k: mlp.init(spec, k))(keys)
+  fn = jax.jit(jax.vmap(lambda p, t, k: fitting.fit_one(spec, config.fit, 500, p, feats, t, k)))
+  params, loss = fn(params, targets, keys)
+  recon = mlp.render_images(spec, params, 28, 28)
+  psnr = np.asarray(mlp.psnr(recon.reshape(4, -1), targets[..., 0], axis=-1))
+  assert np.all(psnr > 22.0), psnr  # random init, 500 full-batch steps
+  assert np.all(np.isfinite(np.asarray(loss)))
+
+
+def _arrays(workdir):
+  ds = wds.load(os.path.join(workdir, 'fields'))
+  return ds
+
+
+def test_stage_end_to_end_and_skip(tmp_path):
+  config = tiny()
+  summary = main.run(config, str(tmp_path), 'fit')['fit']
+  for key in ('num_fields', 'params_per_field', 'psnr_mean', 'psnr_p10', 'psnr_min', 'fields_per_sec',
+              'seconds', 'device_kind', 'num_devices'):
+    assert key in summary
+  assert summary['num_fields'] == 12 and summary['params_per_field'] == 561
+  assert summary['num_devices'] == 8  # conftest's fake devices, all used by mesh.data=-1
+  ds = _arrays(str(tmp_path))
+  assert ds.weights.shape == (12, 561) and ds.weights.dtype == np.float32
+  assert ds.shared_init.shape == (561,)
+  assert np.isfinite(ds.quality).all() and abs(ds.quality.mean() - summary['psnr_mean']) < 1e-4
+  # The recorded source indices select the images that were fitted.
+  from nfjax.data import images
+  full = images._offline_mnist()[0]
+  recon = mlp.render_weights(mlp.FieldSpec.from_dict(ds.meta['field']), ds.weights, 28, 28)
+  psnr = -10 * np.log10(((recon - full[ds.source_index]) ** 2).mean((1, 2)))
+  np.testing.assert_allclose(psnr, ds.quality, atol=1e-3)
+  assert os.path.getsize(tmp_path / 'fields' / 'reconstructions.png') > 1000
+  assert json.load(open(tmp_path / 'config.json'))['fit']['steps'] == 40
+  assert not (tmp_path / 'fields' / 'chunks').exists()
+  # Second run: skipped, nothing refitted, same summary.
+  again = fit.run(config, str(tmp_path))
+  assert again == summary
+
+
+def test_dataset_readable_with_numpy_only(tmp_path):
+  main.run(tiny(), str(tmp_path), 'fit')
+  code = (
+      "import json, sys, numpy as np\n"
+      f"d = {str(tmp_path / 'fields')!r}\n"
+      "meta = json.load(open(d + '/meta.json'))\n"
+      "w = np.load(d + '/weights.npy')\n"
+      "assert w.shape == (meta['num_fields'], meta['params_per_field'])\n"
+      "lay = meta['layout']\n"
+      "assert sum(e['size'] for e in lay) == w.shape[1]\n"
+      "w0 = w[0, lay[0]['offset']:lay[0]['offset'] + lay[0]['size']].reshape(lay[0]['shape'])\n"
+      "assert 'jax' not in sys.modules and 'nfjax' not in sys.modules\n"
+      "print(w0.shape)\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '(16, 16)'
+
+
+def test_sharded_chunked_and_single_device_give_same_weights(tmp_path):
+  a = tmp_path / 'eight'
+  b = tmp_path / 'one_device_small_chunks'
+  main.run(tiny(), str(a), 'fit')  # 8 devices, one chunk of 12 (padded to 16)
+  main.run(tiny(**{'mesh.data': 1, 'fit.chunk_size': 5}), str(b), 'fit')  # 1 device, chunks 5,5,2
+  da, db = _arrays(str(a)), _arrays(str(b))
+  assert db.meta['chunk_size'] == 5
+  np.testing.assert_allclose(da.shared_init, db.shared_init, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(da.weights, db.weights, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(da.quality, db.quality, atol=1e-2)
+
+
+def test_random_init_differs_per_field_and_is_batch_independent(tmp_path):
+  main.run(tiny(**{'fit.init': 'random', 'mesh.data': 2}), str(tmp_path / 'a'), 'fit')
+  main.run(tiny(**{'fit.init': 'random', 'mesh.data': 1, 'fit.chunk_size': 7}), str(tmp_path / 'b'), 'fit')
+  da, db = _arrays(str(tmp_path / 'a')), _arrays(str(tmp_path / 'b'))
+  assert da.shared_init is None
+  np.testing.assert_allclose(da.weights, db.weights, rtol=1e-3, atol=1e-4)
+  assert not np.allclose(da.weights[0], da.weights[1])
+
+
+def test_low_quality_fields_are_flagged_not_mixed_in(tmp_path):
+  summary = main.run(tiny(**{'fit.psnr_floor': 99.0}), str(tmp_path), 'fit')['fit']
+  ds = _arrays(str(tmp_path))
+  assert summary['num_flagged'] == 12
+  assert np.all(ds.flags & wds.FLAG_LOW_QUALITY)
+  assert len(ds.good()) == 0
+
+
+def test_divergent_fields_are_flagged_nonfinite(tmp_path):
+  summary = main.run(tiny(**{'fit.lr': 1e30, 'fit.init': 'random'}), str(tmp_path), 'fit')['fit']
+  ds = _arrays(str(tmp_path))
+  assert summary['num_nonfinite'] > 0
+  bad = (ds.flags & wds.FLAG_NONFINITE) > 0
+  assert np.all(~np.isfinite(ds.weights[bad]).all(1) | ~np.isfinite(ds.quality[bad]))
+
+
+def test_refit_improves_the_worst_fields(tmp_path):
+  summary = main.run(tiny(**{'fit.refit_below': 60.0, 'fit.refit_steps_factor': 3}), str(tmp_path), 'fit')['fit']
+  plain = main.run(tiny(), str(tmp_path / 'plain'), 'fit')['fit']
+  assert summary['num_refitted'] > 0
+  assert summary['psnr_mean'] > plain['psnr_mean']
+
+
+def test_other_config_in_same_workdir_is_refused(tmp_path):
+  main.run(tiny(), str(tmp_path), 'fit')
+  with pytest.raises(NfjaxError, match=r'fit.steps: 40 -> 41'):
+    main.run(tiny(**{'fit.steps': 41}), str(tmp_path), 'fit')
+
+
+def test_bad_values_fail_before_work(tmp_path):
+  with pytest.raises(ConfigError, match="data.source='floppy'"):
+    main.run(tiny(**{'data.source': 'floppy'}), str(tmp_path), 'fit')
+  with pytest.raises(ConfigError, match='fit.steps'):
+    main.run(tiny(**{'fit.steps': 0}), str(tmp_path), 'fit')
+  with pytest.raises(NfjaxError, match="unknown stage 'fitt'"):
+    main.run(tiny(), str(tmp_path), 'fitt')
+  with pytest.raises(ConfigError, match='mesh'):
+    main.run(tiny(**{'mesh.data': 16}), str(tmp_path), 'fit')
+  assert not (tmp_path / 'fields').exists()
+
+
+def test_unavailable_tfds_names_the_offline_source(tmp_path):
+  config = tiny(**{'data.source': 'tfds', 'data.download': False, 'data.tfds_data_dir': str(tmp_path / 'tfds')})
+  with pytest.raises(DataError, match='data.source=offline'):
+    fit.run(config, str(tmp_path))
+
+
+def _launch(args, **kw):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ''  # one CPU device in subprocesses
+  return subprocess.Popen([sys.executable, '-m', 'nfjax.main', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_launcher_rejects_misspelled_key(tmp_path):
+  p = _launch(['--config=configs/mnist.py:smoke', f'--workdir={tmp_path}', '--config.fit.stepz=5'])
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0
+  assert 'stepz' in out
+
+
+def test_kill_and_resume_gives_identical_dataset(tmp_path):
+  args = ['--config=configs/mnist.py:smoke', '--config.data.num_fields=40', '--config.fit.chunk_size=4',
+          '--config.fit.steps=150']
+  killed = tmp_path / 'killed'
+  p = _launch(args + [f'--workdir={killed}'])
+  chunks = killed / 'fields' / 'chunks'
+  deadline = time.time() + 120
+  while time.time() < deadline and p.poll() is None:
+    if chunks.exists() and len([f for f in os.listdir(chunks) if f.endswith('.npz')]) >= 2:
+      break
+    time.sleep(0.05)
+  assert p.poll() is None, 'the run finished before it could be killed; make it longer'
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  done_before = len([f for f in os.listdir(chunks) if f.endswith('.npz')])
+  assert 2 <= done_before < 10 and not (killed / 'fields' / 'summary.json').exists()
+  with pytest.raises(FileNotFoundError, match='incomplete'):
+    wds.load(str(killed / 'fields'))
+  p = _launch(args + [f'--workdir={killed}'])
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out
+  assert 'resuming' in out
+  full = tmp_path / 'full'
+  p = _launch(args + [f'--workdir={full}'])
+  out2, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out2
+  a, b = wds.load(str(killed / 'fields')), wds.load(str(full / 'fields'))
+  for k in wds.ARRAYS:
+    np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+  np.testing.assert_array_equal(a.shared_init, b.shared_init)

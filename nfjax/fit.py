@@ -321,6 +321,6 @@ def _reconstructions_png(stage, config, spec, data, arrays, shape) -> None:
         order.append(lst.pop(0))
   idx = np.array(sorted(order))
   recon = mlp.render_weights(spec, arrays['weights'][idx], *shape)
-  cols = [f"{labels[i]}:{arrays['quality'][i]:.1f}" for i in idx]
+  cols = [f"{labels[i]} {arrays['quality'][i]:.1f}dB" for i in idx]
   img = img_utils.grid([data.images[idx], recon], row_labels=['original', 'fitted'], col_labels=cols)
   img_utils.save_png(img, stage.file('reconstructions.png'))

@@ -29,6 +29,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     'kv': None,
     'vocab': 'model',
     'codes': None,
+    'layers': None,   # the stacked-layer axis of a scanned transformer
+    'norm': None,     # LayerNorm scales/biases: small, replicated
+    'classes': None,
 }
 
 
@@ -83,3 +86,39 @@ def axis_size(mesh: Mesh, logical_axis: str) -> int:
 def leading_axis_sharding(mesh: Mesh, tree, logical_axis: str = 'fields'):
   """A pytree of shardings that splits every leaf's leading axis on `logical_axis`."""
   return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(logical_axis, *([None] * (np.ndim(x) - 1)))), tree)
+
+
+def _mesh_axes(rule) -> tuple[str, ...]:
+  if rule is None:
+    return ()
+  return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def fitted_spec(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> P:
+  """The PartitionSpec of an array with these logical axes and this shape on `mesh`.
+
+  Unlike `logical_spec`, it never produces an invalid spec: a mesh axis is dropped from a
+  dimension it does not divide (e.g. a 257-token vocabulary on model=2 stays replicated) and a
+  mesh axis is used at most once per array. Parameters and optimiser state use this, so any model
+  size runs on any mesh; the price of a dropped axis is replication, never an error.
+  """
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical_axes, shape):
+    keep = []
+    size = 1
+    for ax in _mesh_axes(LOGICAL_RULES.get(name) if name is not None else None):
+      n = mesh.shape[ax]
+      if ax in used or n == 1 or dim % (size * n):
+        continue
+      keep.append(ax)
+      size *= n
+    used.update(keep)
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return P(*out)
+
+
+def fitted(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, fitted_spec(mesh, logical_axes, shape))

@@ -1,0 +1,114 @@
+"""Everything Orbax: training checkpoints and the params-only loader.
+
+A checkpoint directory (``WORKDIR/transformer/checkpoints``) holds one sub-directory per saved
+step, written by an Orbax `CheckpointManager` (atomic: a step directory appears only when it is
+complete; leftovers of a killed save are ignored and cleaned up):
+
+  <step>/params      the model parameters, a nested dict of arrays (`nfjax.models.ModelDef`)
+  <step>/opt_state   the optax state (same nesting under optax's named tuples)
+  <step>/meta        JSON: step, rng (the run's base PRNG key, uint32 pair), data_position
+                     (examples consumed = step * batch_size), seed, batch_size, model (config dict)
+
+Restores target the *current* mesh: pass abstract arrays carrying the shardings you want, and
+Orbax reshards (a run saved on 8 devices resumes on 1 or 2, and vice versa).
+
+`load_params(directory)` reads only the parameters onto one CPU (or any given) device, without a
+mesh, an optimizer or the training config: what the sample stage and notebooks use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import SingleDeviceSharding
+
+from nfjax.errors import NfjaxError
+
+ITEMS = ('params', 'opt_state', 'meta')
+
+
+def _handlers() -> dict:
+  return {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+  """Save/restore (params, opt_state, meta) by step; keeps the newest `keep` steps."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True, create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, params, opt_state, meta: dict) -> None:
+    """Start saving (asynchronously when enabled); the arrays may be donated right after."""
+    self._mngr.save(int(step), args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
+    """(params, opt_state, meta) of `step`, laid out as the abstract targets' shardings say."""
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        meta=ocp.args.JsonRestore()))
+    return out['params'], out['opt_state'], dict(out['meta'])
+
+  def restore_params(self, step: int, abstract_params) -> tuple[Any, dict]:
+    """(params, meta) of `step` only: e.g. to start a new run from a trained model."""
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    return out['params'], dict(out['meta'])
+
+  def meta(self, step: int) -> dict:
+    return dict(self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def load_params(directory: str, step: int | None = None, device: jax.Device | None = None) -> tuple[dict, dict]:
+  """(params, meta) of a checkpoint directory's `step` (default: the latest) on one device.
+
+  device defaults to the first CPU device, so this works on any machine, whatever mesh the
+  checkpoint was written from. `meta['model']` is the model config dict: rebuild the model with
+  `nfjax.models.build(meta['model'])` and call `.bind(params)`.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise NfjaxError(f"no checkpoints at {directory}: run the train stage first")
+  mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
+                               options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = mngr.latest_step() if step is None else int(step)
+    if step is None or step not in mngr.all_steps():
+      raise NfjaxError(f"no finished checkpoint {'' if step is None else f'for step {step} '}in {directory}")
+    tree = mngr.item_metadata(step)['params']
+    tree = getattr(tree, 'tree', tree)
+    target_sharding = SingleDeviceSharding(device or jax.devices('cpu')[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target_sharding), tree)
+    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
+                                                     meta=ocp.args.JsonRestore()))
+    return out['params'], dict(out['meta'])
+  finally:
+    mngr.close()
+
+
+def load_model(directory: str, step: int | None = None, device: jax.Device | None = None):
+  """(ModelDef, params, meta) of a checkpoint directory: the one-call loader for sampling."""
+  from nfjax import models
+  params, meta = load_params(directory, step, device)
+  return models.build(meta['model']), params, meta

@@ -1,0 +1,241 @@
+"""Transformer building blocks shared by the GPT and the regression transformer.
+
+Parameters are `nnx.Param`s carrying a `logical` metadata tuple (logical axis names, see
+`nfjax.sharding.LOGICAL_RULES`); `nfjax.models.ModelDef` turns them into shardings. The blocks of a
+model are stored *stacked* (leading `layers` axis) and applied with one `lax.scan`, so compile
+time does not grow with depth; the KV cache is stacked the same way.
+
+Numerics: parameters are float32; `dtype` ('float32' | 'bfloat16') is the compute dtype of the
+matmuls. LayerNorm statistics, attention softmax and logits are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+POSITIONS = ('learned', 'rope')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """What every block stack needs. Frozen (hashable): it is static in the NNX graph."""
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  block_size: int             # the longest input sequence (positions 0 .. block_size-1)
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  block_norm: bool = True     # pre-LayerNorm blocks; False = NeF-GPT's blocks (no LayerNorm at all)
+  position: str = 'learned'   # learned absolute embeddings | rope (rotary, no position table)
+  rope_base: float = 10000.0
+  bias: bool = True
+  ln_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position={self.position!r} is not one of {POSITIONS}")
+    if self.position == 'rope' and self.head_dim % 2:
+      raise ValueError(f"rope needs an even head dimension, got {self.head_dim}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.mlp_ratio * self.embed_dim
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def param(value: jax.Array, *logical: str | None) -> nnx.Param:
+  if len(logical) != value.ndim:
+    raise ValueError(f"{len(logical)} logical axes for a {value.ndim}-d parameter")
+  return nnx.Param(value, logical=tuple(logical))
+
+
+def normal(key, shape, std: float) -> jax.Array:
+  return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+  """LayerNorm in float32, result in x's dtype."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding. x [B, T, H, K], positions [B, T] (int)."""
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * freqs          # [B, T, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+  """Causal attention by position: query at position p sees keys at positions <= p.
+
+  q [B, T, H, K]; k, v [B, S, H, K]; q_pos [B, T]; k_pos [S]. The same function serves the full
+  forward (S = T, k_pos = 0..T-1) and cached decoding (S = cache length; unwritten cache slots
+  have positions beyond every query, so they are masked), which is what makes the two agree.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  scores = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  mask = k_pos[None, None, None, :] <= q_pos[:, None, :, None]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bshk->bthk', probs, v)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: k, v [num_layers, batch, max_len, num_heads, head_dim].
+
+  Slot j holds the token at absolute position j. A plain pytree: carry it through `lax.scan` /
+  `lax.fori_loop`, donate it to `jax.jit`. `LOGICAL_AXES` names its axes for `nfjax.sharding`.
+  """
+  k: jax.Array
+  v: jax.Array
+
+  LOGICAL_AXES = ('layers', 'batch', None, 'heads', 'kv')
+
+  @property
+  def max_len(self) -> int:
+    return int(self.k.shape[2])
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.k.shape[1])
+
+
+class Blocks(nnx.Module):
+  """`num_layers` transformer blocks with stacked parameters, applied by one `lax.scan`.
+
+  Block (default, pre-LN):   x += attn(ln1(x));  x += mlp(ln2(x))
+  Block (block_norm=False):  x += attn(x);       x += mlp(x)        (NeF-GPT's blocks)
+  Attention: fused q/k/v projection, causal softmax attention, output projection; MLP: Linear ->
+  GELU (exact) -> Linear. Init as GPT-2/nanoGPT: N(0, init_std), output projections scaled by
+  1/sqrt(2 * num_layers), biases 0, LayerNorm scale 1.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    n, d, h, k, f = cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * n)
+    zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    if cfg.block_norm:
+      self.ln1_scale = param(ones(n, d), 'layers', 'norm')
+      self.ln1_bias = param(zeros(n, d), 'layers', 'norm') if cfg.bias else None
+      self.ln2_scale = param(ones(n, d), 'layers', 'norm')
+      self.ln2_bias = param(zeros(n, d), 'layers', 'norm') if cfg.bias else None
+    self.qkv_kernel = param(normal(rngs.params(), (n, 3, d, h, k), std), 'layers', None, 'embed', 'heads', 'kv')
+    self.out_kernel = param(normal(rngs.params(), (n, h, k, d), out_std), 'layers', 'heads', 'kv', 'embed')
+    self.mlp_in_kernel = param(normal(rngs.params(), (n, d, f), std), 'layers', 'embed', 'mlp')
+    self.mlp_out_kernel = param(normal(rngs.params(), (n, f, d), out_std), 'layers', 'mlp', 'embed')
+    if cfg.bias:
+      self.qkv_bias = param(zeros(n, 3, h, k), 'layers', None, 'heads', 'kv')
+      self.out_bias = param(zeros(n, d), 'layers', 'embed')
+      self.mlp_in_bias = param(zeros(n, f), 'layers', 'mlp')
+      self.mlp_out_bias = param(zeros(n, d), 'layers', 'embed')
+
+  NAMES = ('ln1_scale', 'ln1_bias', 'ln2_scale', 'ln2_bias', 'qkv_kernel', 'qkv_bias', 'out_kernel', 'out_bias',
+           'mlp_in_kernel', 'mlp_in_bias', 'mlp_out_kernel', 'mlp_out_bias')
+
+  def _stacked(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in self.NAMES if getattr(self, name, None) is not None}
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, rng: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] (compute dtype), positions [B, T] absolute positions of the T tokens.
+
+    Without a cache: causal self-attention over the T tokens (positions must be 0..T-1 in order).
+    With a cache: the T new keys/values are written into their slots (positions[:, 0] onwards,
+    contiguous) and each token attends to every cached slot at a position <= its own.
+    Returns (x, the updated cache or None).
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    params = self._stacked()
+    layer_ids = jnp.arange(cfg.num_layers)
+
+    def block(x, p, layer, ck, cv):
+      key = None if rng is None else jax.random.fold_in(rng, layer)
+      h = layer_norm(x, p['ln1_scale'], p.get('ln1_bias'), cfg.ln_eps) if cfg.block_norm else x
+      qkv = jnp.einsum('btd,cdhk->cbthk', h, p['qkv_kernel'].astype(dt))
+      if 'qkv_bias' in p:
+        qkv = qkv + p['qkv_bias'].astype(dt)[:, None, None]
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      if cfg.position == 'rope':
+        q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+      if ck is None:
+        a = attend(q, k, v, positions, jnp.arange(x.shape[1]))
+      else:
+        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice(c, new, (start, 0, 0)))
+        ck = write(ck, k.astype(ck.dtype), positions[:, 0])
+        cv = write(cv, v.astype(cv.dtype), positions[:, 0])
+        a = attend(q, ck.astype(dt), cv.astype(dt), positions, jnp.arange(ck.shape[1]))
+      a = jnp.einsum('bthk,hkd->btd', a, p['out_kernel'].astype(dt))
+      if 'out_bias' in p:
+        a = a + p['out_bias'].astype(dt)
+      x = x + dropout(a, cfg.dropout, None if key is None else jax.random.fold_in(key, 0))
+      h = layer_norm(x, p['ln2_scale'], p.get('ln2_bias'), cfg.ln_eps) if cfg.block_norm else x
+      h = jnp.einsum('btd,df->btf', h, p['mlp_in_kernel'].astype(dt))
+      if 'mlp_in_bias' in p:
+        h = h + p['mlp_in_bias'].astype(dt)
+      h = jax.nn.gelu(h, approximate=False)
+      h = jnp.einsum('btf,fd->btd', h, p['mlp_out_kernel'].astype(dt))
+      if 'mlp_out_bias' in p:
+        h = h + p['mlp_out_bias'].astype(dt)
+      x = x + dropout(h, cfg.dropout, None if key is None else jax.random.fold_in(key, 1))
+      return x, ck, cv
+
+    if cache is None:
+      def body(x, xs):
+        p, layer = xs
+        x, _, _ = block(x, p, layer, None, None)
+        return x, None
+      x, _ = jax.lax.scan(body, x, (params, layer_ids))
+      return x, None
+
+    def body_cached(carry, xs):
+      x, ks, vs = carry
+      p, layer = xs
+      x, ck, cv = block(x, p, layer, ks[layer], vs[layer])
+      return (x, ks.at[layer].set(ck), vs.at[layer].set(cv)), None
+    (x, ks, vs), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v), (params, layer_ids))
+    return x, KVCache(ks, vs)
+
+
+def empty_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

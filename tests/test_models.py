@@ -1,0 +1,230 @@
+"""Models: KV-cache decoding == full forward, causality, NeF-GPT parity structure, regression
+transformer, sharding of parameters."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfjax import models, sharding
+from nfjax.models import GPTConfig, RegressionConfig
+
+TINY = GPTConfig(num_layers=2, num_heads=4, embed_dim=32, block_size=24, vocab_size=19)
+
+
+def _init(cfg, seed=0):
+  mdef = models.build(cfg)
+  return mdef, jax.jit(mdef.init)(jax.random.PRNGKey(seed))
+
+
+def _fwd(mdef):
+  """The jitted forward of a model (eager calls dispatch op by op: slow on 2 cores)."""
+  return jax.jit(lambda p, *a, **kw: mdef.bind(p)(*a, **kw))
+
+
+def _tokens(cfg, batch=3, length=None, seed=1):
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, length or cfg.block_size), 0, cfg.vocab_size)
+
+
+def _decode_all(mdef, params, tokens, prefill: int, cache_len: int):
+  """Prefill `prefill` tokens, then decode the rest one token at a time in a jitted lax.scan."""
+  def run(params, tokens):
+    model = mdef.bind(params)
+    cache = model.init_cache(tokens.shape[0], cache_len, jnp.float32)
+    first, cache = model.decode(tokens[:, :prefill], cache, 0)
+
+    def step(cache, i):
+      logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), cache, i)
+      return cache, logits[:, 0]
+    cache, rest = jax.lax.scan(step, cache, jnp.arange(prefill, tokens.shape[1]))
+    return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], axis=1)
+  return jax.jit(run)(params, tokens)
+
+
+@pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias'])
+def test_kv_cache_decode_matches_full_forward(variant):
+  cfg = {'pre_ln': TINY,
+         'nef_gpt_parity_tied': dataclasses.replace(TINY, block_norm=False, tie_embeddings=True),
+         'rope_no_bias': dataclasses.replace(TINY, position='rope', bias=False)}[variant]
+  mdef, params = _init(cfg)
+  tokens = _tokens(cfg)
+  full = np.asarray(jax.jit(lambda p, t: mdef.bind(p)(t))(params, tokens))
+  assert full.shape == (3, cfg.block_size, cfg.vocab_size) and full.dtype == np.float32
+  # The cache is longer than needed (unwritten slots must be masked) and the prompt is 2 tokens.
+  dec = np.asarray(_decode_all(mdef, params, tokens, prefill=2, cache_len=cfg.block_size))
+  np.testing.assert_allclose(dec, full, atol=2e-5, rtol=1e-5)
+  # Sanity: the comparison is not vacuous (logits differ across positions).
+  assert np.abs(full[:, 1:] - full[:, :-1]).max() > 1e-2
+
+
+def test_decode_with_per_row_start_positions():
+  """positions may be an int32 [B] array: rows at different positions in one call."""
+  mdef, params = _init(TINY)
+  tokens = _tokens(TINY, batch=2, length=10)
+  full = np.asarray(_fwd(mdef)(params, tokens))
+
+  @jax.jit
+  def run(params, tokens):
+    model = mdef.bind(params)
+    cache = model.init_cache(2, 12)
+    # Row 0 has 4 tokens cached, row 1 has 6 (written with a scalar start, then a [B] start).
+    _, cache = model.decode(tokens[:, :4], cache, 0)
+    _, cache = model.decode(tokens[:, 4:6], cache, jnp.array([4, 4], jnp.int32))
+    # Now row 0 decodes its tokens 4, 5 again while row 1 decodes its tokens 6, 7: different
+    # start positions in one call.
+    step = jnp.stack([tokens[0, 4:6], tokens[1, 6:8]])
+    logits, _ = model.decode(step, cache, jnp.array([4, 6], jnp.int32))
+    return logits
+  logits = np.asarray(run(params, tokens))
+  np.testing.assert_allclose(logits[0], full[0, 4:6], atol=2e-5)
+  np.testing.assert_allclose(logits[1], full[1, 6:8], atol=2e-5)
+
+
+def test_init_cache_shape_and_limits():
+  mdef, params = _init(TINY)
+  model = mdef.bind(params)
+  cache = model.init_cache(5, 7, jnp.bfloat16)
+  assert cache.k.shape == (2, 5, 7, 4, 8) and cache.k.dtype == jnp.bfloat16
+  assert cache.max_len == 7 and cache.batch_size == 5
+  assert model.init_cache(1).max_len == TINY.block_size
+  with pytest.raises(ValueError, match='block_size'):
+    model.init_cache(1, TINY.block_size + 1)
+
+
+def test_forward_is_causal():
+  mdef, params = _init(TINY)
+  tokens = _tokens(TINY)
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % TINY.vocab_size)
+  fwd = _fwd(mdef)
+  a, b = fwd(params, tokens), fwd(params, changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :10]), np.asarray(b[:, :10]))
+  assert np.abs(np.asarray(a[:, 10:] - b[:, 10:])).max() > 1e-4
+
+
+def test_nef_gpt_parity_architecture_matches_its_parameter_count():
+  """NeF-GPT's MNIST GPT printed 5,616,480 non-position parameters; its unused ln_1/ln_2 (8 layers
+  x 2 x (240 + 240)) were counted there but do not exist in the parity model."""
+  cfg = GPTConfig(num_layers=8, num_heads=12, embed_dim=240, block_size=561, vocab_size=256,
+                  block_norm=False, tie_embeddings=True)
+  mdef = models.build(cfg)
+  assert mdef.num_non_embedding_params + 8 * 2 * 480 == 5_616_480
+  paths = {'/'.join(p) for p in mdef.paths()}
+  assert 'lm_head' not in paths and not any('ln1' in p or 'ln2' in p for p in paths)
+  assert {'ln_f_scale', 'ln_f_bias', 'wte', 'wpe'} <= paths
+  default = models.build(dataclasses.replace(cfg, block_norm=True, tie_embeddings=False))
+  assert default.num_params == mdef.num_params + 8 * 2 * 480 + 240 * 256
+
+
+def test_bfloat16_compute_close_to_float32():
+  mdef32, params = _init(TINY)
+  mdef16 = models.build(dataclasses.replace(TINY, dtype='bfloat16'))
+  tokens = _tokens(TINY)
+  a = np.asarray(_fwd(mdef32)(params, tokens))
+  b = _fwd(mdef16)(params, tokens)
+  assert b.dtype == jnp.float32  # logits stay float32
+  assert 0 < np.abs(a - np.asarray(b)).max() < 0.05
+
+
+def test_dropout_only_with_a_key():
+  mdef, params = _init(dataclasses.replace(TINY, dropout=0.3))
+  tokens = _tokens(TINY)
+  fwd = _fwd(mdef)
+  np.testing.assert_array_equal(np.asarray(fwd(params, tokens)), np.asarray(fwd(params, tokens)))
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  np.testing.assert_array_equal(np.asarray(fwd(params, tokens, rng=k1)), np.asarray(fwd(params, tokens, rng=k1)))
+  assert np.abs(np.asarray(fwd(params, tokens, rng=k1) - fwd(params, tokens, rng=k2))).max() > 1e-3
+  assert np.abs(np.asarray(fwd(params, tokens, rng=k1) - fwd(params, tokens))).max() > 1e-3
+
+
+def test_regression_transformer_uses_its_input_embedding_and_is_causal():
+  cfg = RegressionConfig(num_layers=2, num_heads=2, embed_dim=16, block_size=12, num_classes=3)
+  mdef, params = _init(cfg)
+  values = jax.random.normal(jax.random.PRNGKey(3), (2, 11))
+  labels = jnp.array([0, 2])
+  model = _fwd(mdef)
+  pred = np.asarray(model(params, values, labels))
+  assert pred.shape == (2, 12) and pred.dtype == np.float32
+  # Changing value 5 (input position 6) changes predictions from position 6 on, and nothing before.
+  other = np.asarray(model(params, values.at[:, 5].add(1.0), labels))
+  np.testing.assert_array_equal(other[:, :6], pred[:, :6])
+  assert np.abs(other[:, 6:] - pred[:, 6:]).max() > 1e-4
+  # The class conditions the first prediction (learned start embedding per class).
+  assert np.abs(np.asarray(model(params, values, jnp.array([1, 1])))[:, 0] - pred[:, 0]).max() > 1e-6
+  # Zeroing the value embedding removes the dependence on the values (it is the only path).
+  params0 = {**params, 'value_kernel': jnp.zeros_like(params['value_kernel'])}
+  np.testing.assert_allclose(np.asarray(model(params0, values, labels)),
+                             np.asarray(model(params0, values * 3.0, labels)), atol=1e-6)
+
+
+def test_model_config_round_trips_through_json():
+  import json
+  for cfg in (TINY, RegressionConfig(num_layers=1, num_heads=2, embed_dim=8, block_size=5, loss='mse')):
+    d = json.loads(json.dumps(models.to_dict(cfg)))
+    assert models.config_from_dict(d) == cfg
+
+
+def test_fitted_sharding_falls_back_to_replication():
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  P = jax.sharding.PartitionSpec
+  assert sharding.fitted_spec(mesh, ('vocab', 'embed'), (258, 32)) == P('model', 'fsdp')
+  assert sharding.fitted_spec(mesh, ('vocab', 'embed'), (257, 31)) == P(None, None)
+  assert sharding.fitted_spec(mesh, ('batch', None), (8, 5)) == P(('data', 'fsdp'), None)
+  assert sharding.fitted_spec(mesh, ('batch', None), (6, 5)) == P('data', None)  # 6 % 4 != 0, 6 % 2 == 0
+  assert sharding.fitted_spec(mesh, ('heads', 'mlp'), (4, 8)) == P('model', None)  # one mesh axis once
+
+
+def test_param_shardings_follow_logical_axes():
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mdef = models.build(dataclasses.replace(TINY, vocab_size=20))
+  sh = mdef.shardings(mesh)
+  P = jax.sharding.PartitionSpec
+  assert sh['wte'].spec == P('model', 'fsdp')
+  assert sh['blocks']['qkv_kernel'].spec == P(None, None, 'fsdp', 'model', None)
+  assert sh['blocks']['mlp_out_kernel'].spec == P(None, 'model', 'fsdp')
+  assert sh['ln_f_scale'].spec == P(None)
+  params = jax.jit(mdef.init, out_shardings=sh)(jax.random.PRNGKey(0))
+  assert params['blocks']['qkv_kernel'].sharding == sh['blocks']['qkv_kernel']
+  # Sharded parameters give the same forward as unsharded ones.
+  ref = jax.jit(mdef.init)(jax.random.PRNGKey(0))
+  tokens = _tokens(TINY, batch=4)
+  fwd = _fwd(mdef)
+  np.testing.assert_allclose(np.asarray(fwd(params, tokens)), np.asarray(fwd(ref, tokens)), atol=1e-5)
+
+
+def test_greedy_sampling_with_the_cache_matches_full_forwards():
+  """The docs/train.md example: prompt [SOS, class], then one token at a time up to block_size."""
+  cfg = dataclasses.replace(TINY, block_size=12)
+  mdef, params = _init(cfg)
+  L = cfg.block_size + 1  # sequence length: 2 prompt tokens + 11 generated
+
+  @jax.jit
+  def greedy(params, prompt):
+    model = mdef.bind(params)
+    cache = model.init_cache(prompt.shape[0], L - 1)
+    logits, cache = model.decode(prompt, cache, 0)
+
+    def step(carry, pos):
+      tok, cache = carry
+      logits, cache = model.decode(tok, cache, pos)
+      nxt = jnp.argmax(logits[:, -1], -1)[:, None]
+      return (nxt, cache), nxt[:, 0]
+    first = jnp.argmax(logits[:, -1], -1)[:, None]
+    _, rest = jax.lax.scan(step, (first, cache), jnp.arange(2, L - 1))
+    return jnp.concatenate([first, rest.T], 1)
+
+  prompt = jnp.array([[16, 17], [16, 18]])
+  got = np.asarray(greedy(params, prompt))
+  assert got.shape == (2, L - 2)
+  # Reference: a full (causal) forward over a fixed-length buffer for every new token.
+  fwd = _fwd(mdef)
+  buf = np.zeros((2, L - 1), np.int32)
+  buf[:, :2] = prompt
+  ref = []
+  for i in range(2, L):
+    tok = np.asarray(jnp.argmax(fwd(params, jnp.asarray(buf))[:, i - 1], -1))
+    ref.append(tok)
+    if i < L - 1:
+      buf[:, i] = tok
+  np.testing.assert_array_equal(got, np.stack(ref, 1))

@@ -1,0 +1,283 @@
+"""The train stage: sharded == unsharded, kill-and-resume, restore on other device counts, overfit,
+compile-once, gradient accumulation, NaN stop, bad configs, the regression transformer, the
+params-only loader."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from nfjax import checkpoint, main, train
+from nfjax.data import tokens as token_data
+from nfjax.errors import ConfigError, DataError, NfjaxError
+from nfjax.utils import io
+
+MESH_8 = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2}   # data, FSDP and model (heads/mlp/vocab) sharding
+MESH_1 = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.model': 1}   # the first device only
+MESH_2 = {'mesh.data': 2, 'mesh.fsdp': 1, 'mesh.model': 1}
+
+# Smoke model (2 layers, width 32, 2 heads); 18-token vocabulary, sequences of 2 + 18 tokens.
+BASE = {'train.steps': 8, 'train.batch_size': 8, 'train.log_every': 1, 'train.eval_every': 4,
+        'train.eval_batches': -1, 'train.checkpoint_every': 3, 'train.warmup_steps': 2, 'train.lr': 3e-3}
+
+
+def make_tokens(workdir, n=40, num_codes=13, num_classes=3, num_weights=18, noise=0.05, seed=0):
+  """A token dataset as the tokenize stage writes it: [SOS, class, w_0..w_{P-1}], where the weight
+  tokens follow a class-dependent pattern with a little noise (learnable, not trivial)."""
+  rng = np.random.default_rng(seed)
+  vocab = token_data.Vocab(num_codes=num_codes, num_classes=num_classes)
+  labels = rng.integers(0, num_classes, n)
+  j = np.arange(num_weights)
+  w = (labels[:, None] * 5 + j[None, :] * (labels[:, None] + 1)) % num_codes
+  w = np.where(rng.random(w.shape) < noise, rng.integers(0, num_codes, w.shape), w)
+  tokens = np.concatenate([np.full((n, 1), vocab.sos), vocab.class_token(labels)[:, None], w], 1)
+  perm = rng.permutation(n)
+  n_val = max(1, n // 8)
+  directory = os.path.join(workdir, 'tokens')
+  token_data.write(directory, tokens, np.arange(n), labels, np.sort(perm[n_val:]), np.sort(perm[:n_val]), vocab,
+                   prefix_len=2)
+  io.write_json(os.path.join(directory, 'summary.json'), {'vocab_size': vocab.vocab_size})
+  return tokens
+
+
+def config(**kw):
+  return load_config('smoke', **{**BASE, **kw})
+
+
+def logged(workdir, key='loss'):
+  with open(os.path.join(workdir, 'transformer', 'metrics.jsonl')) as f:
+    rows = [json.loads(ln) for ln in f]
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+class Crash(Exception):
+  pass
+
+
+def crash_at(step):
+  def hook(done, trainer):
+    if done == step:
+      raise Crash(f"simulated crash after step {done}")
+  return hook
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted 8-step run on 8 devices (data 2 x fsdp 2 x model 2)."""
+  wd = str(tmp_path_factory.mktemp('reference'))
+  make_tokens(wd)
+  trainers = set()
+  summary = train.run(config(**MESH_8), wd, hooks=[lambda step, trainer: trainers.add(trainer)])
+  (trainer,) = trainers
+  return wd, summary, trainer
+
+
+@pytest.fixture(scope='module')
+def crashed(tmp_path_factory):
+  """The same run killed after step 5 (checkpoints every 3 steps: the latest is step 3)."""
+  wd = str(tmp_path_factory.mktemp('crashed'))
+  make_tokens(wd)
+  with pytest.raises(Crash):
+    train.run(config(**MESH_8), wd, hooks=[crash_at(5)])
+  assert not os.path.exists(os.path.join(wd, 'transformer', 'summary.json'))
+  assert checkpoint.Checkpointer(os.path.join(wd, 'transformer', 'checkpoints')).all_steps() == [3]
+  return wd
+
+
+def test_reference_run_end_to_end(reference):
+  wd, s, _ = reference
+  for key in ('steps', 'train_loss', 'eval_loss', 'tokens_per_sec', 'params'):
+    assert key in s
+  assert s['steps'] == 8 and s['num_devices'] == 8 and s['mesh'] == {'data': 2, 'fsdp': 2, 'model': 2}
+  assert s['block_size'] == 19 and s['vocab_size'] == 18  # the context covers all 19 inputs
+  assert np.isfinite(s['eval_loss']) and s['tokens_per_sec'] > 0
+  losses = logged(wd)
+  assert sorted(losses) == list(range(1, 9))
+  assert losses[8] < losses[1]
+  assert sorted(logged(wd, 'eval_loss')) == [4, 8]
+  assert os.path.exists(os.path.join(wd, 'transformer', 'model.json'))
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(wd, 'transformer', 'tensorboard')))
+  # Re-running skips (same summary, no training); a different config is refused.
+  assert train.run(config(**MESH_8), wd) == s
+  with pytest.raises(NfjaxError, match='different config'):
+    train.run(config(**MESH_8, **{'train.lr': 1e-3}), wd)
+
+
+def test_sharded_losses_equal_single_device(reference, tmp_path):
+  wd, _, _ = reference
+  make_tokens(str(tmp_path))
+  single = train.run(config(**MESH_1), str(tmp_path))
+  assert single['num_devices'] == 1
+  a, b = logged(wd), logged(str(tmp_path))
+  assert sorted(a) == sorted(b)
+  # Same math, different reduction order across shards: equal to float32 rounding.
+  np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5)
+  ea, eb = logged(wd, 'eval_loss'), logged(str(tmp_path), 'eval_loss')
+  np.testing.assert_allclose([eb[4], eb[8]], [ea[4], ea[8]], rtol=2e-5)
+
+
+def test_kill_and_resume_continues_the_exact_trajectory(reference, crashed, tmp_path):
+  ref_wd, ref_summary, _ = reference
+  wd = str(tmp_path / 'resumed')
+  shutil.copytree(crashed, wd)
+  summary = train.run(config(**MESH_8), wd)   # the same command again
+  assert summary['resumed_from'] == 3 and summary['steps_this_run'] == 5
+  a, b = logged(ref_wd), logged(wd)
+  assert sorted(b) == list(range(1, 9))      # steps 4, 5 logged again, not twice
+  assert [b[k] for k in range(1, 9)] == [a[k] for k in range(1, 9)]   # bit-for-bit
+  assert logged(wd, 'eval_loss') == logged(ref_wd, 'eval_loss')
+  assert summary['eval_loss'] == ref_summary['eval_loss']
+  pa, _ = checkpoint.load_params(os.path.join(ref_wd, 'transformer', 'checkpoints'))
+  pb, _ = checkpoint.load_params(os.path.join(wd, 'transformer', 'checkpoints'))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
+
+
+def test_resume_on_a_different_device_count(reference, crashed, tmp_path):
+  """Saved from the 8-device mesh, resumed on 2 devices: same trajectory to float32 rounding."""
+  ref_wd, _, _ = reference
+  wd = str(tmp_path / 'two')
+  shutil.copytree(crashed, wd)
+  summary = train.run(config(**MESH_2), wd)
+  assert summary['resumed_from'] == 3 and summary['num_devices'] == 2
+  a, b = logged(ref_wd), logged(wd)
+  np.testing.assert_allclose([b[k] for k in range(1, 9)], [a[k] for k in range(1, 9)], rtol=2e-5)
+
+
+def test_params_only_loader_on_one_cpu_device(reference):
+  """load_model needs no mesh/optimizer/config; its params reproduce the stage's eval loss."""
+  wd, s, _ = reference
+  mdef, params, meta = checkpoint.load_model(os.path.join(wd, 'transformer', 'checkpoints'))
+  assert meta['step'] == 8 and meta['data_position'] == 8 * 8
+  cpu0 = jax.devices('cpu')[0]
+  for leaf in jax.tree.leaves(params):
+    assert leaf.sharding.device_set == {cpu0}
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, mdef.abstract_params)
+  ds = token_data.load(os.path.join(wd, 'tokens'))
+  val = jnp.asarray(ds.tokens[ds.val_idx])
+  loss = train.gpt_loss(ds.prefix_len, False)
+  sums = jax.jit(lambda p, b: loss(mdef.bind(p), b, None))(params, {'tokens': val, 'weight': jnp.ones(len(val))})
+  assert abs(float(sums['loss_sum'] / sums['count']) - s['eval_loss']) < 1e-5
+
+
+def test_overfits_a_tiny_set(tmp_path):
+  make_tokens(str(tmp_path), n=5, noise=0.0)   # 4 training sequences
+  s = train.run(config(**MESH_1, **{'train.steps': 120, 'train.batch_size': 4, 'train.log_every': 20,
+                                   'train.eval_every': 1000, 'train.checkpoint_every': 1000,
+                                   'train.warmup_steps': 10, 'train.end_lr': 3e-3}), str(tmp_path))
+  losses = logged(str(tmp_path))
+  assert losses[1] > 2.0                 # ~ln(18) at init
+  assert s['train_loss'] < 0.1, losses   # memorised
+
+
+def _tiny_task(tmp_path, **kw):
+  make_tokens(str(tmp_path))
+  cfg = config(**kw)
+  return cfg, train.make_task(cfg, str(tmp_path))
+
+
+def test_train_step_compiles_once(reference):
+  _, s, trainer = reference
+  assert s['steps'] == 8
+  assert trainer.trace_count == 1        # 8 steps, one trace
+  assert trainer.eval_trace_count == 1   # 2 evals (padded batch), one trace
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  from nfjax import sharding
+  runs = []
+  for accum in (1, 2):
+    cfg, task = _tiny_task(tmp_path, **MESH_1, **{'train.grad_accum': accum, 'train.steps': 3})
+    task.val = {}  # no evals: only the train step matters here
+    trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+    runs.append([loss for _, loss in trainer.run()['loss_history']])
+  np.testing.assert_allclose(runs[1], runs[0], rtol=2e-5)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+  """A NaN weight in one training field: the run stops at the first step whose batch holds it."""
+  from nfjax import models, sharding
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=(24, 10)).astype(np.float32)
+  values[17, 3] = np.nan
+  cfg = config(**MESH_1, **{'train.steps': 20, 'train.eval_every': 1000})
+  mdef = models.build(models.RegressionConfig(num_layers=1, num_heads=2, embed_dim=16, block_size=10))
+  task = train.Task('regression', mdef, train.regression_loss('l1'),
+                    {'values': values, 'labels': np.zeros(24, np.int32)}, {}, tokens_per_example=10)
+  trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+  first = next(s for s in range(20) if 17 in trainer.stream.indices(s)) + 1
+  with pytest.raises(train.TrainingDiverged, match=f'is nan at step {first}[^0-9]'):
+    trainer.run()
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step():
+  arrays = {'x': np.arange(10)}
+  a, b = train.BatchStream(arrays, 4, seed=1), train.BatchStream(arrays, 4, seed=1)
+  seq = np.concatenate([a.indices(s) for s in range(5)])           # 20 examples = 2 epochs
+  assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
+  np.testing.assert_array_equal(b.indices(3), a.indices(3))        # a fresh stream, straight to step 3
+  assert not np.array_equal(train.BatchStream(arrays, 4, seed=2).indices(0), a.indices(0))
+
+
+def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
+  class NoTrainer:
+    def __init__(self, *a, **k):
+      raise AssertionError("the Trainer (and compilation) must not be reached")
+  monkeypatch.setattr(train, 'Trainer', NoTrainer)
+  make_tokens(str(tmp_path / 'a'))
+  with pytest.raises(NfjaxError, match=r'model.vocab_size=10 is smaller than the token vocabulary \(18'):
+    train.run(config(**{'model.vocab_size': 10}), str(tmp_path / 'a'))
+  with pytest.raises(NfjaxError, match=r'model.block_size=12 is too short.*20 tokens.*19 model inputs'):
+    train.run(config(**{'model.block_size': 12}), str(tmp_path / 'a'))
+  assert not os.path.exists(tmp_path / 'a' / 'transformer' / 'checkpoints')
+  with pytest.raises(ConfigError, match='multiple of the 4 batch shards'):
+    main.run(config(**{'mesh.data': 4, 'train.batch_size': 6}), str(tmp_path / 'c'), 'train')
+  with pytest.raises(ConfigError, match='num_heads'):
+    main.run(config(**{'model.num_heads': 3}), str(tmp_path / 'c'), 'train')
+  with pytest.raises(DataError, match='run the tokenize stage first'):
+    train.run(config(), str(tmp_path / 'empty'))
+
+
+def _fake_fields(workdir, n=32, p=12, num_classes=2, seed=0):
+  from nfjax.data import weights as wds
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  base = np.linspace(-1, 1, p)[None, :] * (labels[:, None] + 1)
+  weights = (base + 0.05 * rng.normal(size=(n, p))).astype(np.float32)
+  d = os.path.join(workdir, 'fields')
+  arrays = {'weights': weights, 'labels': labels, 'source_index': np.arange(n), 'quality': np.full(n, 30.0, np.float32),
+            'flags': np.zeros(n, np.uint8)}
+  for k, v in arrays.items():
+    io.write_npy(os.path.join(d, f'{k}.npy'), v)
+  io.write_json(os.path.join(d, 'meta.json'), {'format': wds.FORMAT, 'num_fields': n, 'params_per_field': p,
+                                               'num_classes': num_classes})
+  io.write_json(os.path.join(d, 'summary.json'), {'num_fields': n})
+
+
+def test_regression_transformer_stage(tmp_path):
+  _fake_fields(str(tmp_path))
+  s = train.run(config(**MESH_2, **{'model.kind': 'regression', 'model.regression_loss': 'mse', 'train.steps': 30,
+                                   'train.log_every': 10, 'train.eval_every': 30, 'train.checkpoint_every': 30}),
+                str(tmp_path))
+  assert s['model'] == 'regression' and s['block_size'] == 12 and s['loss'] == 'mse'
+  assert s['num_train'] + s['num_val'] == 32
+  losses = logged(str(tmp_path))
+  assert losses[30] < 0.5 * losses[1]   # normalised weights: loss starts near 1
+  assert np.isfinite(s['eval_loss'])
+
+
+def test_init_from_a_trained_checkpoint(reference, tmp_path):
+  """train.init_from: parameters from another run's checkpoints, fresh optimizer and step 0."""
+  from nfjax import sharding
+  ref_wd, _, _ = reference
+  cfg, task = _tiny_task(tmp_path, **MESH_1, **{'train.steps': 3,
+                                               'train.init_from': os.path.join(ref_wd, 'transformer', 'checkpoints')})
+  task.val = {}
+  trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+  step, loss = trainer.run()['loss_history'][0]
+  scratch = logged(ref_wd)
+  assert step == 1 and loss < scratch[1] - 0.1 and abs(loss - scratch[8]) < 0.1

@@ -1,0 +1,286 @@
+"""The evaluate stage: SSIM, set metrics, Fréchet distance, classifier, novelty, the stage end to end."""
+
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import load_config
+from nfjax import main, sharding
+from nfjax.data import images as image_data
+from nfjax.data import weights as wds
+from nfjax.errors import DataError, NfjaxError
+from nfjax.evaluate import classifier, image_metrics as im, novelty, samples, stage
+
+
+@pytest.fixture(scope='module')
+def mnist():
+  x, y = image_data._offline_mnist()
+  return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# SSIM
+
+def _ssim_reference(a, b):
+  """Independent SSIM: scipy's Gaussian filter (sigma 1.5, radius 5), valid region, float64."""
+  ndimage = pytest.importorskip('scipy.ndimage')
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  f = lambda x: ndimage.gaussian_filter(x, 1.5, truncate=3.5, mode='constant')[5:-5, 5:-5]
+  mu_a, mu_b = f(a), f(b)
+  va, vb, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+  return s.mean()
+
+
+def test_ssim_matches_independent_reference(mnist):
+  x, _ = mnist
+  rng = np.random.default_rng(0)
+  a = x[:6]
+  b = np.clip(x[6:12] + 0.2 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+  got = np.asarray(im.ssim(a, b))
+  want = np.array([_ssim_reference(p, q) for p, q in zip(a, b)])
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.all(got < 0.9)  # different digits + noise: far from identical
+
+
+def test_ssim_is_one_on_itself_and_falls_with_noise(mnist):
+  x, _ = mnist
+  imgs = x[:8]
+  np.testing.assert_allclose(np.asarray(im.ssim(imgs, imgs)), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(im.ssim_distance(imgs, imgs)), 0.0, atol=1e-5)
+  rng = np.random.default_rng(1)
+  eps = rng.standard_normal(imgs.shape).astype(np.float32)
+  means = [float(np.asarray(im.ssim(imgs, np.clip(imgs + s * eps, 0, 1))).mean()) for s in (0.0, 0.05, 0.1, 0.2, 0.4)]
+  assert all(p > q for p, q in zip(means, means[1:])), means
+  assert means[-1] < 0.7
+
+
+def test_pairwise_ssim_equals_matched_pairs_symmetric_and_sharded(mnist):
+  x, _ = mnist
+  a, b = x[:13], x[100:110]
+  want = np.array([[float(im.ssim_distance(p[None], q[None])[0]) for q in b] for p in a])
+  got = im.PairwiseSSIM(28, 28, tile=8)(a, b)  # several tiles, padded edges
+  assert got.shape == (13, 10)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # a against itself: only upper tiles are computed; the result must be the full symmetric matrix.
+  self_d = im.PairwiseSSIM(28, 28, tile=4)(a)
+  full = im.PairwiseSSIM(28, 28, tile=4)(a, a)
+  np.testing.assert_allclose(self_d, full, atol=1e-6)
+  np.testing.assert_allclose(self_d, self_d.T, atol=1e-6)
+  np.testing.assert_allclose(np.diag(self_d), 0.0, atol=1e-5)
+  # Rows sharded over the 8 fake devices: same numbers.
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1}))
+  assert mesh.size == 8
+  np.testing.assert_allclose(im.PairwiseSSIM(28, 28, tile=8, mesh=mesh)(a, b), want, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMD / COV / 1-NNA
+
+def _l2(a, b):
+  return np.linalg.norm(a[:, None] - b[None], axis=-1)
+
+
+def test_set_metrics_hand_computed():
+  # 3 samples x 4 refs.
+  d_sr = np.array([[0.1, 0.5, 0.9, 0.7],
+                   [0.2, 0.3, 0.8, 0.6],
+                   [0.4, 0.1, 0.9, 0.2]])
+  mc = im.mmd_cov(d_sr)
+  assert mc['mmd'] == pytest.approx((0.1 + 0.1 + 0.8 + 0.2) / 4)   # mean over refs of min over samples
+  assert mc['cov'] == pytest.approx(2 / 4)                         # nearest refs {0, 1}
+  assert mc['mmd_smp'] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
+
+
+def test_set_metrics_identical_same_distribution_and_disjoint():
+  rng = np.random.default_rng(0)
+  r = rng.standard_normal((300, 2))
+  # The very same set: every sample's nearest ref is its twin (COV 1, MMD 0), and every point's
+  # leave-one-out neighbour is its twin in the other set, so 1-NNA is 0 (the memorization signature).
+  same = im.set_metrics(_l2(r, r), _l2(r, r), _l2(r, r))
+  assert same['ssim_cov'] == 1.0 and same['ssim_mmd'] == 0.0 and same['ssim_1nna'] == 0.0
+  # A second draw from the same distribution: indistinguishable, 1-NNA ~ 0.5.
+  s = rng.standard_normal((300, 2))
+  iid = im.set_metrics(_l2(s, r), _l2(r, r), _l2(s, s))
+  assert 0.42 < iid['ssim_1nna'] < 0.58, iid
+  assert 0.3 < iid['ssim_cov'] < 0.9
+  # Far-apart clusters: perfectly separable, 1-NNA 1; all samples share one nearest ref edge.
+  far = rng.standard_normal((300, 2)) + 100.0
+  sep = im.set_metrics(_l2(far, r), _l2(r, r), _l2(far, far))
+  assert sep['ssim_1nna'] == 1.0
+  assert sep['ssim_cov'] < 0.05 and sep['ssim_mmd'] > 90
+  # Collapse: all samples are one ref -> COV 1/N.
+  one = np.repeat(r[:1], 50, axis=0)
+  assert im.mmd_cov(_l2(one, r))['cov'] == pytest.approx(1 / 300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+def test_frechet_zero_shift_and_closed_forms():
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 6))
+  assert abs(im.frechet_distance(a, a)) < 1e-8
+  # A mean shift keeps the covariance: FD is exactly |delta|^2.
+  for scale in (0.5, 1.0, 3.0):
+    delta = scale * np.arange(1, 7, dtype=np.float64)
+    assert im.frechet_distance(a, a + delta) == pytest.approx(delta @ delta, rel=1e-7, abs=1e-7)
+  # Diagonal Gaussians: sum (sqrt(a_i) - sqrt(b_i))^2 + |mu1 - mu2|^2.
+  va, vb = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+  closed = ((np.sqrt(va) - np.sqrt(vb)) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
+  assert im.frechet_from_moments(mu1, np.diag(va), mu2, np.diag(vb)) == pytest.approx(closed, rel=1e-10)
+  # ...and estimated from samples of those Gaussians.
+  x = mu1 + np.sqrt(va) * rng.standard_normal((50000, 3))
+  y = mu2 + np.sqrt(vb) * rng.standard_normal((50000, 3))
+  assert im.frechet_distance(x, y) == pytest.approx(closed, rel=0.03)
+
+
+def test_frechet_general_covariances_match_sqrtm_and_survive_singular():
+  linalg = pytest.importorskip('scipy.linalg')
+  rng = np.random.default_rng(1)
+  m1, m2 = rng.standard_normal((5, 5)), rng.standard_normal((5, 5))
+  c1, c2 = m1 @ m1.T + 0.1 * np.eye(5), m2 @ m2.T + 0.1 * np.eye(5)  # do not commute
+  mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+  want = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+  assert im.frechet_from_moments(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-8)
+  # Fewer samples than dimensions: singular covariances, still finite and >= 0.
+  fd = im.frechet_distance(rng.standard_normal((10, 64)), rng.standard_normal((10, 64)) + 1.0)
+  assert np.isfinite(fd) and fd > 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier, nearest neighbours
+
+def test_classifier_learns_and_roundtrips(mnist, tmp_path):
+  x, y = mnist
+  cfg = ml_collections.ConfigDict(dict(channels=(8, 16), hidden=32, epochs=3, batch_size=32, lr=3e-3,
+                                       weight_decay=1e-4, augment_shift=1, heldout_fraction=0.2))
+  idx = np.random.default_rng(0).permutation(len(x))[:1000]
+  clf = classifier.train(x[idx], y[idx], cfg, seed=0)
+  assert clf.info['num_heldout'] == 200 and clf.info['num_train'] == 800
+  assert clf.info['heldout_accuracy'] > 0.6, clf.info  # chance is 0.1
+  logits, feats = clf.logits_and_features(x[:7])
+  assert logits.shape == (7, 10) and feats.shape == (7, 32)
+  clf.save(str(tmp_path))
+  back = classifier.Classifier.load(str(tmp_path))
+  np.testing.assert_array_equal(back.predict(x[:300]), clf.predict(x[:300]))
+  assert back.info['heldout_accuracy'] == clf.info['heldout_accuracy']
+
+
+def test_nearest_neighbours_brute_force_and_exact_copies():
+  rng = np.random.default_rng(0)
+  b = rng.standard_normal((50, 20)).astype(np.float32) * 10
+  a = rng.standard_normal((7, 20)).astype(np.float32) * 10
+  a[2] = b[31]  # an exact copy
+  dist, idx = novelty.nearest(a, b, block=3)
+  full = _l2(a.astype(np.float64), b.astype(np.float64))
+  np.testing.assert_array_equal(idx, full.argmin(1))
+  np.testing.assert_allclose(dist, full.min(1), rtol=1e-9)
+  assert idx[2] == 31 and dist[2] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def _workdir_with_fields(smoke_fields, tmp_path):
+  wd = str(tmp_path / 'run')
+  shutil.copytree(os.path.join(smoke_fields, 'fields'), os.path.join(wd, 'fields'))
+  return wd
+
+
+SETTINGS = [{'name': 'copies', 'top_k': 1, 'temperature': 1.0, 'top_p': 1.0, 'noise': 0.0},
+            {'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'noise': 1.0}]
+
+
+def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path):
+  wd = _workdir_with_fields(smoke_fields, tmp_path)
+  samples.write_fake_samples(wd, SETTINGS, num_samples=24, nonfinite=2)
+  config = load_config('smoke')
+  s = main.run(config, wd, 'evaluate')['evaluate']
+  ev = os.path.join(wd, 'eval')
+
+  assert s['headline_setting'] == 'topk3_t0.8'
+  assert s['num_samples'] == 24 and s['num_reference'] == 24 and s['num_heldout_fields'] == 24
+  assert s['classifier_heldout_accuracy'] > 0.5
+  assert any('1,000' in n for n in s['notes'])
+  for name in ('copies', 'topk3_t0.8'):
+    r = s['settings'][name]
+    assert r['num_samples'] == 24 and r['num_nonfinite'] == 2 and r['num_evaluated'] == 22
+    for key in ('class_accuracy', 'frechet_distance', 'ssim_mmd', 'ssim_cov', 'ssim_1nna'):
+      assert np.isfinite(r[key]), (name, key)
+    assert 0.0 <= r['ssim_1nna'] <= 1.0 and 0.0 < r['ssim_cov'] <= 1.0
+    # Class accuracy counts the non-finite samples as wrong; per-sample predictions agree.
+    ps = np.load(os.path.join(ev, s['per_sample_files'][name]))
+    labels = np.load(os.path.join(wd, 'samples', name, 'labels.npy'))
+    assert ps['valid'].sum() == 22 and (ps['pred'][~ps['valid']] == -1).all()
+    assert r['class_accuracy'] == pytest.approx((ps['pred'] == labels).mean())
+    assert r['class_accuracy_valid'] == pytest.approx((ps['pred'] == labels)[ps['valid']].mean())
+  assert s['class_accuracy'] == s['settings']['topk3_t0.8']['class_accuracy']
+
+  # Exact copies of training fields: their nearest training weights are themselves (distance 0),
+  # noisy fields are further away; the copies are all flagged as copies in pixel space
+  # up to the fields' own reconstruction-error spread.
+  fields = wds.load(os.path.join(wd, 'fields'))
+  ps = np.load(os.path.join(ev, 'per_sample', 'copies.npz'))
+  w = np.load(os.path.join(wd, 'samples', 'copies', 'weights.npy'))
+  v = ps['valid']
+  np.testing.assert_array_equal(fields.weights[ps['nn_weight_field'][v]], w[v])
+  copies, noisy = s['settings']['copies']['novelty'], s['settings']['topk3_t0.8']['novelty']
+  assert copies['nn_weight_l2']['median'] == 0.0 and noisy['nn_weight_l2']['median'] > 0.5
+  assert copies['nn_image_l2']['median'] <= noisy['nn_image_l2']['median']
+  assert copies['copy_fraction'] >= 0.75
+
+  # Context rows: the held-out reconstructions are no copies of the other fields.
+  ref, base = s['reference'], s['baseline']
+  assert ref['num_samples'] == 24 and ref['num_nonfinite'] == 0 and np.isfinite(ref['frechet_distance'])
+  assert ref['novelty']['nn_weight_l2']['min'] > 0.0
+  assert base['noise'] == 0.1 and base['num_samples'] == 24
+  for png in ('novelty.png', 'neighbours_copies.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png',
+              'neighbours_baseline.png'):
+    assert os.path.getsize(os.path.join(ev, png)) > 1000, png
+
+  # Re-run with the same config and inputs: skipped, nothing rewritten.
+  mtimes = {f: os.path.getmtime(os.path.join(ev, f)) for f in ('summary.json', 'classifier/params.npz')}
+  assert json.dumps(stage.run(config, wd), sort_keys=True) == json.dumps(s, sort_keys=True)
+  assert all(os.path.getmtime(os.path.join(ev, f)) == t for f, t in mtimes.items())
+
+  # New samples: evaluated again, with the cached classifier.
+  shutil.rmtree(os.path.join(wd, 'samples'))
+  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=16)
+  again = stage.run(config, wd)
+  assert again['num_samples'] == 16 and list(again['settings']) == ['topk3_t0.8']
+  assert os.path.getmtime(os.path.join(ev, 'classifier', 'params.npz')) == mtimes['classifier/params.npz']
+  assert again['classifier_heldout_accuracy'] == s['classifier_heldout_accuracy']
+  assert not os.path.exists(os.path.join(ev, 'neighbours_copies.png'))  # no stale pictures
+  assert not os.path.exists(os.path.join(ev, 'per_sample', 'copies.npz'))
+
+  # A different evaluate config in the same workdir is refused, not mixed in.
+  with pytest.raises(NfjaxError, match='different config'):
+    stage.run(load_config('smoke', **{'evaluate.baseline_noise': 0.3}), wd)
+
+
+def test_missing_or_bad_inputs_give_clear_errors(smoke_fields, tmp_path):
+  config = load_config('smoke')
+  with pytest.raises(DataError, match='fit stage'):
+    stage.run(config, str(tmp_path / 'empty'))
+  wd = _workdir_with_fields(smoke_fields, tmp_path)
+  with pytest.raises(DataError, match='run the sample stage first'):
+    stage.run(config, wd)
+  assert not os.path.exists(os.path.join(wd, 'eval'))  # nothing claimed before the inputs exist
+  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
+  os.remove(os.path.join(wd, 'samples', 'summary.json'))
+  with pytest.raises(DataError, match='incomplete'):
+    stage.run(config, wd)
+  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
+  np.save(os.path.join(wd, 'samples', 'topk3_t0.8', 'weights.npy'), np.zeros((8, 100), np.float32))
+  with pytest.raises(DataError, match='561'):
+    stage.run(config, wd)
+  with pytest.raises(NfjaxError, match='heldout_fraction'):
+    stage.validate(load_config('smoke', **{'evaluate.classifier.heldout_fraction': 1.5}))

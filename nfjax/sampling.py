@@ -1,0 +1,120 @@
+"""Jitted autoregressive sampling with a KV cache (and a no-cache reference), batched over samples
+and over a grid of settings in one compiled call.
+
+* Static shapes: the prompt length T0 and the number of new tokens are fixed per compile; the loop
+  is one `lax.scan` whose carry is the model's KV cache (`model.init_cache` / `model.decode`, see
+  nfjax/models/gpt.py).
+* Settings are per row: temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] (1 = off). A
+  grid of settings is one batch, so the whole grid compiles once.
+* Weight slots can only receive codes: logits outside `allowed` (default: ids < num_codes) are
+  masked before filtering, so special tokens never appear where a weight comes next.
+* Per-sample randomness: row b at step i draws with fold_in(keys[b], i); a sample does not depend
+  on the batch it is in or on its position in the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NEG = -1e30
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """One row: logits [V] (already masked) -> logits to sample from, scaled by 1/temperature.
+
+  top_k <= 0 and top_p >= 1 switch the filters off; ties at the threshold are kept.
+  """
+  v = logits.shape[-1]
+  t = jnp.maximum(temperature, 1e-6)
+  scaled = logits / t
+  srt = jnp.sort(scaled)[::-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  kth = srt[k - 1]
+  scaled = jnp.where(scaled < kth, NEG, scaled)
+  # top-p (nucleus) over what top-k kept: smallest prefix of the sorted distribution with mass >= p.
+  srt = jnp.where(jnp.arange(v) < k, srt, NEG)
+  probs = jax.nn.softmax(srt)
+  cum = jnp.cumsum(probs)
+  cutoff = jnp.minimum(jnp.sum(cum < top_p), v - 1)
+  pth = jnp.where(top_p < 1.0, srt[cutoff], NEG)
+  return jnp.where(scaled < pth, NEG, scaled)
+
+
+def pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """One row: sample a token id (argmax when temperature == 0)."""
+  filtered = filter_logits(logits, temperature, top_k, top_p)
+  sampled = jax.random.categorical(key, filtered)
+  return jnp.where(temperature <= 0.0, jnp.argmax(logits), sampled).astype(jnp.int32)
+
+
+def _pick_rows(logits, keys, step, temperature, top_k, top_p, allowed):
+  logits = jnp.where(allowed[None, :], logits.astype(jnp.float32), NEG)
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+  return jax.vmap(pick)(logits, step_keys, temperature, top_k, top_p)
+
+
+def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+             top_p: jax.Array, num_new: int, allowed: jax.Array, use_cache: bool = True,
+             on_step: Callable | None = None) -> jax.Array:
+  """prompt int [B, T0] -> new tokens int [B, num_new]. Call inside jit (see `make_generate`).
+
+  allowed: bool [V] or [num_new, V] — which ids may be generated at each new position.
+  use_cache=False recomputes the whole prefix every step (NeF-GPT's way): the reference.
+  """
+  b, t0 = prompt.shape
+  allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
+  total = t0 + num_new
+
+  if use_cache:
+    cache = model.init_cache(b, total)
+    logits, cache = model.decode(prompt, cache, 0)
+
+    def step(carry, i):
+      cache, last = carry
+      tok = _pick_rows(last, keys, i, temperature, top_k, top_p, allowed[i])
+      logits, cache = model.decode(tok[:, None], cache, t0 + i)
+      return (cache, logits[:, 0]), tok
+
+    _, toks = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_new))
+    return toks.T
+
+  buf = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
+
+  def step_nc(buf, i):
+    logits = model(buf[:, :total - 1] if total > 1 else buf)
+    last = jax.lax.dynamic_index_in_dim(logits, t0 + i - 1, axis=1, keepdims=False)
+    tok = _pick_rows(last, keys, i, temperature, top_k, top_p, allowed[i])
+    return jax.lax.dynamic_update_index_in_dim(buf, tok, t0 + i, axis=1), tok
+
+  _, toks = jax.lax.scan(step_nc, buf, jnp.arange(num_new))
+  return toks.T
+
+
+def make_generate(model, num_new: int, use_cache: bool = True):
+  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed) -> tokens [B, num_new].
+
+  The model is split into (graphdef, state) once; the compiled function takes the state as an
+  argument so it is not baked into the executable as constants.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, prompt, keys, temperature, top_k, top_p, allowed):
+    m = nnx.merge(graphdef, state)
+    return generate(m, prompt, keys, temperature, top_k, top_p, num_new, allowed, use_cache=use_cache)
+
+  def call(prompt, keys, temperature, top_k, top_p, allowed):
+    return fn(state, prompt, keys, temperature, top_k, top_p, allowed)
+
+  call.jitted = fn
+  return call
+
+
+def sample_keys(seed: int, setting_index: int, sample_ids) -> jax.Array:
+  """Per-sample keys: fold_in(fold_in(key(seed), setting), sample_id)."""
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), setting_index)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(sample_ids, jnp.uint32))

@@ -1,0 +1,82 @@
+"""The jitted sampler: KV cache == no cache, masking, filters, per-sample seeds, one compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nfjax import sampling
+from nfjax.models.gpt import GPT, GPTConfig
+
+V, CODES, T0, NEW = 24, 16, 2, 14
+
+
+@pytest.fixture(scope='module')
+def model():
+  cfg = GPTConfig(num_layers=2, num_heads=2, embed_dim=32, block_size=T0 + NEW, vocab_size=V)
+  m = GPT(cfg, rngs=nnx.Rngs(0))
+  # Make the special tokens attractive so masking has something to do.
+  head = np.array(m.lm_head[...])
+  head[:, CODES:] += 0.5
+  m.lm_head[...] = jnp.asarray(head)
+  return m
+
+
+def _run(model, use_cache, temperature, top_k, top_p, b=6, ids=None, seed=0):
+  prompt = jnp.stack([jnp.full((b,), 17), 18 + jnp.arange(b) % 4], 1).astype(jnp.int32)
+  ids = np.arange(b) if ids is None else ids
+  keys = sampling.sample_keys(seed, 0, ids)
+  allowed = jnp.arange(V) < CODES
+  gen = sampling.make_generate(model, NEW, use_cache=use_cache)
+  full = lambda x: jnp.full((b,), x)
+  return np.asarray(gen(prompt, keys, full(temperature).astype(jnp.float32), full(top_k).astype(jnp.int32),
+                        full(top_p).astype(jnp.float32), allowed))
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 3, 1.0), (1.0, 0, 0.9)])
+def test_cache_and_no_cache_give_identical_tokens(model, temperature, top_k, top_p):
+  a = _run(model, True, temperature, top_k, top_p)
+  b = _run(model, False, temperature, top_k, top_p)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_special_tokens_never_in_weight_slots(model):
+  toks = _run(model, True, 1.5, 0, 1.0, b=32)
+  assert toks.max() < CODES and toks.min() >= 0
+  # Unmasked, the model does produce special tokens: the mask is doing the work.
+  logits = model(jnp.array([[17, 18]]))
+  assert int(jnp.argmax(logits[0, -1])) >= CODES or float(jax.nn.softmax(logits[0, -1])[CODES:].sum()) > 0.2
+
+
+def test_top_k_1_equals_greedy(model):
+  np.testing.assert_array_equal(_run(model, True, 1.0, 1, 1.0), _run(model, True, 0.0, 0, 1.0))
+
+
+def test_sample_does_not_depend_on_batch(model):
+  big = _run(model, True, 1.0, 5, 1.0, b=8, ids=np.arange(8))
+  # Samples 4..7 alone in a batch of 4 (their prompts are the same: class 18 + row % 4).
+  small = _run(model, True, 1.0, 5, 1.0, b=4, ids=np.arange(4, 8))
+  np.testing.assert_array_equal(big[4:], small)
+  other_seed = _run(model, True, 1.0, 5, 1.0, b=8, seed=1)
+  assert not np.array_equal(big, other_seed)
+
+
+def test_filter_logits_top_k_and_top_p():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  kept = lambda f: np.asarray(f > -1e29)
+  np.testing.assert_array_equal(kept(sampling.filter_logits(logits, 1.0, 2, 1.0)), [1, 1, 0, 0])
+  np.testing.assert_array_equal(kept(sampling.filter_logits(logits, 1.0, 0, 0.79)), [1, 1, 0, 0])
+  np.testing.assert_array_equal(kept(sampling.filter_logits(logits, 1.0, 0, 0.81)), [1, 1, 1, 0])
+  np.testing.assert_array_equal(kept(sampling.filter_logits(logits, 1.0, 0, 1.0)), [1, 1, 1, 1])
+
+
+def test_grid_of_settings_compiles_once(model):
+  gen = sampling.make_generate(model, NEW, use_cache=True)
+  b = 4
+  prompt = jnp.tile(jnp.array([[17, 18]], jnp.int32), (b, 1))
+  allowed = jnp.arange(V) < CODES
+  for t, k in [(0.8, 3), (1.0, 3), (0.8, 5), (1.0, 5)]:
+    gen(prompt, sampling.sample_keys(0, 0, np.arange(b)), jnp.full((b,), t, jnp.float32),
+        jnp.full((b,), k, jnp.int32), jnp.ones((b,), jnp.float32), allowed)
+  assert gen.jitted._cache_size() == 1

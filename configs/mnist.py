@@ -94,6 +94,83 @@ def get_config(arg=None):
   c.fit.psnr_floor = 20.0          # fields below this are flagged, never silently mixed in
   c.fit.num_reconstructions = 20   # fields shown in fields/reconstructions.png
 
+  # model + train: tokens/ -> transformer/ (nfjax/train.py, nfjax/models/, docs/train.md).
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = 'gpt'             # gpt (token sequences) | regression (NeF-GPT's regression transformer)
+  # Defaults = the quick preset, sized for train <= ~5 min on a 2-core CPU with ~4,500 sequences
+  # of 563 tokens (attention over 562 positions dominates there: 2 heads of 64 are much cheaper than
+  # 4 of 32; at this budget more, smaller steps beat wider or deeper models). Measured on the 2-core
+  # dev CPU: 3m04s, ~19k tokens/s, eval loss 3.71 (docs/train.md, benchmarks/RESULTS.md).
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.embed_dim = 128
+  c.model.mlp_ratio = 4
+  c.model.dropout = 0.0
+  c.model.block_size = -1          # model inputs; -1 = fit the data (seq_len - 1: every weight is a target)
+  c.model.vocab_size = -1          # -1 = the token vocabulary's size (tokens/vocab.json)
+  c.model.nef_gpt_parity = False   # True = NeF-GPT's blocks: no LayerNorm in the blocks, only ln_f
+  c.model.tie_embeddings = False   # output projection = token embedding (NeF-GPT: yes)
+  c.model.position = 'learned'     # learned | rope
+  c.model.rope_base = 10000.0
+  c.model.bias = True
+  c.model.ln_eps = 1e-5
+  c.model.init_std = 0.02
+  c.model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.regression_loss = 'l1'   # regression transformer only: l1 (NeF-GPT's code) | mse
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 750
+  c.train.batch_size = 8
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 50
+  c.train.decay_steps = -1         # cosine reaches end_lr here, then stays; -1 = train.steps
+  c.train.end_lr = 1e-4
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.0       # AdamW decay of kernels (never biases / norms)
+  c.train.decay_embeddings = False  # also decay token/position embeddings (NeF-GPT did)
+  c.train.grad_clip = 1.0          # global-norm clipping; 0 = off
+  c.train.grad_accum = 1           # micro-batches per step (batch_size must divide)
+  c.train.loss_on_prefix = False   # also train on prefix targets (the class token after SOS; NeF-GPT: yes)
+  c.train.eval_every = 250         # eval loss on the val split every N steps (and at the end)
+  c.train.eval_batches = 8         # val batches per eval; -1 = the whole val split
+  c.train.log_every = 50
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoints = True
+  c.train.init_from = ''           # a checkpoints/ dir to start the parameters from (fresh optimiser)
+
+  # sample: transformer/ + tokenizer/ -> samples/ (nfjax/sample.py, nfjax/sampling.py).
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 250       # per setting (4 settings: 1,000 samples); classes cycle 0, 1, 2, ...
+  c.sample.batch_size = 250        # rows per compiled call (one compile for the whole grid)
+  # (top_k, temperature, top_p): NeF-GPT's grid, top-k {3, 5} x T {0.8, 1.0}. top_k 0 = off,
+  # temperature 0 = greedy, top_p 1 = off.
+  c.sample.settings = ((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))
+  c.sample.use_cache = True        # False: recompute the whole prefix per token (NeF-GPT's way)
+
+  # evaluate: samples/ + fields/ -> eval/ (nfjax/evaluate/stage.py, docs/evaluate.md).
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.num_samples = -1      # samples per setting to evaluate; -1 = all the sample stage wrote
+  c.evaluate.num_reference = -1    # training reconstructions the sets are compared with; -1 = as many
+                                   # as the largest evaluated setting (equal sizes, as PointFlow)
+  c.evaluate.baseline_noise = 0.1  # trivial baseline: training fields + N(0, (noise * std_j)^2)
+  c.evaluate.headline_top_k = 3    # the setting whose numbers are the summary's headline
+  c.evaluate.headline_temperature = 0.8
+  c.evaluate.ssim_tile = 128       # tile side of the pairwise SSIM matrices
+  c.evaluate.num_neighbours = 16   # samples shown beside their nearest neighbours per PNG
+  c.evaluate.classifier = ml_collections.ConfigDict()
+  c.evaluate.classifier.channels = (16, 32)
+  c.evaluate.classifier.hidden = 128   # penultimate width = Frechet-distance feature size
+  c.evaluate.classifier.epochs = 10
+  c.evaluate.classifier.batch_size = 128
+  c.evaluate.classifier.lr = 3e-3
+  c.evaluate.classifier.weight_decay = 1e-4
+  c.evaluate.classifier.augment_shift = 2   # random shifts of up to this many pixels
+  c.evaluate.classifier.heldout_fraction = 0.1
+  c.evaluate.classifier.max_images = 20000  # real images it trains on (seeded subset); -1 = all
+
   if preset == 'smoke':
     c.data.num_fields = 64
     c.fit.steps = 60
@@ -103,10 +180,59 @@ def get_config(arg=None):
     c.fit.shared_init_candidates = 2
     c.fit.shared_init_probe = 8
     c.fit.refit_below = 0.0
+    c.sample.num_samples = 20
+    c.sample.batch_size = 20
+    c.sample.settings = ((3, 0.8, 1.0), (0, 1.0, 1.0))
+    c.evaluate.classifier.epochs = 3
+    c.evaluate.classifier.max_images = 1500
+    c.evaluate.num_neighbours = 8
   elif preset == 'parity':
     c.data.source = 'tfds'
     c.data.num_fields = -1         # all 60,000 training images, as NeF-GPT
     c.fit.chunk_size = 4096
+    c.sample.num_samples = 1000
+    c.evaluate.classifier.max_images = -1  # all 60,000 TFDS training images (GPU/TPU)
+
+
+  # train-stage presets (kept apart from the other stages' overrides above).
+  if preset == 'smoke':
+    c.model.num_layers = 2
+    c.model.num_heads = 2
+    c.model.embed_dim = 32
+    c.train.steps = 6
+    c.train.batch_size = 8
+    c.train.warmup_steps = 2
+    c.train.eval_every = 3
+    c.train.eval_batches = 1
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+  elif preset == 'parity':
+    # NeF-GPT's MNIST GPT (nefgpt.md 5.2): width 240, 12 heads, 8 layers, no block LayerNorm,
+    # tied embeddings, learned positions, vocab 256 (= the parity tokens' vocabulary), batch 64,
+    # AdamW(0.9, 0.95), wd 0, peak lr 3e-3 after 2,000 warmup steps, cosine to 5e-5 at 20k,
+    # constant to 40k, bf16 autocast, eval every 250 steps on 16 batches.
+    # Deliberate difference: block_size 562 (= all 562 inputs) instead of 561, so the last weight
+    # is a training target too.
+    c.model.num_layers = 8
+    c.model.num_heads = 12
+    c.model.embed_dim = 240
+    c.model.nef_gpt_parity = True
+    c.model.tie_embeddings = True
+    c.model.dtype = 'bfloat16'
+    c.train.steps = 40_000
+    c.train.batch_size = 64
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 2_000
+    c.train.decay_steps = 20_000
+    c.train.end_lr = 5e-5
+    c.train.weight_decay = 0.0
+    c.train.decay_embeddings = True
+    c.train.grad_clip = 0.0
+    c.train.loss_on_prefix = True
+    c.train.eval_every = 250
+    c.train.eval_batches = 16
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
 
   c.lock()
   return c

@@ -62,9 +62,12 @@ def main(argv):
   except NfjaxError as e:
     print(f"nfjax: error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  from nfjax import stages as stages_mod
   from nfjax.utils.logging import log
-  for name, s in summaries.items():
-    log('main', f"{name}: {os.path.join(_WORKDIR.value, name if name != 'fit' else 'fields', 'summary.json')}")
+  for name in summaries:
+    directory = os.path.join(_WORKDIR.value, getattr(stages_mod.get(name), 'DIRNAME', name))
+    pictures = sorted(f for f in os.listdir(directory) if f.endswith(('.png', '.gif'))) if os.path.isdir(directory) else []
+    log('main', f"{name}: {directory}/summary.json" + (f"  pictures: {', '.join(pictures)}" if pictures else ''))
 
 
 if __name__ == '__main__':

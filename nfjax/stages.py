@@ -10,13 +10,23 @@ from nfjax.errors import NfjaxError
 PIPELINE: dict[str, str | None] = {
     'fit': 'nfjax.fit',
     'tokenize': None,
-    'train': None,
+    'train': 'nfjax.train',
     'sample': None,
-    'evaluate': None,
+    'evaluate': 'nfjax.evaluate.stage',
 }
 
 
 def available() -> list[str]:
+  """The stages `--stages=all` runs: every built stage up to the first one not built yet."""
+  out = []
+  for name, mod in PIPELINE.items():
+    if mod is None:
+      break
+    out.append(name)
+  return out
+
+
+def built() -> list[str]:
   return [name for name, mod in PIPELINE.items() if mod is not None]
 
 
@@ -29,7 +39,7 @@ def parse(stages: str | None) -> list[str]:
     if s not in PIPELINE:
       raise NfjaxError(f"unknown stage {s!r} in --stages; stages are: {', '.join(PIPELINE)}")
     if PIPELINE[s] is None:
-      raise NfjaxError(f"stage {s!r} is not implemented yet; built stages: {', '.join(available())}")
+      raise NfjaxError(f"stage {s!r} is not implemented yet; built stages: {', '.join(built())}")
   return [s for s in PIPELINE if s in names]
 
 

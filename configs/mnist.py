@@ -149,6 +149,7 @@ def get_config(arg=None):
   # temperature 0 = greedy, top_p 1 = off.
   c.sample.settings = ((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))
   c.sample.use_cache = True        # False: recompute the whole prefix per token (NeF-GPT's way)
+  c.sample.beam_width = 0          # > 0 adds a setting 'beam<W>': the most likely field per class
 
   # evaluate: samples/ + fields/ -> eval/ (nfjax/evaluate/stage.py, docs/evaluate.md).
   c.evaluate = ml_collections.ConfigDict()

@@ -123,6 +123,9 @@ def run(config, workdir: str) -> dict:
   s = config.sample
   settings = [dict(name=setting_name(*t), top_k=int(t[0]), temperature=float(t[1]), top_p=float(t[2]))
               for t in s.settings]
+  beam = int(s.beam_width)
+  if beam > 0:
+    settings.append(dict(name=f'beam{beam}', top_k=0, temperature=0.0, top_p=1.0, beam_width=beam))
   if len({x['name'] for x in settings}) != len(settings):
     raise ConfigError("config key sample.settings has duplicate settings")
   io.write_json(stage.file('settings.json'), {'settings': settings})
@@ -136,6 +139,9 @@ def run(config, workdir: str) -> dict:
   log(STAGE, f"{len(settings)} setting(s) x {n} samples, {num_new} tokens each, batch {batch}, "
              f"{'KV cache' if s.use_cache else 'no cache'}")
   todo = [(i, st) for i, st in enumerate(settings) if not os.path.exists(stage.file(st['name'], 'weights.npy'))]
+  if beam > 0 and todo and 'beam_width' in todo[-1][1]:
+    _beam_setting(stage, todo.pop()[1], model, vocab, prefix, num_new, num_classes, allowed, tokenizer, spec,
+                  fields.meta['image_shape'])
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
   compiled = False
@@ -168,7 +174,8 @@ def run(config, workdir: str) -> dict:
   if not os.path.exists(stage.file('generation.gif')) and settings:
     _generation_gif(stage, settings[0], tokenizer, spec, fields, prefix)
   summary = {
-      'num_samples': n * len(settings), 'samples_per_setting': n,
+      'num_samples': n * (len(settings) - (beam > 0)) + (num_classes if beam > 0 else 0),
+      'samples_per_setting': n,
       'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
       'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),
       'tokens_per_sample': num_new, 'device_kind': jax.devices()[0].device_kind,
@@ -176,6 +183,18 @@ def run(config, workdir: str) -> dict:
   stage.write_summary(summary)
   log(STAGE, f"done: {summary['num_samples']} samples, {summary['tokens_per_sec']:.0f} tokens/s -> {stage.path}")
   return summary
+
+
+def _beam_setting(stage, st, model, vocab, prefix, num_new, num_classes, allowed, tokenizer, spec, shape):
+  """Beam search: the most likely field of each class (deterministic: one sample per class)."""
+  t0 = time.perf_counter()
+  labels = np.arange(num_classes, dtype=np.int32)
+  prompt = _prompt(vocab, labels, prefix)
+  toks, logp = sampling.make_beam_search(model, int(st['beam_width']), num_new)(jnp.asarray(prompt), allowed)
+  out = np.concatenate([prompt, np.asarray(toks)], 1)
+  _write_setting(stage, st, out, tokenizer.decode(out[:, prefix:]), labels, spec, shape, num_classes)
+  log(STAGE, f"beam search (width {st['beam_width']}): {num_classes} fields in {time.perf_counter() - t0:.1f}s, "
+             f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
 
 
 def _prompt(vocab: tok_data.Vocab, labels: np.ndarray, prefix: int) -> np.ndarray:

@@ -118,3 +118,49 @@ def sample_keys(seed: int, setting_index: int, sample_ids) -> jax.Array:
   """Per-sample keys: fold_in(fold_in(key(seed), setting), sample_id)."""
   base = jax.random.fold_in(jax.random.PRNGKey(seed), setting_index)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(sample_ids, jnp.uint32))
+
+
+def beam_search(model, prompt: jax.Array, beam_width: int, num_new: int, allowed: jax.Array):
+  """Highest-likelihood continuations by beam search with the KV cache. Call inside jit.
+
+  prompt int [B, T0] -> (tokens int [B, num_new] of the best beam, its log-probability [B]).
+  Beams live on the batch axis of the cache ([B * W] rows) and are reordered every step.
+  beam_width = 1 is greedy decoding.
+  """
+  b, t0 = prompt.shape
+  w = beam_width
+  allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
+  rows = jnp.repeat(prompt, w, axis=0)                              # [B*W, T0]
+  cache = model.init_cache(b * w, t0 + num_new)
+  logits, cache = model.decode(rows, cache, 0)
+  # Only beam 0 is live at the start (all beams share the prompt).
+  scores = jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, 1))   # [B, W]
+  hist = jnp.zeros((b, w, num_new), jnp.int32)
+
+  def step(carry, i):
+    cache, last, scores, hist = carry
+    logp = jax.nn.log_softmax(jnp.where(allowed[i][None, :], last.astype(jnp.float32), NEG), axis=-1)
+    v = logp.shape[-1]
+    cand = (scores[:, :, None] + logp.reshape(b, w, v)).reshape(b, w * v)
+    top, idx = jax.lax.top_k(cand, w)                                # [B, W]
+    parent, tok = idx // v, (idx % v).astype(jnp.int32)
+    flat_parent = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
+    cache = jax.tree.map(lambda a: jnp.take(a, flat_parent, axis=1), cache)
+    hist = jnp.take_along_axis(hist, parent[:, :, None], axis=1).at[:, :, i].set(tok)
+    logits, cache = model.decode(tok.reshape(-1, 1), cache, t0 + i)
+    return (cache, logits[:, 0], top, hist), None
+
+  (_, _, scores, hist), _ = jax.lax.scan(step, (cache, logits[:, -1], scores, hist), jnp.arange(num_new))
+  best = jnp.argmax(scores, axis=1)
+  return jnp.take_along_axis(hist, best[:, None, None], axis=1)[:, 0], jnp.max(scores, axis=1)
+
+
+def make_beam_search(model, beam_width: int, num_new: int):
+  """A jitted fn(prompt, allowed) -> (tokens [B, num_new], log-prob [B])."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, prompt, allowed):
+    return beam_search(nnx.merge(graphdef, state), prompt, beam_width, num_new, allowed)
+
+  return lambda prompt, allowed: fn(state, prompt, allowed)

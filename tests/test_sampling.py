@@ -80,3 +80,26 @@ def test_grid_of_settings_compiles_once(model):
     gen(prompt, sampling.sample_keys(0, 0, np.arange(b)), jnp.full((b,), t, jnp.float32),
         jnp.full((b,), k, jnp.int32), jnp.ones((b,), jnp.float32), allowed)
   assert gen.jitted._cache_size() == 1
+
+
+def _logprob(model, prompt, toks, allowed):
+  seq = jnp.concatenate([prompt, toks], 1)
+  logits = model(seq[:, :-1])[:, prompt.shape[1] - 1:]
+  logp = jax.nn.log_softmax(jnp.where(allowed[None, None], logits, sampling.NEG), -1)
+  return np.asarray(jnp.take_along_axis(logp, toks[..., None], -1)[..., 0].sum(1))
+
+
+def test_beam_search_width_1_is_greedy_and_wider_beams_score_higher(model):
+  prompt = jnp.array([[17, 18], [17, 20]], jnp.int32)
+  allowed = jnp.arange(V) < CODES
+  greedy = sampling.make_generate(model, NEW)(prompt, sampling.sample_keys(0, 0, np.arange(2)),
+                                              jnp.zeros((2,), jnp.float32), jnp.zeros((2,), jnp.int32),
+                                              jnp.ones((2,), jnp.float32), allowed)
+  b1, s1 = sampling.make_beam_search(model, 1, NEW)(prompt, allowed)
+  np.testing.assert_array_equal(np.asarray(b1), np.asarray(greedy))
+  b4, s4 = sampling.make_beam_search(model, 4, NEW)(prompt, allowed)
+  assert np.asarray(b4).max() < CODES
+  # The returned score is the sequence's real log-probability, and a wider beam never does worse.
+  np.testing.assert_allclose(np.asarray(s4), _logprob(model, prompt, b4, allowed), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(s1), _logprob(model, prompt, b1, allowed), rtol=1e-4, atol=1e-4)
+  assert np.all(np.asarray(s4) >= np.asarray(s1) - 1e-5)

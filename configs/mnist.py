@@ -94,6 +94,30 @@ def get_config(arg=None):
   c.fit.psnr_floor = 20.0          # fields below this are flagged, never silently mixed in
   c.fit.num_reconstructions = 20   # fields shown in fields/reconstructions.png
 
+  # tokenize: fields/ -> tokenizer/ + tokens/ (nfjax/tokenize.py, nfjax/tokenizers/, docs/tokenize.md).
+  c.tokenize = ml_collections.ConfigDict()
+  c.tokenize.method = 'scalar_vq'     # scalar_vq | residual_vq | vector_vq | uniform | quantile
+  c.tokenize.num_codes = 245          # codebook size K (token ids 0..K-1), as NeF-GPT's MNIST codebook
+  c.tokenize.residual = True          # code w - w_init (fields/shared_init.npy) instead of w
+  c.tokenize.normalize = 'slot'       # slot: standardise every weight slot over the training fields | none
+  c.tokenize.per_layer = 'off'        # off | layer | tensor: separate codebooks (same token ids) per layer/tensor
+  c.tokenize.chunk = 'scalar'         # scalar (a token per weight) | neuron (a neuron's weights + bias) | fixed
+  c.tokenize.chunk_size = 8           # chunk='fixed': weights per chunk
+  c.tokenize.num_quantizers = 1       # residual_vq: tokens per chunk
+  c.tokenize.kmeans_restarts = 10     # k-means++ restarts; the lowest-error one is kept
+  c.tokenize.kmeans_iters = 100       # Lloyd iterations per restart (scalar: stops earlier when converged)
+  c.tokenize.kmeans_sample = 65536    # vector k-means: rows per restart (seeded sample)
+  c.tokenize.pin_atoms = 0.01         # scalar: a value that is >= 1% of a codebook's data gets an exact code
+  c.tokenize.refine_steps = 0         # gradient refinement (NNX + optax) after k-means; 0 = off
+  c.tokenize.refine_lr = 0.1          # Adam lr in units of the typical code spacing
+  c.tokenize.refine_batch = 8192      # chunks per refinement step
+  c.tokenize.dead_code_threshold = 1.0  # codes used by fewer rows of the fitting data are re-seeded
+  c.tokenize.encoder = 'compensated'  # compensated (GPTQ-style rounding, image fields) | nearest
+  c.tokenize.compensate_damp = 0.01   # compensated encoder: Hessian damping (x its mean diagonal)
+  c.tokenize.specials = ('pad', 'sos')  # special tokens after the codes; sequences are [SOS, class, w...]
+  c.tokenize.val_fraction = 0.1       # per-class share of good fields in the val split (seeded by `seed`)
+  c.tokenize.num_examples = 16        # fields shown in tokenizer/reconstructions.png
+
   # model + train: tokens/ -> transformer/ (nfjax/train.py, nfjax/models/, docs/train.md).
   c.model = ml_collections.ConfigDict()
   c.model.kind = 'gpt'             # gpt (token sequences) | regression (NeF-GPT's regression transformer)
@@ -234,6 +258,24 @@ def get_config(arg=None):
     c.train.eval_batches = 16
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
+
+  # tokenize-stage presets.
+  if preset == 'smoke':
+    c.tokenize.kmeans_restarts = 2
+    c.tokenize.num_examples = 8
+  elif preset == 'parity':
+    # NeF-GPT MNIST (nefgpt.md 3.1): 245 scalar codes on absolute weights, nearest-code tokens,
+    # 25 k-means restarts, vocabulary = 245 codes + SOS + 10 class tokens = 256. Deliberate
+    # differences: the codebook is fitted on the training fields of all classes (NeF-GPT: ~500
+    # fields of the digit 5), Lloyd runs to convergence on all scalars (NeF-GPT: 10 iterations on
+    # a restart + 2,000 full-batch EMA steps, which converge to the same fixed point), class
+    # tokens are in class order (NeF-GPT: "0" -> 255 ... "9" -> 246), and a code token is never
+    # clamped: a special token in a weight slot is an error.
+    c.tokenize.residual = False
+    c.tokenize.normalize = 'none'
+    c.tokenize.encoder = 'nearest'
+    c.tokenize.kmeans_restarts = 25
+    c.tokenize.specials = ('sos',)
 
   c.lock()
   return c

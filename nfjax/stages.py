@@ -9,7 +9,7 @@ from nfjax.errors import NfjaxError
 # name -> module. A stage listed here with module None is planned but not built yet.
 PIPELINE: dict[str, str | None] = {
     'fit': 'nfjax.fit',
-    'tokenize': None,
+    'tokenize': 'nfjax.tokenize',
     'train': 'nfjax.train',
     'sample': None,
     'evaluate': 'nfjax.evaluate.stage',

@@ -17,8 +17,20 @@ Token dataset directory (``WORKDIR/tokens``), numpy-readable:
   labels.npy        int32 [N]     class of each sequence
   train_idx.npy     int64 [Nt]    rows of tokens.npy in the train split (seeded, recorded)
   val_idx.npy       int64 [Nv]    rows in the val split
-  vocab.json        Vocab.to_dict() plus seq_len, prefix_len, tokens_per_weight
+  vocab.json        Vocab.to_dict() plus seq_len, prefix_len, num_sequences and what the tokenize stage
+                    adds (nfjax/tokenizers/codebook.py Tokenizer.sequence_meta): tokenizer (method),
+                    tokens_per_field, tokens_per_weight (tokens_per_field / params_per_field: 1 for
+                    scalar tokenizers), params_per_field, num_quantizers (Q tokens per chunk), chunk
+                    (scalar | neuron | fixed), chunk_dim, num_chunks, token_order (chunk-major,
+                    quantizer-minor), codebook_groups, token_segments ([{group, start, length}]:
+                    which codebook decodes which token positions, counted after the prefix),
+                    residual, normalize, prefix (['sos', 'class']), split_seed, val_fraction,
+                    tokenizer (path of the tokenizer file, relative to this directory)
   summary.json      written last; marks the dataset complete
+
+Decoding sampled sequences back to weights: `nfjax.tokenizers.restore(WORKDIR/tokenizer)
+.decode_sequences(seqs, vocab, prefix_len)`; a special or class token in a weight slot raises
+TokenError (NeF-GPT clamped it to the last code).
 """
 
 from __future__ import annotations
@@ -118,6 +130,11 @@ class TokenDataset:
   @property
   def prefix_len(self) -> int:
     return int(self.meta['prefix_len'])
+
+  @property
+  def tokens_per_field(self) -> int:
+    """Weight tokens per sequence (seq_len - prefix_len)."""
+    return int(self.meta.get('tokens_per_field', self.seq_len - self.prefix_len))
 
 
 ARRAYS = ('tokens', 'field_index', 'labels', 'train_idx', 'val_idx')

@@ -1,0 +1,39 @@
+"""Weight tokenizers: scalar / vector / residual VQ and uniform / quantile bins over neural-field weights.
+
+  settings = tokenizers.Settings(method='scalar_vq', num_codes=245, residual=True)
+  tok = tokenizers.fit(settings, train_weights, layout, shared_init=init)
+  tokens = tokenizers.encode(tok, weights)        # [N, tokens_per_field] code ids (the configured encoder)
+  weights_q = tok.decode(tokens)                  # [N, P]; special tokens in weight slots raise TokenError
+  tok.save(path); tok = tokenizers.restore(path)  # one numpy-readable .npz (see codebook.py)
+
+The vocabulary around the codes (specials, class tokens) is `nfjax.data.tokens.Vocab`.
+"""
+
+from nfjax.tokenizers.build import ENCODERS, METHODS, NORMALIZE, Settings, fit
+from nfjax.tokenizers.chunking import CHUNKS, PER_LAYER, Chunking
+from nfjax.tokenizers.codebook import FORMAT, Tokenizer, TokenizerMismatch, describe_layout, restore
+
+
+def encode(tok: Tokenizer, weights, encoder: str | None = None):
+  """Weights [N, P] -> tokens with the tokenizer's configured encoder (or `encoder` if given).
+
+  'nearest': each chunk's nearest code (Tokenizer.encode). 'compensated': GPTQ-style rounding that
+  spreads each weight's rounding error over the weights not yet rounded (image fields, scalar
+  codebooks; see compensate.py)."""
+  encoder = encoder or tok.meta.get('encoder', 'nearest')
+  if encoder == 'nearest':
+    return tok.encode(weights)
+  if encoder == 'compensated':
+    from nfjax.errors import ConfigError
+    from nfjax.fields import mlp
+    from nfjax.tokenizers import compensate
+    if not tok.meta.get('field') or not tok.meta.get('image_shape'):
+      raise ConfigError("tokenize.encoder='compensated' needs the field architecture and image shape "
+                        "(image fields); use encoder='nearest'")
+    return compensate.encode(tok, weights, mlp.FieldSpec.from_dict(tok.meta['field']), tok.meta['image_shape'],
+                             damp=float(tok.meta.get('compensate_damp', 1e-2)))
+  raise ValueError(f"unknown encoder {encoder!r}; encoders: {ENCODERS}")
+
+
+__all__ = ['CHUNKS', 'ENCODERS', 'FORMAT', 'METHODS', 'NORMALIZE', 'PER_LAYER', 'Chunking', 'Settings', 'Tokenizer',
+           'TokenizerMismatch', 'describe_layout', 'encode', 'fit', 'restore']

@@ -1,0 +1,124 @@
+"""The tokenize stage end to end on the smoke fields: files, summary, sequences, skip, refusals."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from nfjax import main as launcher
+from nfjax import tokenize, tokenizers
+from nfjax.data import tokens as token_data
+from nfjax.data import weights as wds
+from nfjax.errors import ConfigError, DataError, NfjaxError
+
+SUMMARY_KEYS = ('vocab_size', 'codebook_size', 'weight_rmse', 'psnr_fields_mean', 'psnr_tokenized_mean',
+                'psnr_drop_db', 'codebook_usage', 'perplexity', 'seconds', 'uniform_psnr_tokenized_mean',
+                'uniform_psnr_drop_db', 'num_train', 'num_val', 'split_seed')
+
+
+def _workdir(tmp_path, smoke_fields, name='w'):
+  d = tmp_path / name
+  d.mkdir()
+  shutil.copytree(os.path.join(smoke_fields, 'fields'), d / 'fields')
+  return str(d)
+
+
+@pytest.fixture(scope='module')
+def tokenized(tmp_path_factory, smoke_fields):
+  workdir = _workdir(tmp_path_factory.mktemp('tok'), smoke_fields)
+  out = launcher.run(load_config('smoke'), workdir, 'tokenize')
+  return workdir, out['tokenize']
+
+
+def test_stage_writes_tokenizer_tokens_and_summary(tokenized):
+  workdir, summary = tokenized
+  for f in ('tokenizer.npz', 'uniform.npz', 'summary.json', 'histogram.png', 'reconstructions.png',
+            'fingerprint.json'):
+    assert os.path.exists(os.path.join(workdir, 'tokenizer', f)), f
+  for key in SUMMARY_KEYS:
+    assert key in summary and np.isfinite(summary[key]), key
+  assert summary['vocab_size'] == 245 + 2 + 10 and summary['codebook_size'] == 245
+  assert summary['psnr_drop_db'] == pytest.approx(summary['psnr_fields_mean'] - summary['psnr_tokenized_mean'])
+  # 245 learned codes cost less than 245 uniform bins (the smoke fields barely leave their init, so
+  # both PSNR drops are small here; the quick-preset figures are in docs/tokenize.md).
+  assert summary['weight_rmse'] < summary['uniform_weight_rmse']
+  assert summary['psnr_drop_db'] <= summary['uniform_psnr_drop_db'] + 1e-3
+  assert summary['psnr_tokenized_vs_fields_mean'] > 35.0
+  assert 0 < summary['codebook_usage'] <= 1 and 1 < summary['perplexity'] <= 245
+
+
+def test_token_dataset_layout(tokenized):
+  workdir, summary = tokenized
+  ds = token_data.load(os.path.join(workdir, 'tokens'))
+  fields = wds.load(os.path.join(workdir, 'fields'))
+  good = fields.good()
+  p = fields.params_per_field
+  assert ds.tokens.shape == (len(good), 2 + p) and ds.prefix_len == 2
+  assert ds.vocab.vocab_size == summary['vocab_size'] == ds.meta['vocab_size']
+  assert ds.meta['tokens_per_weight'] == 1.0 and ds.meta['tokens_per_field'] == p
+  np.testing.assert_array_equal(ds.field_index, good)
+  np.testing.assert_array_equal(ds.labels, fields.labels[good])
+  assert (ds.tokens[:, 0] == ds.vocab.sos).all()
+  np.testing.assert_array_equal(ds.tokens[:, 1], ds.vocab.class_token(ds.labels))
+  assert ds.vocab.is_code(ds.tokens[:, 2:]).all()
+  # Seeded, disjoint, complete split with every class in val.
+  assert len(np.intersect1d(ds.train_idx, ds.val_idx)) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([ds.train_idx, ds.val_idx])), np.arange(len(good)))
+  assert set(ds.labels[ds.val_idx]) == set(ds.labels)
+  tr, va = tokenize.split(ds.labels, 0.1, 0)
+  np.testing.assert_array_equal(tr, ds.train_idx)
+  np.testing.assert_array_equal(va, ds.val_idx)
+  # The saved tokenizer decodes the sequences to the weights the summary measured.
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer'))
+  wq = tok.decode_sequences(ds.tokens, ds.vocab, ds.prefix_len)
+  rmse = np.sqrt(np.mean((wq.astype(np.float64) - fields.weights[good]) ** 2))
+  assert rmse == pytest.approx(summary['weight_rmse'], rel=1e-5)
+  bad = ds.tokens.copy()
+  bad[0, 5] = ds.vocab.special('pad')
+  with pytest.raises(token_data.TokenError, match='PAD'):
+    tok.decode_sequences(bad, ds.vocab, ds.prefix_len)
+
+
+def test_rerun_skips_and_other_config_is_refused(tokenized):
+  workdir, summary = tokenized
+  path = os.path.join(workdir, 'tokens', 'tokens.npy')
+  before = os.stat(path).st_mtime_ns
+  again = tokenize.run(load_config('smoke'), workdir)
+  assert again == summary and os.stat(path).st_mtime_ns == before
+  with pytest.raises(NfjaxError, match='tokenize.num_codes: 245 -> 100'):
+    tokenize.run(load_config('smoke', **{'tokenize.num_codes': 100}), workdir)
+
+
+def test_parity_vocabulary_and_nearest_encoder(tmp_path, smoke_fields):
+  workdir = _workdir(tmp_path, smoke_fields)
+  # NeF-GPT's tokenizer (absolute weights, nearest codes, SOS only) on the smoke fields.
+  config = load_config('smoke', **{'tokenize.residual': False, 'tokenize.normalize': 'none',
+                                   'tokenize.encoder': 'nearest', 'tokenize.specials': ('sos',),
+                                   'tokenize.val_fraction': 0.0})
+  summary = tokenize.run(config, workdir)
+  ds = token_data.load(os.path.join(workdir, 'tokens'))
+  assert summary['vocab_size'] == 256 and ds.vocab.sos == 245 and ds.vocab.class_token(9) == 255
+  assert len(ds.val_idx) == 0 and summary['num_val'] == 0
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer', 'tokenizer.npz'))
+  fields = wds.load(os.path.join(workdir, 'fields'))
+  np.testing.assert_array_equal(ds.tokens[:, 2:], tok.encode(fields.weights[fields.good()]))
+
+
+def test_tokenizer_for_other_fields_is_rejected(tokenized):
+  workdir, _ = tokenized
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer'))
+  fields = wds.load(os.path.join(workdir, 'fields'))
+  other = [dict(e) for e in fields.layout[:-1]]  # a field without the output bias
+  with pytest.raises(tokenizers.TokenizerMismatch, match=r'561 parameters.*has 560 parameters'):
+    tok.check_layout(other, 560, where='the other fields')
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(DataError, match='run the fit stage first'):
+    tokenize.run(load_config('smoke'), str(tmp_path))
+  with pytest.raises(ConfigError, match="tokenize.specials.*'sos'"):
+    tokenize.validate(load_config('smoke', **{'tokenize.specials': ('pad',)}))
+  with pytest.raises(ConfigError, match='tokenize.val_fraction'):
+    tokenize.validate(load_config('smoke', **{'tokenize.val_fraction': 1.0}))

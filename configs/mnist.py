@@ -134,6 +134,7 @@ def get_config(arg=None):
   c.model.vocab_size = -1          # -1 = the token vocabulary's size (tokens/vocab.json)
   c.model.nef_gpt_parity = False   # True = NeF-GPT's blocks: no LayerNorm in the blocks, only ln_f
   c.model.tie_embeddings = False   # output projection = token embedding (NeF-GPT: yes)
+  c.model.class_embedding = True   # add a class embedding to every position (NeF-GPT: no, the class token only)
   c.model.position = 'learned'     # learned | rope
   c.model.rope_base = 10000.0
   c.model.bias = True
@@ -243,6 +244,7 @@ def get_config(arg=None):
     c.model.embed_dim = 240
     c.model.nef_gpt_parity = True
     c.model.tie_embeddings = True
+    c.model.class_embedding = False
     c.model.dtype = 'bfloat16'
     c.train.steps = 40_000
     c.train.batch_size = 64

@@ -79,11 +79,14 @@ def _inputs_digest(workdir: str) -> dict:
 
 def load_generator(workdir: str):
   """(model, vocab, token meta, tokenizer, field dataset meta/spec) for a finished workdir."""
-  from nfjax import checkpoint, tokenize
+  from nfjax import checkpoint, tokenizers
   tokens = tok_data.load(os.path.join(workdir, 'tokens'))
   mdef, params, meta = checkpoint.load_model(os.path.join(workdir, 'transformer', 'checkpoints'))
   model = mdef.bind(params)
-  tokenizer = tokenize.load_tokenizer(workdir)
+  tokenizer = tokenizers.restore(os.path.join(workdir, 'tokenizer'))
+  if tokenizer.tokens_per_field != tokens.tokens_per_field:
+    raise NfjaxError(f"the tokenizer in {workdir}/tokenizer makes {tokenizer.tokens_per_field} tokens per field but "
+                     f"{workdir}/tokens has {tokens.tokens_per_field}: re-run the tokenize stage")
   return model, tokens, tokenizer, meta
 
 
@@ -144,7 +147,7 @@ def run(config, workdir: str) -> dict:
                   fields.meta['image_shape'])
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
-  compiled = False
+  compiled = None
   for si, st in todo:
     labels = (np.arange(n) % num_classes).astype(np.int32)
     out = np.zeros((n, seq_len), np.int32)
@@ -156,20 +159,19 @@ def run(config, workdir: str) -> dict:
       args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
               jnp.full((batch,), st['temperature'], jnp.float32), jnp.full((batch,), st['top_k'], jnp.int32),
               jnp.full((batch,), st['top_p'], jnp.float32), allowed)
-      if not compiled:
+      if compiled is None:
         t0 = time.perf_counter()
-        gen(*args).block_until_ready()
+        compiled = gen.compile(*args)   # one executable for every setting and batch
         log(STAGE, f"compiled the sampler in {time.perf_counter() - t0:.1f}s")
-        compiled = True
         progress.start()
       t0 = time.perf_counter()
-      new = np.asarray(gen(*args))
+      new = np.asarray(compiled(*args))
       gen_seconds += time.perf_counter() - t0
       gen_tokens += (hi - lo) * num_new
       out[lo:hi, :prefix] = prompt[:hi - lo]
       out[lo:hi, prefix:] = new[:hi - lo]
       progress.update(progress.done + hi - lo, st['name'])
-    weights = tokenizer.decode(out[:, prefix:])
+    weights = tokenizer.decode(out[:, prefix:], vocab)
     _write_setting(stage, st, out, weights, labels, spec, fields.meta['image_shape'], num_classes)
   if not os.path.exists(stage.file('generation.gif')) and settings:
     _generation_gif(stage, settings[0], tokenizer, spec, fields, prefix)
@@ -192,7 +194,7 @@ def _beam_setting(stage, st, model, vocab, prefix, num_new, num_classes, allowed
   prompt = _prompt(vocab, labels, prefix)
   toks, logp = sampling.make_beam_search(model, int(st['beam_width']), num_new)(jnp.asarray(prompt), allowed)
   out = np.concatenate([prompt, np.asarray(toks)], 1)
-  _write_setting(stage, st, out, tokenizer.decode(out[:, prefix:]), labels, spec, shape, num_classes)
+  _write_setting(stage, st, out, tokenizer.decode(out[:, prefix:], vocab), labels, spec, shape, num_classes)
   log(STAGE, f"beam search (width {st['beam_width']}): {num_classes} fields in {time.perf_counter() - t0:.1f}s, "
              f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
 

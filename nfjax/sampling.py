@@ -70,7 +70,8 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
   total = t0 + num_new
 
   if use_cache:
-    cache = model.init_cache(b, total)
+    # The last token is never fed back, so the cache (and the model's context) needs total - 1.
+    cache = model.init_cache(b, total - 1)
     logits, cache = model.decode(prompt, cache, 0)
 
     def step(carry, i):
@@ -79,8 +80,9 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
       logits, cache = model.decode(tok[:, None], cache, t0 + i)
       return (cache, logits[:, 0]), tok
 
-    _, toks = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_new))
-    return toks.T
+    (_, last), toks = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_new - 1))
+    final = _pick_rows(last, keys, num_new - 1, temperature, top_k, top_p, allowed[num_new - 1])
+    return jnp.concatenate([toks.T, final[:, None]], axis=1)
 
   buf = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
 
@@ -110,7 +112,13 @@ def make_generate(model, num_new: int, use_cache: bool = True):
   def call(prompt, keys, temperature, top_k, top_p, allowed):
     return fn(state, prompt, keys, temperature, top_k, top_p, allowed)
 
+  def compile(prompt, keys, temperature, top_k, top_p, allowed):
+    """Compile for these shapes without running; returns a callable with `call`'s signature."""
+    exe = fn.lower(state, prompt, keys, temperature, top_k, top_p, allowed).compile()
+    return lambda *args: exe(state, *args)
+
   call.jitted = fn
+  call.compile = compile
   return call
 
 
@@ -131,26 +139,31 @@ def beam_search(model, prompt: jax.Array, beam_width: int, num_new: int, allowed
   w = beam_width
   allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
   rows = jnp.repeat(prompt, w, axis=0)                              # [B*W, T0]
-  cache = model.init_cache(b * w, t0 + num_new)
+  cache = model.init_cache(b * w, t0 + num_new - 1)   # the last token is never fed back
   logits, cache = model.decode(rows, cache, 0)
   # Only beam 0 is live at the start (all beams share the prompt).
   scores = jnp.tile(jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf), (b, 1))   # [B, W]
   hist = jnp.zeros((b, w, num_new), jnp.int32)
 
-  def step(carry, i):
-    cache, last, scores, hist = carry
+  def select(last, scores, hist, i):
     logp = jax.nn.log_softmax(jnp.where(allowed[i][None, :], last.astype(jnp.float32), NEG), axis=-1)
     v = logp.shape[-1]
     cand = (scores[:, :, None] + logp.reshape(b, w, v)).reshape(b, w * v)
     top, idx = jax.lax.top_k(cand, w)                                # [B, W]
     parent, tok = idx // v, (idx % v).astype(jnp.int32)
     flat_parent = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
-    cache = jax.tree.map(lambda a: jnp.take(a, flat_parent, axis=1), cache)
     hist = jnp.take_along_axis(hist, parent[:, :, None], axis=1).at[:, :, i].set(tok)
-    logits, cache = model.decode(tok.reshape(-1, 1), cache, t0 + i)
-    return (cache, logits[:, 0], top, hist), None
+    return top, tok, flat_parent, hist
 
-  (_, _, scores, hist), _ = jax.lax.scan(step, (cache, logits[:, -1], scores, hist), jnp.arange(num_new))
+  def step(carry, i):
+    cache, last, scores, hist = carry
+    scores, tok, flat_parent, hist = select(last, scores, hist, i)
+    cache = jax.tree.map(lambda a: jnp.take(a, flat_parent, axis=1), cache)
+    logits, cache = model.decode(tok.reshape(-1, 1), cache, t0 + i)
+    return (cache, logits[:, 0], scores, hist), None
+
+  (_, last, scores, hist), _ = jax.lax.scan(step, (cache, logits[:, -1], scores, hist), jnp.arange(num_new - 1))
+  scores, _, _, hist = select(last, scores, hist, num_new - 1)
   best = jnp.argmax(scores, axis=1)
   return jnp.take_along_axis(hist, best[:, None, None], axis=1)[:, 0], jnp.max(scores, axis=1)
 

@@ -11,7 +11,7 @@ PIPELINE: dict[str, str | None] = {
     'fit': 'nfjax.fit',
     'tokenize': 'nfjax.tokenize',
     'train': 'nfjax.train',
-    'sample': None,
+    'sample': 'nfjax.sample',
     'evaluate': 'nfjax.evaluate.stage',
 }
 

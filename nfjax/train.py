@@ -116,7 +116,8 @@ def validate(config) -> None:
 
 
 def model_config(config, *, vocab_size: int | None = None, seq_len: int | None = None,
-                 num_params: int | None = None, num_classes: int = 0) -> models.TransformerConfig:
+                 num_params: int | None = None, num_classes: int = 0,
+                 prefix: tuple = ('sos', 'class')) -> models.TransformerConfig:
   """The model config for this data; raises NfjaxError when the model cannot hold the data.
 
   GPT: sequences of seq_len tokens give seq_len-1 inputs, every one a training target, so
@@ -140,7 +141,14 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
     if vocab < vocab_size:
       raise NfjaxError(f"model.vocab_size={vocab} is smaller than the token vocabulary ({vocab_size} ids: codes, "
                        f"specials, classes; see tokens/vocab.json). Set model.vocab_size=-1 to fit it.")
-    return models.GPTConfig(**common, block_size=block, vocab_size=vocab, tie_embeddings=bool(m.tie_embeddings))
+    cond = -1
+    if bool(m.class_embedding):
+      if 'class' not in prefix:
+        raise NfjaxError(f"model.class_embedding=True needs a class token in the sequences' prefix, but the tokens' "
+                         f"prefix is {list(prefix)}; set model.class_embedding=False")
+      cond = list(prefix).index('class')
+    return models.GPTConfig(**common, block_size=block, vocab_size=vocab, tie_embeddings=bool(m.tie_embeddings),
+                            cond_position=cond)
   need = num_params
   block = need if m.block_size == -1 else int(m.block_size)
   if block < need:
@@ -290,7 +298,8 @@ def gpt_task(config, workdir: str) -> Task:
     raise DataError(f"token sequences in {directory} have length {seq_len}; need at least 2")
   used = int(ds.tokens.max()) + 1 if ds.tokens.size else 0
   vocab_size = max(ds.vocab.vocab_size, used)
-  cfg = model_config(config, vocab_size=vocab_size, seq_len=seq_len)
+  cfg = model_config(config, vocab_size=vocab_size, seq_len=seq_len,
+                     prefix=tuple(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len])))
   if used > cfg.vocab_size:
     raise NfjaxError(f"token id {used - 1} in {directory} does not fit model.vocab_size={cfg.vocab_size}")
   mdef = models.build(cfg)

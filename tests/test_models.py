@@ -43,12 +43,21 @@ def _decode_all(mdef, params, tokens, prefill: int, cache_len: int):
   return jax.jit(run)(params, tokens)
 
 
-@pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias'])
+def _with_random_cond(params, seed=3):
+  """The class-embedding table starts at zero (a no-op): give it values so tests can see it."""
+  if 'wce' in params:
+    params = dict(params, wce=jax.random.normal(jax.random.PRNGKey(seed), params['wce'].shape))
+  return params
+
+
+@pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias', 'class_embedding'])
 def test_kv_cache_decode_matches_full_forward(variant):
   cfg = {'pre_ln': TINY,
          'nef_gpt_parity_tied': dataclasses.replace(TINY, block_norm=False, tie_embeddings=True),
-         'rope_no_bias': dataclasses.replace(TINY, position='rope', bias=False)}[variant]
+         'rope_no_bias': dataclasses.replace(TINY, position='rope', bias=False),
+         'class_embedding': dataclasses.replace(TINY, cond_position=1)}[variant]
   mdef, params = _init(cfg)
+  params = _with_random_cond(params)
   tokens = _tokens(cfg)
   full = np.asarray(jax.jit(lambda p, t: mdef.bind(p)(t))(params, tokens))
   assert full.shape == (3, cfg.block_size, cfg.vocab_size) and full.dtype == np.float32
@@ -86,7 +95,7 @@ def test_init_cache_shape_and_limits():
   mdef, params = _init(TINY)
   model = mdef.bind(params)
   cache = model.init_cache(5, 7, jnp.bfloat16)
-  assert cache.k.shape == (2, 5, 7, 4, 8) and cache.k.dtype == jnp.bfloat16
+  assert cache.k.shape == (2, 5, 4, 7, 8) and cache.k.dtype == jnp.bfloat16
   assert cache.max_len == 7 and cache.batch_size == 5
   assert model.init_cache(1).max_len == TINY.block_size
   with pytest.raises(ValueError, match='block_size'):
@@ -228,3 +237,20 @@ def test_greedy_sampling_with_the_cache_matches_full_forwards():
     if i < L - 1:
       buf[:, i] = tok
   np.testing.assert_array_equal(got, np.stack(ref, 1))
+
+
+def test_class_embedding_conditions_every_later_position_and_not_earlier():
+  cfg = dataclasses.replace(TINY, cond_position=1)
+  mdef, params = _init(cfg)
+  params = _with_random_cond(params)
+  tokens = _tokens(cfg, batch=1, length=12)
+  other = tokens.at[0, 1].set((tokens[0, 1] + 1) % cfg.vocab_size)
+  fwd = _fwd(mdef)
+  a, b = np.asarray(fwd(params, tokens)), np.asarray(fwd(params, other))
+  np.testing.assert_array_equal(a[0, 0], b[0, 0])           # position 0 predicts the class: no leak
+  assert np.abs(a[0, 1:] - b[0, 1:]).min(axis=-1).max() > 0  # later positions see it
+  # The same change through the embedding alone (attention blocked): with wce zero, only attention
+  # carries the class; with wce set, the last position moves much more.
+  zero = dict(params, wce=jnp.zeros_like(params['wce']))
+  az, bz = np.asarray(fwd(zero, tokens)), np.asarray(fwd(zero, other))
+  assert np.abs(a[0, -1] - b[0, -1]).mean() > np.abs(az[0, -1] - bz[0, -1]).mean()

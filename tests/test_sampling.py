@@ -14,7 +14,8 @@ V, CODES, T0, NEW = 24, 16, 2, 14
 
 @pytest.fixture(scope='module')
 def model():
-  cfg = GPTConfig(num_layers=2, num_heads=2, embed_dim=32, block_size=T0 + NEW, vocab_size=V)
+  # block_size = T0 + NEW - 1, as the train stage sizes it: the last token is a target, never an input.
+  cfg = GPTConfig(num_layers=2, num_heads=2, embed_dim=32, block_size=T0 + NEW - 1, vocab_size=V)
   m = GPT(cfg, rngs=nnx.Rngs(0))
   # Make the special tokens attractive so masking has something to do.
   head = np.array(m.lm_head[...])

@@ -37,6 +37,10 @@ from nfjax.models.layers import KVCache, TransformerConfig, layer_norm, param
 class GPTConfig(TransformerConfig):
   vocab_size: int = 256
   tie_embeddings: bool = False
+  # Conditioning everywhere: the token at this position (1 = the class token of [SOS, class, ...])
+  # is looked up in its own table `wce` and added to the input of every position from there on, so
+  # the class reaches each weight directly instead of only through attention. -1 = off (NeF-GPT).
+  cond_position: int = -1
 
   @property
   def kind(self) -> str:
@@ -51,17 +55,23 @@ class GPT(nnx.Module):
     self.wte = param(layers.normal(rngs.params(), (v, d), cfg.init_std), 'vocab', 'embed')
     if cfg.position == 'learned':
       self.wpe = param(layers.normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
+    if cfg.cond_position >= 0:
+      self.wce = param(jnp.zeros((v, d), jnp.float32), 'vocab', 'embed')   # starts as no-op
     self.blocks = layers.Blocks(cfg, rngs=rngs)
     self.ln_f_scale = param(jnp.ones((d,), jnp.float32), 'norm')
     self.ln_f_bias = param(jnp.zeros((d,), jnp.float32), 'norm') if cfg.bias else None
     if not cfg.tie_embeddings:
       self.lm_head = param(layers.normal(rngs.params(), (d, v), cfg.init_std), 'embed', 'vocab')
 
-  def _embed(self, tokens: jax.Array, positions: jax.Array, rng) -> jax.Array:
+  def _embed(self, tokens: jax.Array, positions: jax.Array, rng, cond: jax.Array | None = None) -> jax.Array:
+    """cond int [B]: the conditioning token of each row (cond_position >= 0), added from cond_position on."""
     cfg = self.cfg
     x = jnp.take(self.wte[...], tokens, axis=0)
     if cfg.position == 'learned':
       x = x + jnp.take(self.wpe[...], positions, axis=0)
+    if cond is not None:
+      c = jnp.take(self.wce[...], cond, axis=0)[:, None, :]
+      x = x + jnp.where((positions >= cfg.cond_position)[..., None], c, 0.0)
     x = x.astype(cfg.compute_dtype)
     return layers.dropout(x, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1 << 20))
 
@@ -80,7 +90,8 @@ class GPT(nnx.Module):
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = self._embed(tokens, positions, rng)
+    cp = self.cfg.cond_position
+    x = self._embed(tokens, positions, rng, tokens[:, cp] if 0 <= cp < t else None)
     x, _ = self.blocks(x, positions, rng=rng)
     return self._logits(x)
 
@@ -92,7 +103,10 @@ class GPT(nnx.Module):
     max_len = self.cfg.block_size if max_len is None else int(max_len)
     if max_len > self.cfg.block_size:
       raise ValueError(f"max_len={max_len} exceeds the model's block_size={self.cfg.block_size}")
-    return layers.empty_cache(self.cfg, batch, max_len, dtype or self.cfg.compute_dtype)
+    cache = layers.empty_cache(self.cfg, batch, max_len, dtype or self.cfg.compute_dtype)
+    if self.cfg.cond_position >= 0:
+      cache = cache._replace(cond=jnp.zeros((1, batch), jnp.int32))   # set when its position is decoded
+    return cache
 
   def decode(self, tokens: jax.Array, cache: KVCache, positions) -> tuple[jax.Array, KVCache]:
     """tokens int [B, T] starting at `positions` (int, int32 [] or [B]) -> (logits [B, T, V] f32, cache).
@@ -100,10 +114,16 @@ class GPT(nnx.Module):
     Deterministic (no dropout). See the module docstring for the contract.
     """
     b, t = tokens.shape
+    shared = jnp.ndim(positions) == 0
     start = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b,))
     pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    x = self._embed(tokens, pos, None)
-    x, cache = self.blocks(x, pos, cache=cache)
+    cond = None
+    if self.cfg.cond_position >= 0:
+      hit = pos == self.cfg.cond_position
+      cond = jnp.where(hit.any(1), jnp.sum(jnp.where(hit, tokens, 0), 1), cache.cond[0]).astype(jnp.int32)
+      cache = cache._replace(cond=cond[None])
+    x = self._embed(tokens, pos, None, cond)
+    x, cache = self.blocks(x, pos, cache=cache, start=positions if shared else None)
     return self._logits(x), cache
 
 

@@ -117,20 +117,45 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   return jnp.einsum('bhts,bshk->bthk', probs, v)
 
 
-class KVCache(NamedTuple):
-  """Keys and values of every layer: k, v [num_layers, batch, max_len, num_heads, head_dim].
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,
+                  q_pos: jax.Array) -> jax.Array:
+  """Attention of T new tokens over a read-only cache plus themselves (decoding).
 
-  Slot j holds the token at absolute position j. A plain pytree: carry it through `lax.scan` /
+  q, k, v [B, T, H, K] of the new tokens at positions q_pos [B, T] (contiguous per row);
+  ck, cv [B, H, S, K] the cache, whose slots before q_pos[:, 0] hold the earlier tokens (later
+  slots are ignored). Equal to `attend` over the cache with the new keys written in, without
+  writing: the cache is only read here, and the caller writes the new keys once per step.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  dt = q.dtype
+  lo = jnp.finfo(jnp.float32).min
+  s_cache = jnp.einsum('bthk,bhsk->bhts', q, ck.astype(dt), preferred_element_type=jnp.float32) * scale
+  s_new = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  earlier = jnp.arange(ck.shape[2])[None, None, None, :] < q_pos[:, None, :1, None]
+  causal = q_pos[:, None, None, :] <= q_pos[:, None, :, None]
+  scores = jnp.concatenate([jnp.where(earlier, s_cache, lo), jnp.where(causal, s_new, lo)], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  s = ck.shape[2]
+  return (jnp.einsum('bhts,bhsk->bthk', probs[..., :s], cv.astype(dt))
+          + jnp.einsum('bhts,bshk->bthk', probs[..., s:], v))
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: k, v [num_layers, batch, num_heads, max_len, head_dim].
+
+  Slot j holds the token at absolute position j. Heads before positions, so attention reads the
+  cache in the layout its matmuls want (no transpose of the whole cache per step). A plain pytree: carry it through `lax.scan` /
   `lax.fori_loop`, donate it to `jax.jit`. `LOGICAL_AXES` names its axes for `nfjax.sharding`.
   """
   k: jax.Array
   v: jax.Array
+  cond: jax.Array | None = None   # [1, batch] conditioning token (GPTConfig.cond_position), else None
 
-  LOGICAL_AXES = ('layers', 'batch', None, 'heads', 'kv')
+  LOGICAL_AXES = ('layers', 'batch', 'heads', None, 'kv')
 
   @property
   def max_len(self) -> int:
-    return int(self.k.shape[2])
+    return int(self.k.shape[3])
 
   @property
   def batch_size(self) -> int:
@@ -175,12 +200,14 @@ class Blocks(nnx.Module):
     return {name: getattr(self, name)[...] for name in self.NAMES if getattr(self, name, None) is not None}
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, rng: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, start=None) -> tuple[jax.Array, KVCache | None]:
     """x [B, T, D] (compute dtype), positions [B, T] absolute positions of the T tokens.
 
     Without a cache: causal self-attention over the T tokens (positions must be 0..T-1 in order).
     With a cache: the T new keys/values are written into their slots (positions[:, 0] onwards,
-    contiguous) and each token attends to every cached slot at a position <= its own.
+    contiguous) and each token attends to every cached slot at a position <= its own. `start`: the
+    first new position when it is the same for every row (a scalar: one in-place write per step
+    instead of one per row).
     Returns (x, the updated cache or None).
     """
     cfg = self.cfg
@@ -200,10 +227,7 @@ class Blocks(nnx.Module):
       if ck is None:
         a = attend(q, k, v, positions, jnp.arange(x.shape[1]))
       else:
-        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice(c, new, (start, 0, 0)))
-        ck = write(ck, k.astype(ck.dtype), positions[:, 0])
-        cv = write(cv, v.astype(cv.dtype), positions[:, 0])
-        a = attend(q, ck.astype(dt), cv.astype(dt), positions, jnp.arange(ck.shape[1]))
+        a = attend_cached(q, k, v, ck, cv, positions)
       a = jnp.einsum('bthk,hkd->btd', a, p['out_kernel'].astype(dt))
       if 'out_bias' in p:
         a = a + p['out_bias'].astype(dt)
@@ -217,7 +241,7 @@ class Blocks(nnx.Module):
       if 'mlp_out_bias' in p:
         h = h + p['mlp_out_bias'].astype(dt)
       x = x + dropout(h, cfg.dropout, None if key is None else jax.random.fold_in(key, 1))
-      return x, ck, cv
+      return x, k, v
 
     if cache is None:
       def body(x, xs):
@@ -227,15 +251,23 @@ class Blocks(nnx.Module):
       x, _ = jax.lax.scan(body, x, (params, layer_ids))
       return x, None
 
-    def body_cached(carry, xs):
-      x, ks, vs = carry
-      p, layer = xs
-      x, ck, cv = block(x, p, layer, ks[layer], vs[layer])
-      return (x, ks.at[layer].set(ck), vs.at[layer].set(cv)), None
-    (x, ks, vs), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v), (params, layer_ids))
-    return x, KVCache(ks, vs)
+    # The cache is read inside the layer scan; the new keys/values come out of it ([L, B, T, H, K])
+    # and are written once, after it.
+    def body_cached(x, xs):
+      p, layer, ck, cv = xs
+      x, k, v = block(x, p, layer, ck, cv)
+      return x, (k, v)
+    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v))
+    k = k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)       # [L, B, H, T, K]
+    v = v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
+    if start is not None:
+      at = (0, 0, 0, jnp.asarray(start, jnp.int32), 0)
+      return x, cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k, at), v=jax.lax.dynamic_update_slice(cache.v, v, at))
+    write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new, (0, 0, s, 0)), in_axes=(1, 1, 0),
+                     out_axes=1)
+    return x, cache._replace(k=write(cache.k, k, positions[:, 0]), v=write(cache.v, v, positions[:, 0]))
 
 
 def empty_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype) -> KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -1,0 +1,99 @@
+"""The sample stage inside the whole pipeline: fit -> tokenize -> train -> sample -> evaluate on smoke data."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+
+
+def _config(**over):
+  base = {'sample.num_samples': 12, 'sample.batch_size': 8, 'sample.settings': ((3, 0.8, 1.0), (0, 1.0, 0.9)),
+          'evaluate.classifier.epochs': 1}
+  base.update(over)
+  return load_config('smoke', **base)
+
+
+@pytest.fixture(scope='module')
+def pipeline(smoke_fields, tmp_path_factory):
+  """A smoke workdir with every stage finished (the fit stage is shared with the other tests)."""
+  from nfjax import main
+  workdir = str(tmp_path_factory.mktemp('pipeline'))
+  shutil.copytree(os.path.join(smoke_fields, 'fields'), os.path.join(workdir, 'fields'))
+  summaries = main.run(_config(), workdir, 'all')
+  return workdir, summaries
+
+
+def test_pipeline_writes_samples_that_decode_to_fields(pipeline):
+  from nfjax.data import tokens as tok_data
+  from nfjax.data import weights as wds
+  workdir, summaries = pipeline
+  assert list(summaries) == ['fit', 'tokenize', 'train', 'sample', 'evaluate']
+  s = summaries['sample']
+  assert s['num_samples'] == 24 and s['samples_per_setting'] == 12 and s['tokens_per_sec'] > 0
+  assert [x['name'] for x in s['settings']] == ['topk3_t0.8', 'topk0_t1_p0.9']
+  tokens = tok_data.load(os.path.join(workdir, 'tokens'))
+  fields = wds.load(os.path.join(workdir, 'fields'))
+  vocab, prefix = tokens.vocab, tokens.prefix_len
+  for st in s['settings']:
+    d = os.path.join(workdir, 'samples', st['name'])
+    toks, w, lab = (np.load(os.path.join(d, f)) for f in ('tokens.npy', 'weights.npy', 'labels.npy'))
+    assert toks.shape == (12, tokens.seq_len) and w.shape == (12, fields.params_per_field)
+    assert w.dtype == np.float32 and np.isfinite(w).all()
+    np.testing.assert_array_equal(lab, np.arange(12) % vocab.num_classes)
+    # Prompts are [SOS, class]; every generated slot is a code (special tokens are masked).
+    np.testing.assert_array_equal(toks[:, 0], vocab.sos)
+    np.testing.assert_array_equal(toks[:, 1], vocab.class_token(lab))
+    assert toks[:, prefix:].max() < vocab.num_codes and toks[:, prefix:].min() >= 0
+    assert os.path.getsize(os.path.join(d, 'grid.png')) > 0
+  assert os.path.getsize(os.path.join(workdir, 'samples', 'generation.gif')) > 0
+  ev = json.load(open(os.path.join(workdir, 'eval', 'summary.json')))
+  assert set(ev['settings']) >= {'topk3_t0.8', 'topk0_t1_p0.9'}
+
+
+def test_decoded_weights_are_the_tokenizers_decoding(pipeline):
+  from nfjax import tokenizers
+  workdir, _ = pipeline
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer'))
+  d = os.path.join(workdir, 'samples', 'topk3_t0.8')
+  toks, w = np.load(os.path.join(d, 'tokens.npy')), np.load(os.path.join(d, 'weights.npy'))
+  np.testing.assert_allclose(w, tok.decode(toks[:, 2:]), rtol=0, atol=0)
+
+
+def test_rerun_skips_and_a_lost_setting_is_redrawn_identically(pipeline):
+  from nfjax import sample
+  workdir, summaries = pipeline
+  assert sample.run(_config(), workdir) == json.load(open(os.path.join(workdir, 'samples', 'summary.json')))
+  d = os.path.join(workdir, 'samples', 'topk0_t1_p0.9')
+  before = np.load(os.path.join(d, 'tokens.npy'))
+  os.unlink(os.path.join(d, 'weights.npy'))          # as if the job died while writing this setting
+  os.unlink(os.path.join(workdir, 'samples', 'summary.json'))
+  sample.run(_config(), workdir)
+  np.testing.assert_array_equal(np.load(os.path.join(d, 'tokens.npy')), before)   # per-sample seeds
+
+
+def test_samples_do_not_depend_on_the_batch_size(pipeline, tmp_path):
+  from nfjax import sample
+  workdir, _ = pipeline
+  other = str(tmp_path / 'w')
+  for d in ('fields', 'tokenizer', 'tokens', 'transformer'):
+    shutil.copytree(os.path.join(workdir, d), os.path.join(other, d))
+  sample.run(_config(**{'sample.batch_size': 5}), other)
+  for name in ('topk3_t0.8', 'topk0_t1_p0.9'):
+    np.testing.assert_array_equal(np.load(os.path.join(other, 'samples', name, 'tokens.npy')),
+                                  np.load(os.path.join(workdir, 'samples', name, 'tokens.npy')))
+
+
+def test_bad_sample_configs_fail_clearly(pipeline, tmp_path):
+  from nfjax import sample
+  from nfjax.errors import ConfigError, NfjaxError
+  workdir, _ = pipeline
+  with pytest.raises(ConfigError, match='top_k'):
+    sample.run(_config(**{'sample.settings': ((3, -1.0, 1.0),)}), str(tmp_path / 'a'))
+  with pytest.raises(ConfigError, match='triple'):
+    sample.run(_config(**{'sample.settings': ((3, 1.0),)}), str(tmp_path / 'b'))
+  with pytest.raises(NfjaxError, match='tokenize'):
+    sample.run(_config(), str(tmp_path / 'empty'))

@@ -5,6 +5,13 @@ r"""nfjax launcher.
 
 Runs the selected stages in pipeline order; each skips itself when WORKDIR already holds its
 finished result for the same config and resumes when it was interrupted.
+
+Multi-process (`--distributed`): every process runs this same command. It calls
+`jax.distributed.initialize()`, which finds the coordinator, the process count and this process's
+id by itself on Cloud TPU VMs, SLURM, Open MPI and Kubernetes; elsewhere give
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or JAX_COORDINATOR_ADDRESS).
+The mesh then spans every process's devices and only process 0 writes logs and metrics. The
+workdir must be one directory that every process sees (a single host, or a shared mount).
 """
 
 from __future__ import annotations
@@ -22,6 +29,19 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every stage\'s ar
 _STAGES = flags.DEFINE_string('stages', 'all', 'Comma-separated stages to run (fit,tokenize,train,sample,evaluate) or "all".')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU/GPU; set by launch/ scripts).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: HOST:PORT of process 0 (default: detected from the '
+    'cluster -- Cloud TPU, SLURM, Open MPI, Kubernetes -- or $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed: number of processes '
+                                      '(default: detected from the cluster).', lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s id, 0..N-1 '
+                                   '(default: detected from the cluster).', lower_bound=0)
+
+# Stages that run with their work spread over several processes (jax.process_count() > 1), each
+# checked by a 2-process CPU run (tests/test_multiprocess.py). The others still fetch arrays that
+# live on other processes' devices (fit, evaluate) or load the model onto device 0 of process 0
+# (sample); they stop at once in a multi-process run rather than after hours of work.
+MULTI_PROCESS_STAGES = ('tokenize', 'train')
 
 
 def run(config, workdir: str, stages: str | None = 'all') -> dict:
@@ -32,6 +52,7 @@ def run(config, workdir: str, stages: str | None = 'all') -> dict:
 
   names = stages_mod.parse(stages)
   stages_mod.validate(config, names)
+  _check_multi_process(names, workdir)
   os.makedirs(workdir, exist_ok=True)
   if is_main_process():
     io.write_json(os.path.join(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
@@ -44,6 +65,33 @@ def run(config, workdir: str, stages: str | None = 'all') -> dict:
   return out
 
 
+def _check_multi_process(names: list[str], workdir: str) -> None:
+  """In a multi-process run, refuse stages that cannot run across processes yet (unless finished)."""
+  import jax
+  from nfjax import stages as stages_mod
+  from nfjax.errors import NfjaxError
+  if jax.process_count() == 1:
+    return
+  blocked = [n for n in names if n not in MULTI_PROCESS_STAGES and not os.path.exists(
+      os.path.join(workdir, getattr(stages_mod.get(n), 'DIRNAME', n), 'summary.json'))]
+  if blocked:
+    raise NfjaxError(
+        f"stage(s) {', '.join(blocked)} cannot run across {jax.process_count()} processes yet; the stages that "
+        f"can are: {', '.join(MULTI_PROCESS_STAGES)}. Run {', '.join(blocked)} on one host without --distributed "
+        f"(into the same workdir, or copy its directory there), then the rest with --distributed.")
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """jax.distributed.initialize(), then one line per process saying what it sees."""
+  import jax
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  local = jax.local_devices()
+  print(f"[main] process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
+        f"{local[0].device_kind} device(s) of {jax.device_count()}", flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -53,10 +101,17 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep JAX's backend probing out of the progress log
-  if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize()
+  explicit = {'--coordinator_address': _COORDINATOR.value, '--num_processes': _NUM_PROCESSES.value,
+              '--process_id': _PROCESS_ID.value}
+  if not _DISTRIBUTED.value and any(v is not None for v in explicit.values()):
+    raise app.UsageError(f"{', '.join(k for k, v in explicit.items() if v is not None)} need --distributed")
   from nfjax.errors import NfjaxError
+  if _DISTRIBUTED.value:
+    try:
+      initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:  # no cluster detected and not enough flags
+      raise app.UsageError(f"--distributed: {e} JAX detects Cloud TPU VMs, SLURM, Open MPI and Kubernetes; "
+                           "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
   try:
     summaries = run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   except NfjaxError as e:

@@ -1,0 +1,289 @@
+"""launch/: the TPU VM and GPU scripts, without a cloud, a TPU or a GPU.
+
+Every test puts a recording stub `gcloud` first on PATH, so no test can reach the real one: the
+--dry-run tests check that the stub was never called and read the commands the scripts print;
+the failure tests run `tpu.sh all` for real against the stub to check the VM is deleted however
+the run ends. tpu_worker_setup.sh runs twice against a stub Python to check that the second run
+installs nothing. No network; ~5 s.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, 'launch')
+SCRIPTS = ('tpu.sh', 'gpu.sh', 'lib.sh', 'tpu_worker_setup.sh')
+
+# Logs its arguments; `describe` fails (nothing exists) unless it asks for a --format (the queued
+# resource's state: ACTIVE); the call whose arguments contain $GCLOUD_FAIL exits 7.
+GCLOUD_STUB = r'''#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$GCLOUD_LOG"
+if [[ -n ${GCLOUD_FAIL:-} && "$*" == *"$GCLOUD_FAIL"* ]]; then exit 7; fi
+case "$*" in
+  *describe*--format*) echo ACTIVE;;
+  *describe*) exit 1;;
+esac
+exit 0
+'''
+
+
+@pytest.fixture
+def env(tmp_path):
+  """An environment whose `gcloud` is the recording stub."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  stub = bin_dir / 'gcloud'
+  stub.write_text(GCLOUD_STUB)
+  stub.chmod(0o755)
+  log = tmp_path / 'gcloud.log'
+  log.write_text('')
+  e = {k: v for k, v in os.environ.items() if not k.startswith('NFJAX_')}
+  e.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GCLOUD_LOG=str(log), USER='alice',
+           TMPDIR=str(tmp_path))
+  e.pop('XLA_FLAGS', None)
+  e.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
+  e.pop('XLA_CLIENT_MEM_FRACTION', None)
+  return e
+
+
+def gcloud_calls(env):
+  with open(env['GCLOUD_LOG']) as f:
+    return [ln.rstrip('\n') for ln in f if ln.strip()]
+
+
+def sh(script, *args, env, cwd=None, check=True):
+  p = subprocess.run(['bash', os.path.join(LAUNCH, script), *args], env=env, cwd=cwd or ROOT,
+                     capture_output=True, text=True, timeout=60)
+  if check and p.returncode != 0:
+    raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+  return p
+
+
+def dry_run(script, *args, env):
+  """The commands `script --dry-run args` prints, one list of words per line; gcloud never runs."""
+  p = sh(script, '--dry-run', *args, env=env)
+  assert gcloud_calls(env) == [], "--dry-run ran gcloud"
+  return [shlex.split(ln) for ln in p.stdout.splitlines() if ln.strip()]
+
+
+def find(commands, *words):
+  """Indices of the printed commands that contain all `words` (as whole words)."""
+  return [i for i, c in enumerate(commands) if all(w in c for w in words)]
+
+
+def flag(command, name):
+  values = [w.split('=', 1)[1] for w in command if w.startswith(name + '=')]
+  assert len(values) == 1, (name, command)
+  return values[0]
+
+
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_scripts_are_valid_strict_bash(script):
+  path = os.path.join(LAUNCH, script)
+  subprocess.run(['bash', '-n', path], check=True)
+  with open(path) as f:
+    text = f.read()
+  if script != 'lib.sh':   # sourced by the others
+    assert 'set -euo pipefail' in text
+
+
+def test_tpu_all_dry_run(env):
+  """create -> bootstrap (every worker) -> run (every worker, --distributed) -> fetch -> delete."""
+  cmds = dry_run('tpu.sh', '--project=p1', '--zone=us-central2-b', '--config=configs/mnist.py:quick',
+                 '--bucket=gs://bkt/runs', 'all', '--', '--config.train.steps=100', env=env)
+  create, = find(cmds, 'gcloud', 'create', 'nfjax-alice')
+  describe, c = cmds[create][:cmds[create].index('||')], cmds[create][cmds[create].index('||') + 1:]
+  assert describe[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', 'nfjax-alice']  # exists: reuse
+  assert c[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'nfjax-alice']
+  assert flag(c, '--accelerator-type') == 'v4-8' and flag(c, '--project') == 'p1'
+  assert flag(c, '--scopes') == 'https://www.googleapis.com/auth/cloud-platform'   # --bucket needs it
+  assert '--spot' not in c
+
+  scp_setup, = find(cmds, 'scp', 'nfjax-alice:nfjax_worker_setup.sh')
+  assert '--worker=all' in cmds[scp_setup]
+  tar, = find(cmds, 'tar')
+  scp_src, = find(cmds, 'scp', 'nfjax-alice:nfjax-src.tgz')
+  assert '--worker=all' in cmds[scp_src]
+  setup, = find(cmds, 'ssh', '--worker=all')[:1]
+  remote = shlex.split(flag(cmds[setup], '--command'))
+  assert remote[:2] == ['bash', 'nfjax_worker_setup.sh']
+  assert remote[remote.index('--jax-spec') + 1].startswith('jax[tpu]>=0.10.2')
+  assert remote[remote.index('--tarball') + 1] == 'nfjax-src.tgz'
+
+  run, = [i for i in find(cmds, 'ssh', '--worker=all') if 'nfjax.main' in flag(cmds[i], '--command')]
+  launch = flag(cmds[run], '--command')
+  assert launch.startswith('set -o pipefail;')
+  words = shlex.split(launch.split('&&')[-1].split('|')[0])
+  assert words[:3] == ['~/nfjax-venv/bin/python', '-m', 'nfjax.main']
+  assert '--distributed' in words and '--config=configs/mnist.py:quick' in words
+  assert '--config.train.steps=100' in words and '--stages=all' in words
+  assert [w for w in words if w.startswith('--workdir=')] == ['--workdir=$HOME/nfjax_runs/quick']
+
+  sync_up, = find(cmds, 'ssh', '--worker=0')
+  assert 'gs://bkt/runs/quick' in flag(cmds[sync_up], '--command')
+  sync_down, = find(cmds, 'gcloud', 'storage', 'rsync', 'gs://bkt/runs/quick')
+  delete, = find(cmds, 'gcloud', 'delete')
+  assert cmds[delete][:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete'] and '--quiet' in cmds[delete]
+  assert create < scp_setup < tar < scp_src < setup < run < sync_up < sync_down < delete == len(cmds) - 1
+
+
+def test_tpu_modes_dry_run(env):
+  spot = dry_run('tpu.sh', '--mode=spot', 'create', env=env)
+  assert len(spot) == 1 and '--spot' in spot[0] and 'tpu-vm' in spot[0]
+  assert '--scopes' not in ' '.join(spot[0])             # no bucket, no extra scopes
+
+  q = ['--mode=queued', '--spot', '--valid-until=6h', '--accelerator-type=v5litepod-8',
+       '--version=v2-alpha-tpuv5-lite', '--zone=us-west4-a']
+  create = dry_run('tpu.sh', *q, 'create', env=env)
+  c = create[0][create[0].index('||') + 1:]
+  assert c[:5] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create'] and c[5] == 'nfjax-alice-qr'
+  assert flag(c, '--node-id') == 'nfjax-alice' and flag(c, '--runtime-version') == 'v2-alpha-tpuv5-lite'
+  assert flag(c, '--valid-until-duration') == '6h' and '--spot' in c
+  assert 'value(state.state)' in ' '.join(create[1])      # then waits for ACTIVE
+  delete, = dry_run('tpu.sh', *q, 'delete', env=env)
+  assert delete[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'nfjax-alice-qr']
+  assert '--force' in delete and '--quiet' in delete
+
+  keep = dry_run('tpu.sh', '--keep', 'all', env=env)
+  assert not find(keep, 'gcloud', 'delete')
+
+
+def test_tpu_bootstrap_from_git_is_the_same_setup(env):
+  """Bootstrap is one idempotent setup script per worker, whatever the source."""
+  cmds = dry_run('tpu.sh', '--repo=https://example.com/nfjax.git', '--ref=v1', 'bootstrap', env=env)
+  assert not find(cmds, 'tar')
+  remote = shlex.split(flag(cmds[-1], '--command'))
+  assert remote[:2] == ['bash', 'nfjax_worker_setup.sh'] and '--worker=all' in cmds[-1]
+  assert remote[remote.index('--repo') + 1] == 'https://example.com/nfjax.git'
+  assert remote[remote.index('--ref') + 1] == 'v1'
+
+
+def test_tpu_bad_arguments(env):
+  for args, message in [(['--workdir=gs://b/w', 'run'], 'local file APIs'),
+                        (['--mode=preemptible', 'create'], 'use on-demand, spot or queued'),
+                        (['--spot', 'create'], '--spot goes with --mode=queued'),
+                        (['--bucket=/tmp/x', 'fetch'], 'must start with gs://'),
+                        (['frobnicate'], 'unknown command'),
+                        ([], 'no command')]:
+    p = sh('tpu.sh', '--dry-run', *args, env=env, check=False)
+    assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+  assert gcloud_calls(env) == []
+
+
+@pytest.mark.parametrize('fail_at,expected_rc', [('nfjax.main', 7), ('tpu-vm create', 7), (None, 0)])
+def test_tpu_all_deletes_the_vm_however_it_ends(env, tmp_path, fail_at, expected_rc):
+  """`all` against the stub gcloud, failing at the run or at create: the VM is deleted last."""
+  if fail_at:
+    env['GCLOUD_FAIL'] = fail_at
+  p = sh('tpu.sh', f'--local-dir={tmp_path / "results"}', 'all', env=env, check=False)
+  assert p.returncode == expected_rc, p.stderr
+  calls = gcloud_calls(env)
+  assert calls[-1].startswith('compute tpus tpu-vm delete nfjax-alice'), calls
+  assert len([c for c in calls if ' delete ' in f' {c} ']) == 1
+  if fail_at == 'nfjax.main':      # the results that exist are still fetched before the delete
+    assert any(c.startswith('compute tpus tpu-vm scp --recurse') for c in calls)
+
+
+def test_tpu_all_keep_leaves_the_vm(env, tmp_path):
+  env['GCLOUD_FAIL'] = 'nfjax.main'
+  p = sh('tpu.sh', '--keep', f'--local-dir={tmp_path / "results"}', 'all', env=env, check=False)
+  assert p.returncode == 7
+  assert not [c for c in gcloud_calls(env) if 'delete' in c]
+
+
+def test_gpu_dry_run(env):
+  env['XLA_FLAGS'] = '--xla_gpu_enable_latency_hiding_scheduler=false'   # the user's choice wins
+  cmds = dry_run('gpu.sh', '--venv=none', '--gpus=0,1', '--config=configs/mnist.py:quick', '--',
+                 '--config.train.steps=5', env=env)
+  exports = {c[1].split('=', 1)[0]: c[1].split('=', 1)[1] for c in cmds if c[0] == 'export'}
+  assert exports['XLA_FLAGS'].split() == ['--xla_gpu_enable_latency_hiding_scheduler=false',
+                                          '--xla_gpu_triton_gemm_any=true']
+  assert exports['XLA_CLIENT_MEM_FRACTION'] == '0.90' and exports['CUDA_VISIBLE_DEVICES'] == '0,1'
+  launch = cmds[-1]
+  assert launch[:3] == ['python3', '-m', 'nfjax.main'] and '--distributed' not in launch
+  assert '--config=configs/mnist.py:quick' in launch and '--workdir=workdirs/quick' in launch
+  assert launch[-1] == '--config.train.steps=5'
+  assert any('jax[cuda12]>=0.10.2,<0.11' in c for c in cmds)
+  p = sh('gpu.sh', '--dry-run', '--workdir=gs://b/w', env=env, check=False)
+  assert p.returncode == 2 and 'local file APIs' in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# tpu_worker_setup.sh: idempotent
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# A stand-in for python: logs its arguments; `-m venv DIR` makes DIR/bin/python (this script).
+printf '%s\n' "$*" >> "$FAKEPY_LOG"
+case $1 in
+  -V) echo "Python 3.12.9";;
+  -m) if [[ $2 == venv ]]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; fi;;
+  -c) if [[ $2 == *print* ]]; then echo "jax 0.10.2"; fi;;
+esac
+exit 0
+'''
+
+
+def test_worker_setup_is_idempotent(tmp_path):
+  home, src = tmp_path / 'home', tmp_path / 'src'
+  home.mkdir()
+  src.mkdir()
+  (src / 'pyproject.toml').write_text('[project]\nname = "nfjax"\n')
+  (src / 'README.md').write_text('v1\n')
+  fake = tmp_path / 'python3.12'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  log = tmp_path / 'python.log'
+  env = {**os.environ, 'HOME': str(home), 'NFJAX_PYTHON_BIN': str(fake), 'FAKEPY_LOG': str(log)}
+
+  def setup():
+    with tarfile.open(home / 'nfjax-src.tgz', 'w:gz') as t:
+      t.add(src, arcname='.')
+    log.write_text('')
+    p = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_worker_setup.sh'), '--tarball', 'nfjax-src.tgz',
+                        '--jax-spec', 'jax[tpu]>=0.10.2,<0.11'], cwd=home, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout, [ln for ln in log.read_text().splitlines() if 'pip install' in ln]
+
+  out, pip = setup()
+  assert 'source: extracted' in out and 'python: created' in out
+  assert [ln.split('install')[-1].split()[-1] for ln in pip] == ['pip', 'jax[tpu]>=0.10.2,<0.11', str(home / 'nfjax')]
+  assert (home / 'nfjax' / 'README.md').read_text() == 'v1\n'
+
+  out, pip = setup()                                    # the same again: nothing to do
+  assert pip == [] and 'already this tarball' in out and 'packages: already installed' in out
+
+  (src / 'README.md').write_text('v2\n')                # new source, same dependencies
+  out, pip = setup()
+  assert pip == [] and 'source: extracted' in out
+  assert (home / 'nfjax' / 'README.md').read_text() == 'v2\n'
+
+  (src / 'pyproject.toml').write_text('[project]\nname = "nfjax"\nversion = "2"\n')   # new dependencies
+  out, pip = setup()
+  assert len(pip) == 3 and 'packages: installed' in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The launcher's multi-process flags (the 2-process runs themselves: tests/test_multiprocess.py)
+
+def test_launcher_distributed_flags(tmp_path):
+  def launch(*flags):
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+    for k in [k for k in env if k.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_', 'KUBERNETES_'))]:
+      env.pop(k)
+    return subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke',
+                           f'--workdir={tmp_path}', *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+  p = launch('--num_processes=2', '--process_id=0')
+  assert p.returncode != 0 and '--num_processes, --process_id need --distributed' in p.stderr
+  p = launch('--distributed')                  # no cluster to detect here: a usage error, not a traceback
+  assert p.returncode != 0 and 'elsewhere give --coordinator_address=HOST:PORT' in p.stderr
+  assert 'Traceback' not in p.stderr
+  assert not os.listdir(tmp_path)

@@ -37,20 +37,7 @@ from nfjax import fit as fit_stage  # noqa: E402
 from nfjax import sharding  # noqa: E402
 from nfjax.data import images as image_data  # noqa: E402
 from nfjax.fields import fitting, mlp  # noqa: E402
-
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float('inf')
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(reps):
-      r = f(a)
-    r.block_until_ready()
-    best = min(best, (time.perf_counter() - t) / reps)
-  return 2 * n ** 3 / best / 1e9
+from nfjax.utils import perf  # noqa: E402
 
 
 def torch_baseline(images: np.ndarray, shared: np.ndarray, spec: mlp.FieldSpec, epochs: int = 250):
@@ -180,7 +167,7 @@ def main():
   mesh = sharding.make_mesh(config.mesh)
   fitter = fit_stage.StackFitter(spec, config, mesh, mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))))
 
-  peak = matmul_peak_gflops()
+  peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s", flush=True)
 
   # One-off shared init, chosen exactly as the fit stage does (best of fit.shared_init_candidates

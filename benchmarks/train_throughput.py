@@ -37,20 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from nfjax import models, sharding, train  # noqa: E402
-
-
-def matmul_peak_flops(dtype, n: int, reps: int = 10) -> float:
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float('inf')
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(reps):
-      r = f(a)
-    r.block_until_ready()
-    best = min(best, (time.perf_counter() - t) / reps)
-  return 2 * n ** 3 / best
+from nfjax.utils import perf  # noqa: E402
 
 
 def model_flops_per_token(cfg: models.GPTConfig, seq: int) -> float:
@@ -91,7 +78,7 @@ def main():
   device = jax.devices()[0]
   on_cpu = device.platform == 'cpu'
   peak_dtype = jnp.float32 if on_cpu or args.dtype == 'float32' else jnp.bfloat16
-  peak = matmul_peak_flops(peak_dtype, 2048 if on_cpu else 8192)
+  peak = perf.matmul_peak_flops(peak_dtype, 2048 if on_cpu else 8192)
   print(f"{device.device_kind}: matmul peak {peak / 1e9:,.0f} GFLOP/s ({jnp.dtype(peak_dtype).name})", flush=True)
 
   c = make_train_config(args)

@@ -47,15 +47,20 @@ def _with_random_cond(params, seed=3):
   """The class-embedding table starts at zero (a no-op): give it values so tests can see it."""
   if 'wce' in params:
     params = dict(params, wce=jax.random.normal(jax.random.PRNGKey(seed), params['wce'].shape))
+  if 'wcb' in params:
+    params = dict(params, wcb=jax.random.normal(jax.random.PRNGKey(seed + 1), params['wcb'].shape))
   return params
 
 
-@pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias', 'class_embedding'])
+@pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias', 'class_embedding',
+                                     'class_bias'])
 def test_kv_cache_decode_matches_full_forward(variant):
   cfg = {'pre_ln': TINY,
          'nef_gpt_parity_tied': dataclasses.replace(TINY, block_norm=False, tie_embeddings=True),
          'rope_no_bias': dataclasses.replace(TINY, position='rope', bias=False),
-         'class_embedding': dataclasses.replace(TINY, cond_position=1)}[variant]
+         'class_embedding': dataclasses.replace(TINY, cond_position=1),
+         'class_bias': dataclasses.replace(TINY, cond_position=1, cond_classes=3,
+                                           cond_first_token=TINY.vocab_size - 3)}[variant]
   mdef, params = _init(cfg)
   params = _with_random_cond(params)
   tokens = _tokens(cfg)
@@ -254,3 +259,17 @@ def test_class_embedding_conditions_every_later_position_and_not_earlier():
   zero = dict(params, wce=jnp.zeros_like(params['wce']))
   az, bz = np.asarray(fwd(zero, tokens)), np.asarray(fwd(zero, other))
   assert np.abs(a[0, -1] - b[0, -1]).mean() > np.abs(az[0, -1] - bz[0, -1]).mean()
+
+
+def test_class_bias_adds_its_class_and_position_row_to_the_logits():
+  v = TINY.vocab_size
+  cfg = dataclasses.replace(TINY, cond_position=1, cond_classes=3, cond_first_token=v - 3)
+  mdef, params = _init(cfg)
+  tokens = _tokens(cfg, batch=2, length=10).at[:, 1].set(jnp.array([v - 3, v - 1]))
+  fwd = _fwd(mdef)
+  base = np.asarray(fwd(params, tokens))                       # wcb starts at zero: no effect
+  bias = jax.random.normal(jax.random.PRNGKey(7), params['wcb'].shape)
+  moved = np.asarray(fwd(dict(params, wcb=bias), tokens))
+  np.testing.assert_array_equal(moved[:, 0], base[:, 0])       # before the class token: untouched
+  for row, cls in ((0, 0), (1, 2)):
+    np.testing.assert_allclose(moved[row, 1:] - base[row, 1:], np.asarray(bias)[cls, 1:10], atol=1e-5)

@@ -28,7 +28,7 @@ KINDS = {'gpt': (GPTConfig, GPT), 'regression': (RegressionConfig, RegressionTra
 
 # What each parameter is, by its name (the last key of its path): the weight-decay mask uses it.
 KERNELS = ('qkv_kernel', 'out_kernel', 'mlp_in_kernel', 'mlp_out_kernel', 'lm_head', 'head')
-EMBEDDINGS = ('wte', 'wpe', 'wce', 'start', 'value_kernel')
+EMBEDDINGS = ('wte', 'wpe', 'wce', 'wcb', 'start', 'value_kernel')
 
 
 def param_kind(path: tuple) -> str:

@@ -41,6 +41,11 @@ class GPTConfig(TransformerConfig):
   # is looked up in its own table `wce` and added to the input of every position from there on, so
   # the class reaches each weight directly instead of only through attention. -1 = off (NeF-GPT).
   cond_position: int = -1
+  # Class-and-position output bias: a table [cond_classes, block_size, vocab] added to the logits,
+  # indexed by (conditioning token - cond_first_token, position), so each class's per-slot token
+  # histogram is learned directly rather than through the blocks. 0 = off (needs cond_position).
+  cond_classes: int = 0
+  cond_first_token: int = 0
 
   @property
   def kind(self) -> str:
@@ -57,6 +62,8 @@ class GPT(nnx.Module):
       self.wpe = param(layers.normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
     if cfg.cond_position >= 0:
       self.wce = param(jnp.zeros((v, d), jnp.float32), 'vocab', 'embed')   # starts as no-op
+      if cfg.cond_classes > 0:
+        self.wcb = param(jnp.zeros((cfg.cond_classes, cfg.block_size, v), jnp.float32), None, None, 'vocab')
     self.blocks = layers.Blocks(cfg, rngs=rngs)
     self.ln_f_scale = param(jnp.ones((d,), jnp.float32), 'norm')
     self.ln_f_bias = param(jnp.zeros((d,), jnp.float32), 'norm') if cfg.bias else None
@@ -75,13 +82,19 @@ class GPT(nnx.Module):
     x = x.astype(cfg.compute_dtype)
     return layers.dropout(x, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1 << 20))
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def _logits(self, x: jax.Array, positions: jax.Array, cond: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     x = layer_norm(x, self.ln_f_scale[...], None if self.ln_f_bias is None else self.ln_f_bias[...], cfg.ln_eps)
     dt = cfg.compute_dtype
     if cfg.tie_embeddings:
-      return jnp.einsum('btd,vd->btv', x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
-    return jnp.einsum('btd,dv->btv', x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+      logits = jnp.einsum('btd,vd->btv', x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum('btd,dv->btv', x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+    if cond is not None and cfg.cond_classes > 0:
+      c = jnp.clip(cond - cfg.cond_first_token, 0, cfg.cond_classes - 1)
+      bias = self.wcb[...][c[:, None], positions]                        # [B, T, V]
+      logits = logits + jnp.where((positions >= cfg.cond_position)[..., None], bias, 0.0)
+    return logits
 
   def __call__(self, tokens: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """tokens int [B, T] (T <= block_size) -> float32 logits [B, T, vocab_size].
@@ -91,9 +104,10 @@ class GPT(nnx.Module):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cp = self.cfg.cond_position
-    x = self._embed(tokens, positions, rng, tokens[:, cp] if 0 <= cp < t else None)
+    cond = tokens[:, cp] if 0 <= cp < t else None
+    x = self._embed(tokens, positions, rng, cond)
     x, _ = self.blocks(x, positions, rng=rng)
-    return self._logits(x)
+    return self._logits(x, positions, cond)
 
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
     """An empty KVCache for `batch` rows and `max_len` positions (default block_size).
@@ -124,7 +138,7 @@ class GPT(nnx.Module):
       cache = cache._replace(cond=cond[None])
     x = self._embed(tokens, pos, None, cond)
     x, cache = self.blocks(x, pos, cache=cache, start=positions if shared else None)
-    return self._logits(x), cache
+    return self._logits(x, pos, cond), cache
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -1,6 +1,10 @@
 r"""Fit throughput: nfjax's batched, sharded field fitting vs a NeF-GPT-style per-field loop.
 
   python benchmarks/fit_throughput.py --num_fields=1000 [--steps=500 --lr=0.04] [--baseline_fields=5]
+  python benchmarks/fit_throughput.py --kind=shape --field=nefgpt3d|hyperdiffusion --num_fields=256 \
+      [--steps=500 --points=20000 --chunk_size=256] [--baseline_fields=3]
+
+Images (--kind=image, the default):
 
 Both sides start from the same shared init and fit the same offline MNIST images with the parity
 architecture (561 parameters); PSNR is measured for both on the same pixel-centre grid.
@@ -12,8 +16,19 @@ architecture (561 parameters); PSNR is measured for both on the same pixel-centr
   epoch, early stop after 100 epochs without improvement. Without torch installed
   (`pip install -e .[bench]`), the same procedure runs one field at a time in JAX and the JSON says so.
 
+Shapes (--kind=shape): the fit stage's point fitter (nfjax/fit_shapes.py) on shapes from
+nfjax.data.shapes (or, until that module exists, spheres and boxes with analytic labels) with a
+parity field: `nefgpt3d` (3,712 params, tanh vs +-1 labels, MSE, 8,192 points per step) or
+`hyperdiffusion` (36,737 params, BCE on occupancy logits, 2,048 points per step); Adam lr 1e-2.
+* nfjax: chunks of fields sharded over every device, each step a per-field random batch of points
+  encoded on the fly, cosine schedule. Time excludes compilation and the one-off shared init.
+* baseline (same run, same shapes, same shared init, same steps and points per step): NeF-GPT's
+  ShapeNet loop, one shape at a time in PyTorch (on the GPU when there is one): random points
+  with replacement per step, Adam, ReduceLROnPlateau(patience 10, factor 0.8, min 1e-5) per
+  "epoch" of points/batch steps. Quality: IoU of both on the same held-out points.
+
 Also measured in the same run: the machine's dense f32 matmul peak (GFLOP/s) and the achieved
-GFLOP/s of the fitting computation (XLA's cost analysis of the compiled step).
+GFLOP/s of the fitting computation (analytic FLOPs of the MLP's forward and backward passes).
 Prints progress, then one JSON object on the last line.
 """
 
@@ -27,7 +42,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,30 +56,72 @@ from nfjax.fields import fitting, mlp  # noqa: E402
 from nfjax.utils import perf  # noqa: E402
 
 
+def _torch_encode(spec: mlp.FieldSpec, x):
+  """mlp.encode in torch: [x] if include_input, then sin(f x), cos(f x) per frequency."""
+  import torch
+  scale = np.pi if spec.use_pi else 1.0
+  feats = [x] if spec.include_input else []
+  for f in spec.freqs:
+    feats += [torch.sin(f * scale * x), torch.cos(f * scale * x)]
+  return torch.cat(feats, -1)
+
+
+def _torch_field(spec: mlp.FieldSpec, flat: np.ndarray, device='cpu'):
+  """The field as a torch nn.Sequential (PyTorch's own layout), loaded from a flat nfjax vector
+  (state_dict order == nfjax layout). Its output is the raw network output."""
+  import torch
+  acts = {'relu': torch.nn.ReLU, 'gelu': torch.nn.GELU, 'silu': torch.nn.SiLU, 'tanh': torch.nn.Tanh}
+  if spec.activation not in acts:
+    raise ValueError(f"the torch baseline has no {spec.activation!r} activation")
+  layers = []
+  for i, (o, n_in, has_bias) in enumerate(spec.layer_dims):
+    layers.append(torch.nn.Linear(n_in, o, bias=has_bias))
+    if i < len(spec.layer_dims) - 1:
+      layers.append(acts[spec.activation]())
+  net = torch.nn.Sequential(*layers)
+  with torch.no_grad():
+    flat_t = torch.from_numpy(np.array(flat, np.float32))
+    off = 0
+    for p in net.parameters():
+      p.copy_(flat_t[off:off + p.numel()].view_as(p))
+      off += p.numel()
+  return net.to(device)
+
+
+def _pick_baseline(kind: str) -> str:
+  if kind == 'auto':
+    try:
+      import torch  # noqa: F401
+      return 'torch'
+    except ImportError:
+      return 'jax'
+  return kind
+
+
+def _time_chunks(fitter, steps: int, targets, n: int, chunk: int, shared, label: str = 'fields'):
+  """Fit n fields in chunks (compiled beforehand); returns (quality [n], seconds, calls)."""
+  pad_to = fitter.padded_size(chunk)
+  fitter.compile(steps, pad_to, fit_stage.take(targets, np.arange(1)))
+  t0 = time.perf_counter()
+  quality, calls = [], 0
+  for lo in range(0, n, chunk):
+    ids = np.arange(lo, min(n, lo + chunk))
+    _, _, q = fitter.fit(steps, fit_stage.take(targets, ids), fit_stage._field_keys(0, ids), shared, pad_to=pad_to)
+    quality.append(q)
+    calls += 1
+    print(f"  nfjax: {ids[-1] + 1}/{n} {label}", flush=True)
+  return np.concatenate(quality), time.perf_counter() - t0, calls
+
+
 def torch_baseline(images: np.ndarray, shared: np.ndarray, spec: mlp.FieldSpec, epochs: int = 250):
   import torch
   torch.manual_seed(0)
   coords = torch.from_numpy(mlp.pixel_centres(28, 28))
-  freqs = spec.freqs
-
-  def encode(x):
-    feats = []
-    for f in freqs:
-      feats += [torch.sin(f * x), torch.cos(f * x)]
-    return torch.cat(feats, -1)
-
-  feats_all = encode(coords)
+  feats_all = _torch_encode(spec, coords)
   psnrs, times = [], []
   for img in images:
     t0 = time.perf_counter()
-    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
-                              torch.nn.Linear(16, 1))
-    with torch.no_grad():  # start from the same shared init (state_dict order == nfjax layout)
-      flat = torch.from_numpy(np.array(shared))
-      off = 0
-      for p in net.parameters():
-        p.copy_(flat[off:off + p.numel()].view_as(p))
-        off += p.numel()
+    net = _torch_field(spec, shared)  # start from the same shared init
     target = torch.from_numpy(img.reshape(-1, 1))
     opt = torch.optim.Adam(net.parameters(), lr=4e-3)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.95, threshold=1e-5, min_lr=1e-5)
@@ -141,23 +199,187 @@ def jax_per_field_baseline(images: np.ndarray, shared: np.ndarray, spec: mlp.Fie
           'psnr_mean': float(np.mean(psnrs)), 'num_fields': len(images)}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--num_fields', type=int, default=1000)
-  ap.add_argument('--steps', type=int, default=500)
-  ap.add_argument('--lr', type=float, default=0.04)
-  ap.add_argument('--chunk_size', type=int, default=50)   # = the quick preset's fit.chunk_size
-  ap.add_argument('--baseline_fields', type=int, default=5)
-  ap.add_argument('--baseline', choices=('auto', 'torch', 'jax', 'none'), default='auto')
-  args = ap.parse_args()
+def torch_shape_baseline(rows, shared: np.ndarray, spec: mlp.FieldSpec, steps: int, per_step: int, lr: float,
+                         loss: str, level: float, inside_above: bool):
+  """NeF-GPT's ShapeNet fitting loop, one shape at a time: per step `per_step` random points (with
+  replacement), Adam, ReduceLROnPlateau per epoch of n // per_step steps; then IoU on held-out points."""
+  import torch
+  torch.manual_seed(0)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  coords, values, held_pts, held_occ = rows
+  ious, times = [], []
+  for i in [-1] + list(range(len(coords))):  # -1: a warm-up fit (CUDA context, kernels), not timed
+    warmup = i < 0
+    i = max(i, 0)
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    net = _torch_field(spec, shared, device)  # start from the same shared init
+    x = torch.from_numpy(coords[i].astype(np.float32)).to(device)
+    y = torch.from_numpy(values[i].astype(np.float32)).to(device)[:, None]
+    n = len(x)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.8, threshold=0, min_lr=1e-5)
+    epoch = max(1, n // per_step)
+    running = torch.zeros((), device=device)
+    for s in range(20 if warmup else steps):
+      idx = torch.randint(0, n, (per_step,), device=device)
+      out = net(_torch_encode(spec, x[idx]))
+      if loss == 'bce':
+        value = torch.nn.functional.binary_cross_entropy_with_logits(out, y[idx])
+      else:
+        pred = torch.tanh(out) if spec.output_activation == 'tanh' else out
+        value = torch.nn.functional.mse_loss(pred, y[idx])
+      opt.zero_grad()
+      value.backward()
+      opt.step()
+      running += value.detach()
+      if (s + 1) % epoch == 0:
+        sched.step(running.item() / epoch)
+        running.zero_()
+    with torch.no_grad():
+      out = net(_torch_encode(spec, torch.from_numpy(held_pts[i].astype(np.float32)).to(device)))[:, 0]
+      out = torch.tanh(out) if spec.output_activation == 'tanh' else out
+      inside = (out > level) if inside_above else (out < level)
+      occ = torch.from_numpy(held_occ[i] > 0.5).to(device)
+      iou = float(((inside & occ).sum() / (inside | occ).sum().clamp(min=1)).item())
+    if warmup:
+      continue
+    times.append(time.perf_counter() - t0)
+    ious.append(iou)
+    print(f"  torch baseline: shape {i + 1}/{len(coords)} in {times[-1]:.1f}s, IoU {iou:.3f}", flush=True)
+  return {'impl': f'torch {torch.__version__} on {device}' + (f', threads={torch.get_num_threads()}' if device == 'cpu'
+                                                              else f' ({torch.cuda.get_device_name()})'),
+          'fields_per_sec': len(coords) / sum(times), 'iou_mean': float(np.mean(ious)), 'iou': ious,
+          'num_fields': len(coords)}
 
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+
+def jax_per_shape_baseline(rows, shared: np.ndarray, spec: mlp.FieldSpec, config, level: float, inside_above: bool):
+  """The same per-shape procedure without torch: one shape at a time through a jitted fit_points."""
+  coords, values, held_pts, held_occ = rows
+  steps = int(config.fit.steps)
+  fit_fn = jax.jit(lambda p, x, y, k: fitting.fit_points(spec, config.fit, steps, p, x, y, k)[0])
+  iou_fn = jax.jit(lambda p, x, o: fitting.occupancy_iou(spec, level, inside_above, x, o, p))
+  ious, times = [], []
+  for i in range(len(coords)):
+    t0 = time.perf_counter()
+    params = fit_fn(mlp.unflatten(spec, jnp.asarray(shared)), coords[i], values[i], jax.random.PRNGKey(i))
+    ious.append(float(iou_fn(params, held_pts[i], held_occ[i])))
+    times.append(time.perf_counter() - t0)
+  return {'impl': 'jax per-shape loop (torch not installed; includes one compile)',
+          'fields_per_sec': len(coords) / sum(times), 'iou_mean': float(np.mean(ious)), 'iou': ious,
+          'num_fields': len(coords)}
+
+
+def _shape_config(args):
+  """A shapes fit config with the chosen parity field (every key nfjax/fit_shapes.py reads)."""
+  import ml_collections
+  nefgpt = args.field == 'nefgpt3d'
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
+  c.data = ml_collections.ConfigDict({
+      'kind': 'shape', 'source': 'procedural', 'label': 'pm1' if nefgpt else 'occupancy', 'num_fields': args.num_fields,
+      'synsets': (), 'mesh_dir': '', 'split_file': '', 'normalize': 'mean', 'num_uniform': args.points // 2,
+      'num_surface': args.points - args.points // 2, 'surface_sigma': 0.01, 'num_heldout': args.heldout,
+      'cache_dir': ''})
+  c.field = ml_collections.ConfigDict({
+      'in_dims': 3, 'freqs': (1.0, 2.0) if nefgpt else (1.0, 2.0, 4.0, 8.0), 'use_pi': False, 'include_input': True,
+      'hidden': (32, 32, 32, 32) if nefgpt else (128, 128, 128), 'activation': 'gelu' if nefgpt else 'relu',
+      'siren_w0': 30.0, 'out_dims': 1, 'output_bias': not nefgpt, 'output_activation': 'tanh' if nefgpt else 'none',
+      'init': 'torch_default'})
+  per_step = args.points_per_step if args.points_per_step > 0 else (8192 if nefgpt else 2048)
+  c.fit = ml_collections.ConfigDict({
+      'steps': args.steps, 'lr': args.lr if args.lr > 0 else 1e-2, 'schedule': 'cosine', 'warmup_steps': 0,
+      'end_lr_factor': 0.01, 'b1': 0.9, 'b2': 0.999, 'loss': 'mse' if nefgpt else 'bce', 'l2': 0.0,
+      'sdf_clamp': 0.0, 'points_per_step': per_step, 'init': 'shared', 'shared_init_index': 0,
+      'shared_init_steps': args.shared_init_steps, 'shared_init_candidates': 1, 'shared_init_probe': 1,
+      'shared_init_l2': 5.0 if nefgpt else -1.0, 'refit_below': 0.0, 'refit_steps_factor': 1,
+      'chunk_size': args.chunk_size, 'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
+  return c
+
+
+def _shape_data(config, args):
+  """Procedural shapes from nfjax.data.shapes (half uniform, half near-surface points, as
+  HyperDiffusion), or the tests' analytic spheres and boxes (--data=synthetic).
+
+  The procedural points are labelled with occupancy and turned into NeF-GPT's +-1 labels (-1
+  inside) here for the nefgpt3d field, so the benchmark does not depend on a pm1 convention."""
+  label = config.data.label
+  if args.data == 'synthetic':
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    from test_fit_shapes import synthetic_shapes
+    return synthetic_shapes(args.num_fields, points=args.points, heldout=args.heldout, label=label)
+  from nfjax.data import shapes as shape_data
+  config.data.label = 'occupancy'
+  data = shape_data.load(config, os.path.join(args.cache_dir, f'shapes_{args.num_fields}_{args.points}'))
+  config.data.label = label
+  if label == 'pm1':
+    data.values = 1.0 - 2.0 * data.values
+  return data
+
+
+def main_shape(args):
+  from nfjax import fit_shapes
+  config = _shape_config(args)
+  spec = fit_shapes.validate(config)
+  data = _shape_data(config, args)
+  rows = fit_shapes.check_data(config, spec, data)
+  n, k = rows[0].shape[:2]
+  mesh = sharding.make_mesh(config.mesh)
+  fitter = fit_shapes.make_fitter(spec, config, mesh)
+  level, above = fit_shapes.surface(spec, config.fit.loss, config.data.label)
+  peak = perf.matmul_peak_flops() / 1e9
+  print(f"matmul peak {peak:.0f} GFLOP/s; {n} shapes from {data.source}, {k} points each; field "
+        f"{args.field} ({spec.num_params} params)", flush=True)
+
+  t0 = time.perf_counter()
+  shared, init_info = fit_stage._search_shared_init(fitter, config, rows, 0, fit_shapes.IOU)
+  init_seconds = time.perf_counter() - t0
+  chunk = min(args.chunk_size, n)
+  per_step = int(config.fit.points_per_step)
+  iou, seconds, calls = _time_chunks(fitter, args.steps, rows, n, chunk, shared, 'shapes')
+  flops_per_call = 3 * 2 * per_step * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
+  result = {
+      'kind': 'shape', 'field': args.field, 'params_per_field': spec.num_params, 'source': data.source,
+      'num_fields': n, 'points_per_shape': int(k), 'steps': args.steps, 'points_per_step': per_step,
+      'lr': float(config.fit.lr), 'loss': config.fit.loss, 'label': config.data.label, 'chunk_size': chunk,
+      'fields_per_sec': n / seconds, 'seconds': seconds,
+      'iou_mean': float(np.nanmean(iou)), 'iou_min': float(np.nanmin(iou)), 'iou_p10': float(np.nanpercentile(iou, 10)),
+      'iou_empty_fraction': float(np.mean(~(iou >= 0.01))),  # fields that collapsed to (almost) no inside
+      'gflops_achieved': flops_per_call * calls / seconds / 1e9, 'gflops_peak': peak,
+      'shared_init_seconds': init_seconds, 'shared_init_iou': float(init_info['candidate_iou'][0]),
+      'fields_per_sec_incl_init': n / (seconds + init_seconds), 'compile_seconds': fitter.compile_seconds,
+      'device_kind': jax.devices()[0].device_kind, 'num_devices': mesh.size, 'jax': jax.__version__,
+  }
+  result['mfu'] = result['gflops_achieved'] / peak
+  kind = _pick_baseline(args.baseline)
+  if kind != 'none' and args.baseline_fields > 0:
+    print(f"baseline ({kind}) on {args.baseline_fields} shape(s) ...", flush=True)
+    pick = np.unique(np.linspace(1, n - 1, args.baseline_fields).astype(int))  # never shape 0 (the init's)
+    sub = fit_stage.take(rows, pick)
+    if kind == 'torch':
+      base = torch_shape_baseline(sub, shared, spec, args.steps, per_step, float(config.fit.lr), config.fit.loss,
+                                  level, above)
+    else:
+      base = jax_per_shape_baseline(sub, shared, spec, config, level, above)
+    base['fields'] = pick.tolist()
+    base['nfjax_iou_on_same_fields'] = float(np.mean(iou[pick]))
+    base['nfjax_iou'] = iou[pick].tolist()
+    result['baseline'] = base
+    result['speedup_vs_baseline'] = result['fields_per_sec'] / base['fields_per_sec']
+    result['iou_vs_baseline'] = base['nfjax_iou_on_same_fields'] - base['iou_mean']
+  print(json.dumps(result))
+
+
+def main_image(args):
+  sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import mnist as mnist_cfg
   config = mnist_cfg.get_config('quick')
   with config.unlocked():
     config.data.num_fields = args.num_fields
     config.fit.steps = args.steps
-    config.fit.lr = args.lr
+    config.fit.lr = args.lr if args.lr > 0 else 0.04
     config.fit.chunk_size = args.chunk_size
   spec = mlp.FieldSpec.from_config(config.field)
   data = image_data.load(config)
@@ -178,26 +400,12 @@ def main():
   init_psnr = [init_info['candidate_psnr'][init_info['chosen']]]
 
   chunk = min(args.chunk_size, n)
-  pad_to = fitter.padded_size(chunk)
-  keys0 = fit_stage._field_keys(0, np.arange(pad_to))
-  compiled = fitter._get(args.steps, fit_stage._initial_params(spec, shared, keys0),
-                         jnp.zeros((pad_to, 784, 1), jnp.float32), keys0)
-  del compiled
+  psnr, seconds, calls = _time_chunks(fitter, args.steps, targets, n, chunk, shared)
   # Analytic FLOPs (XLA's cost analysis counts a scan body once): per field and step, the forward
   # pass is 2 * pixels * sum(out * in) over the layers, the backward pass about twice that.
-  flops_per_call = 3 * 2 * 784 * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * pad_to
-  t0 = time.perf_counter()
-  psnr, calls = [], 0
-  for lo in range(0, n, chunk):
-    _, _, q = fitter.fit(args.steps, targets[lo:lo + chunk], fit_stage._field_keys(0, np.arange(lo, min(n, lo + chunk))),
-                         shared, pad_to=pad_to)
-    psnr.append(q)
-    calls += 1
-    print(f"  nfjax: {min(n, lo + chunk)}/{n} fields", flush=True)
-  seconds = time.perf_counter() - t0
-  psnr = np.concatenate(psnr)
+  flops_per_call = 3 * 2 * 784 * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
   result = {
-      'num_fields': n, 'steps': args.steps, 'lr': args.lr, 'chunk_size': chunk,
+      'num_fields': n, 'steps': args.steps, 'lr': float(config.fit.lr), 'chunk_size': chunk,
       'fields_per_sec': n / seconds, 'seconds': seconds,
       'psnr_mean': float(np.nanmean(psnr)), 'psnr_min': float(np.nanmin(psnr)),
       'psnr_p10': float(np.nanpercentile(psnr, 10)),
@@ -210,13 +418,7 @@ def main():
   }
   result['mfu'] = result['gflops_achieved'] / peak
 
-  kind = args.baseline
-  if kind == 'auto':
-    try:
-      import torch  # noqa: F401
-      kind = 'torch'
-    except ImportError:
-      kind = 'jax'
+  kind = _pick_baseline(args.baseline)
   if kind != 'none' and args.baseline_fields > 0:
     print(f"baseline ({kind}) on {args.baseline_fields} field(s) ...", flush=True)
     fn = torch_baseline if kind == 'torch' else jax_per_field_baseline
@@ -230,6 +432,31 @@ def main():
     # On the same fields: a handful of baseline fields is not the 1,000-field mean's sample.
     result['psnr_vs_baseline_db'] = base['nfjax_psnr_on_same_fields'] - base['psnr_mean']
   print(json.dumps(result))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--kind', choices=('image', 'shape'), default='image')
+  ap.add_argument('--field', choices=('nefgpt3d', 'hyperdiffusion'), default='nefgpt3d', help='--kind=shape only')
+  ap.add_argument('--num_fields', type=int, default=1000)
+  ap.add_argument('--steps', type=int, default=500)
+  ap.add_argument('--lr', type=float, default=-1.0, help='-1: 0.04 for images, 1e-2 (both references) for shapes')
+  ap.add_argument('--chunk_size', type=int, default=50)   # = the quick preset's fit.chunk_size
+  ap.add_argument('--baseline_fields', type=int, default=5)
+  ap.add_argument('--baseline', choices=('auto', 'torch', 'jax', 'none'), default='auto')
+  # --kind=shape only:
+  ap.add_argument('--points_per_step', type=int, default=-1, help='-1: the field\'s reference (8192 / 2048)')
+  ap.add_argument('--shared_init_steps', type=int, default=1000)
+  ap.add_argument('--points', type=int, default=20000, help='training points per shape (synthetic data)')
+  ap.add_argument('--heldout', type=int, default=20000, help='held-out IoU points per shape (synthetic data)')
+  ap.add_argument('--data', choices=('procedural', 'synthetic'), default='procedural',
+                  help='procedural: nfjax.data.shapes; synthetic: analytic spheres and boxes')
+  ap.add_argument('--cache_dir', default='/tmp/nfjax_fit_benchmark', help='procedural point cache')
+  args = ap.parse_args()
+  if args.kind == 'shape':
+    main_shape(args)
+  else:
+    main_image(args)
 
 
 if __name__ == '__main__':

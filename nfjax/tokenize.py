@@ -50,6 +50,11 @@ TOKENIZE_KEYS = ('method', 'num_codes', 'residual', 'normalize', 'per_layer', 'c
                  'val_fraction')
 # The tokens depend on the fields they were made from: the fit stage's keys are part of the fingerprint.
 FINGERPRINT_KEYS = tuple(fit_stage.FINGERPRINT_KEYS) + tuple(f'tokenize.{k}' for k in TOKENIZE_KEYS)
+
+
+def fingerprint_keys(config) -> tuple[str, ...]:
+  """The fit keys of this config's field kind (image or shape) + the tokenize keys."""
+  return tuple(fit_stage.fingerprint_keys(config)) + tuple(f'tokenize.{k}' for k in TOKENIZE_KEYS)
 SPLIT_STREAM = 0x70CE
 
 
@@ -126,8 +131,9 @@ def _usage(tok: tokenizers.Tokenizer, tokens: np.ndarray) -> tuple[float, float,
 def run(config, workdir: str) -> dict:
   t_start = time.perf_counter()
   settings = validate(config)
-  stage = StageDir(workdir, DIRNAME, config, FINGERPRINT_KEYS)
-  tstage = StageDir(workdir, TOKENS_DIRNAME, config, FINGERPRINT_KEYS)
+  keys = fingerprint_keys(config)
+  stage = StageDir(workdir, DIRNAME, config, keys)
+  tstage = StageDir(workdir, TOKENS_DIRNAME, config, keys)
   done, tdone = stage.finished(), tstage.finished()
   if done is not None and tdone is not None:
     log(STAGE, f"already finished in {stage.path} (vocab {done['vocab_size']}, PSNR drop "
@@ -214,6 +220,18 @@ def run(config, workdir: str) -> dict:
         'uniform_psnr_drop_db': float((psnr['fitted'] - psnr['uniform']).mean()),
     })
     _reconstructions_png(stage, config, images, recon, psnr, labels, val_rows if len(val_rows) else train_rows)
+  elif fields.meta.get('kind') == 'shape':
+    from nfjax import fit_shapes
+    iou = {k: fit_shapes.heldout_iou(config, workdir, fields.meta, v, good)
+           for k, v in (('fitted', w), ('tokenized', wq), ('uniform', wu))}
+    summary.update({
+        'iou_fields_mean': float(iou['fitted'].mean()), 'iou_tokenized_mean': float(iou['tokenized'].mean()),
+        'iou_drop': float((iou['fitted'] - iou['tokenized']).mean()),
+        'uniform_iou_tokenized_mean': float(iou['uniform'].mean()),
+        'uniform_iou_drop': float((iou['fitted'] - iou['uniform']).mean()),
+    })
+    summary.update({k: float('nan') for k in ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db',
+                                              'uniform_psnr_tokenized_mean', 'uniform_psnr_drop_db')})
   else:
     summary.update({k: float('nan') for k in ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db',
                                               'uniform_psnr_tokenized_mean', 'uniform_psnr_drop_db')})
@@ -231,10 +249,12 @@ def run(config, workdir: str) -> dict:
   tstage.write_summary({'num_sequences': int(len(seqs)), 'seq_len': int(seqs.shape[1]), 'prefix_len': 2,
                         'vocab_size': vocab.vocab_size, 'num_train': int(len(train_rows)),
                         'num_val': int(len(val_rows)), 'split_seed': seed, 'tokenizer': settings.method})
+  quality = (f"IoU {summary['iou_fields_mean']:.3f} -> {summary['iou_tokenized_mean']:.3f} (uniform bins: "
+             f"{summary['uniform_iou_tokenized_mean']:.3f})" if 'iou_drop' in summary else
+             f"PSNR {summary['psnr_fields_mean']:.2f} -> {summary['psnr_tokenized_mean']:.2f} dB (drop "
+             f"{summary['psnr_drop_db']:.2f} dB; uniform bins: {summary['uniform_psnr_drop_db']:.2f} dB)")
   log(STAGE, f"done: vocab {vocab.vocab_size} ({tok.num_codes} codes + {len(vocab.specials)} specials + "
-             f"{num_classes} classes), weight RMSE {summary['weight_rmse']:.4f}, PSNR {summary['psnr_fields_mean']:.2f}"
-             f" -> {summary['psnr_tokenized_mean']:.2f} dB (drop {summary['psnr_drop_db']:.2f} dB; uniform bins: "
-             f"{summary['uniform_psnr_drop_db']:.2f} dB), usage {usage:.0%}, perplexity {perplexity:.1f}, "
+             f"{num_classes} classes), weight RMSE {summary['weight_rmse']:.4f}, {quality}, usage {usage:.0%}, perplexity {perplexity:.1f}, "
              f"{summary['seconds']:.1f}s -> {stage.path}, {tstage.path}")
   return summary
 

@@ -62,7 +62,7 @@ TRAIN_KEYS = ('steps', 'batch_size', 'lr', 'warmup_steps', 'decay_steps', 'end_l
 
 def fingerprint_keys(config) -> tuple[str, ...]:
   from nfjax import fit
-  keys = ['seed', *fit.FINGERPRINT_KEYS]
+  keys = ['seed', *fit.fingerprint_keys(config)]
   if 'tokenize' in config:
     keys.append('tokenize')
   keys.append('model')
@@ -117,7 +117,7 @@ def validate(config) -> None:
 
 def model_config(config, *, vocab_size: int | None = None, seq_len: int | None = None,
                  num_params: int | None = None, num_classes: int = 0,
-                 prefix: tuple = ('sos', 'class')) -> models.TransformerConfig:
+                 prefix: tuple = ('sos', 'class'), class_token0: int = -1) -> models.TransformerConfig:
   """The model config for this data; raises NfjaxError when the model cannot hold the data.
 
   GPT: sequences of seq_len tokens give seq_len-1 inputs, every one a training target, so
@@ -147,8 +147,14 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
         raise NfjaxError(f"model.class_embedding=True needs a class token in the sequences' prefix, but the tokens' "
                          f"prefix is {list(prefix)}; set model.class_embedding=False")
       cond = list(prefix).index('class')
+    classes = 0
+    if bool(m.class_bias):
+      if cond < 0 or num_classes < 1 or class_token0 < 0:
+        raise NfjaxError("model.class_bias=True needs model.class_embedding=True and class tokens in the sequences")
+      classes = int(num_classes)
     return models.GPTConfig(**common, block_size=block, vocab_size=vocab, tie_embeddings=bool(m.tie_embeddings),
-                            cond_position=cond)
+                            cond_position=cond, cond_classes=classes,
+                            cond_first_token=class_token0 if classes else 0)
   need = num_params
   block = need if m.block_size == -1 else int(m.block_size)
   if block < need:
@@ -298,8 +304,10 @@ def gpt_task(config, workdir: str) -> Task:
     raise DataError(f"token sequences in {directory} have length {seq_len}; need at least 2")
   used = int(ds.tokens.max()) + 1 if ds.tokens.size else 0
   vocab_size = max(ds.vocab.vocab_size, used)
-  cfg = model_config(config, vocab_size=vocab_size, seq_len=seq_len,
-                     prefix=tuple(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len])))
+  num_classes = ds.vocab.num_classes
+  cfg = model_config(config, vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes,
+                     prefix=tuple(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len])),
+                     class_token0=ds.vocab.class_token(0) if num_classes else -1)
   if used > cfg.vocab_size:
     raise NfjaxError(f"token id {used - 1} in {directory} does not fit model.vocab_size={cfg.vocab_size}")
   mdef = models.build(cfg)

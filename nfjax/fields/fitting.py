@@ -5,6 +5,13 @@ turns it into a fitter for a stack of fields with per-field parameters and Adam 
 leading axis, and `make_stack_fitter` compiles that with the field axis sharded over the mesh.
 Every field's randomness comes from `fold_in(key, field_id)`, so a field's result does not
 depend on which chunk, batch or device it was fitted in.
+
+Two kinds of input:
+* image fields (`fit_one`): encoded features [n, E] shared by every field (the pixel grid), targets
+  per field; optionally a random subset of `fit.pixels_per_step` pixels per step.
+* point fields (`fit_points`, 3D shapes): raw coordinates [n, d] and values [n] per field; every
+  step draws `fit.points_per_step` of them (with replacement, as NeF-GPT and HyperDiffusion do) and
+  encodes only that batch, so an [F, n, E] feature tensor never exists.
 """
 
 from __future__ import annotations
@@ -21,17 +28,19 @@ from nfjax.errors import ConfigError
 from nfjax.fields import mlp
 from nfjax.utils import config as cfg_utils
 
-LOSSES = ('bce', 'mse')
+LOSSES = ('bce', 'mse', 'l1')
 SCHEDULES = ('cosine', 'constant')
 
 
-def validate(config) -> None:
+def validate(config, per_step_key: str = 'fit.pixels_per_step') -> None:
+  """Checks of the fit.* keys both field kinds read (images: fit.pixels_per_step, shapes:
+  fit.points_per_step as `per_step_key`)."""
   cfg_utils.check_positive(config, 'fit.steps')
   cfg_utils.check_positive(config, 'fit.lr')
   cfg_utils.check_positive(config, 'fit.chunk_size')
   cfg_utils.check_positive(config, 'fit.warmup_steps', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.l2', allow_zero=True)
-  cfg_utils.check_positive(config, 'fit.pixels_per_step', allow_minus_one=True)
+  cfg_utils.check_positive(config, per_step_key, allow_minus_one=True)
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
@@ -56,38 +65,52 @@ def make_optimizer(fit_cfg, steps: int) -> optax.GradientTransformation:
   return optax.adam(make_schedule(fit_cfg, steps), b1=float(fit_cfg.b1), b2=float(fit_cfg.b2))
 
 
-def field_loss(spec: mlp.FieldSpec, loss: str, l2: float, params, feats, target) -> jax.Array:
-  """Loss of one field on encoded inputs [n, E] against targets [n, out]."""
+def field_loss(spec: mlp.FieldSpec, loss: str, l2: float, params, feats, target,
+               clamp: float = 0.0) -> jax.Array:
+  """Loss of one field on encoded inputs [n, E] against targets [n, out].
+
+  bce: binary cross-entropy of the raw output (logits) against targets in [0, 1]. mse / l1: of the
+  output (after output_activation). clamp > 0 truncates signed distances at +-clamp (DeepSDF):
+  targets are clipped and a prediction beyond the same bound as its target costs nothing. Unlike
+  DeepSDF's clip of both sides, a prediction beyond the *other* bound keeps its gradient (a clipped
+  prediction has none, so a field initialised beyond the bound everywhere never moves).
+  l2 adds NeF-GPT's penalty l2 * ||theta||_2 / P.
+  """
   raw = mlp.apply_encoded(spec, params, feats)
   if loss == 'bce':
     value = optax.sigmoid_binary_cross_entropy(raw, target).mean()
   else:
-    value = jnp.mean((mlp.output(spec, raw) - target) ** 2)
+    pred = mlp.output(spec, raw)
+    if clamp:  # no error where both are beyond the same bound; a prediction beyond the wrong one keeps its gradient
+      target = jnp.clip(target, -clamp, clamp)
+      err = pred - target
+      err = jnp.where(((target >= clamp) & (pred >= clamp)) | ((target <= -clamp) & (pred <= -clamp)), 0.0, err)
+    else:
+      err = pred - target
+    value = jnp.mean(jnp.abs(err)) if loss == 'l1' else jnp.mean(err ** 2)
   if l2:
     flat = mlp.flatten(spec, params)
     value = value + l2 * jnp.sqrt(jnp.sum(flat ** 2)) / flat.shape[-1]
   return value
 
 
-def fit_one(spec: mlp.FieldSpec, fit_cfg, steps: int, params, feats, target, key):
-  """Fit one field. feats [n, E] encoded inputs, target [n, out]. Returns (params, final loss).
-
-  With fit.pixels_per_step > 0, each step uses a random subset of the n inputs drawn from
-  `fold_in(key, step)`; otherwise every step is full-batch (deterministic, and best for images).
-  """
+def _fit_loop(spec, fit_cfg, steps, params, inputs, target, key, per_step: int, prepare):
+  """Adam over `steps`; each step a random batch of `per_step` rows of inputs/target drawn from
+  `fold_in(key, step)` (all rows when per_step <= 0 or >= n). `prepare` maps the batch's inputs to
+  encoded features."""
   opt = make_optimizer(fit_cfg, steps)
-  loss_fn = lambda p, f, t: field_loss(spec, fit_cfg.loss, float(fit_cfg.l2), p, f, t)
+  clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
+  loss_fn = lambda p, f, t: field_loss(spec, fit_cfg.loss, float(fit_cfg.l2), p, prepare(f), t, clamp)
   grad_fn = jax.value_and_grad(loss_fn)
-  per_step = int(fit_cfg.pixels_per_step)
-  n = feats.shape[0]
+  n = inputs.shape[0]
 
   def body(carry, step):
     p, st = carry
     if 0 < per_step < n:
       idx = jax.random.randint(jax.random.fold_in(key, step), (per_step,), 0, n)
-      f, t = feats[idx], target[idx]
+      f, t = inputs[idx], target[idx]
     else:
-      f, t = feats, target
+      f, t = inputs, target
     value, g = grad_fn(p, f, t)
     updates, st = opt.update(g, st, p)
     return (optax.apply_updates(p, updates), st), value
@@ -96,38 +119,90 @@ def fit_one(spec: mlp.FieldSpec, fit_cfg, steps: int, params, feats, target, key
   return params, losses[-1]
 
 
-def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
-                      score: Callable | None = None):
-  """jit(vmap(fit_one)) with the field axis sharded over `mesh`.
+def fit_one(spec: mlp.FieldSpec, fit_cfg, steps: int, params, feats, target, key):
+  """Fit one field. feats [n, E] encoded inputs, target [n, out]. Returns (params, final loss).
 
-  Returns fn(params_stack, feats, targets [F, n, out], keys [F]) -> (params_stack, loss [F], score [F]).
-  `feats` is either shared [n, E] (replicated) or per field [F, n, E]. `score(params, feats, target)`
-  is a per-field quality number computed after fitting (e.g. PSNR); loss is returned if None.
+  With fit.pixels_per_step > 0, each step uses a random subset of the n inputs drawn from
+  `fold_in(key, step)`; otherwise every step is full-batch (deterministic, and best for images).
+  """
+  return _fit_loop(spec, fit_cfg, steps, params, feats, target, key, int(fit_cfg.pixels_per_step),
+                   lambda f: f)
+
+
+def fit_points(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key):
+  """Fit one field to points: coords [n, in_dims] (any float dtype), values [n] or [n, out].
+
+  Each step draws fit.points_per_step points (with replacement) from `fold_in(key, step)` and
+  encodes only those; fit.points_per_step = -1 uses every point every step. Returns (params, loss).
+  """
+  if values.ndim == 1:
+    values = values[:, None]
+  prepare = lambda x: mlp.encode(spec, x.astype(jnp.float32))
+  return _fit_loop(spec, fit_cfg, steps, params, coords, values.astype(jnp.float32), key,
+                   int(fit_cfg.points_per_step), prepare)
+
+
+def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
+                      score: Callable | None = None, points: bool = False):
+  """jit(vmap(fit_one)) (or of `fit_points` with points=True) with the field axis sharded over `mesh`.
+
+  Returns compile_for(params_stack, feats, targets, keys [F], *extra) -> compiled
+  fn(params_stack, feats, targets, keys, *extra) -> (params_stack, loss [F], score [F]).
+  Images: `feats` is either shared [n, E] (replicated) or per field [F, n, E]; targets [F, n, out].
+  Points: `feats` are the raw coordinates per field [F, n, d] and targets the values [F, n].
+  `extra` are further per-field arrays (leading axis F) that only `score` reads.
+  `score(params, feats, target, *extra)` is a per-field quality number computed after fitting
+  (e.g. PSNR, IoU); loss is returned if None.
   The number of fields F must be a multiple of the mesh's field-axis size.
   """
-  def one(p, f, t, k):
-    p, loss = fit_one(spec, fit_cfg, steps, p, f, t, k)
-    s = score(p, f, t) if score is not None else loss
+  fit_fn = fit_points if points else fit_one
+
+  def one(p, f, t, k, *extra):
+    p, loss = fit_fn(spec, fit_cfg, steps, p, f, t, k)
+    s = score(p, f, t, *extra) if score is not None else loss
     return p, loss, s
 
-  def fit_stack(params, feats, targets, keys):
-    feats_axis = 0 if feats.ndim == 3 else None
-    return jax.vmap(one, in_axes=(0, feats_axis, 0, 0))(params, feats, targets, keys)
+  def fit_stack(params, feats, targets, keys, *extra):
+    feats_axis = 0 if (points or feats.ndim == 3) else None
+    in_axes = (0, feats_axis, 0, 0) + (0,) * len(extra)
+    return jax.vmap(one, in_axes=in_axes)(params, feats, targets, keys, *extra)
 
   fields = sharding.named(mesh, 'fields')
   rep = sharding.replicated(mesh)
+  per_field = lambda x: sharding.named(mesh, 'fields', *([None] * (x.ndim - 1)))
 
-  def shardings_for(params, feats):
+  def compile_for(params, feats, targets, keys, *extra):
     p_sh = sharding.leading_axis_sharding(mesh, params)
-    f_sh = sharding.named(mesh, 'fields', None, None) if feats.ndim == 3 else rep
-    return p_sh, f_sh
-
-  def compile_for(params, feats, targets, keys):
-    p_sh, f_sh = shardings_for(params, feats)
-    t_sh = sharding.named(mesh, 'fields', None, None)
-    jitted = jax.jit(fit_stack, in_shardings=(p_sh, f_sh, t_sh, fields),
-                     out_shardings=(p_sh, fields, fields), donate_argnums=(0,))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, feats, targets, keys))
+    f_sh = per_field(feats) if (points or feats.ndim == 3) else rep
+    in_sh = (p_sh, f_sh, per_field(targets), fields) + tuple(per_field(x) for x in extra)
+    jitted = jax.jit(fit_stack, in_shardings=in_sh, out_shardings=(p_sh, fields, fields), donate_argnums=(0,))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, feats, targets, keys, *extra))
     return jitted.lower(*abstract).compile()
 
   return compile_for
+
+
+def occupancy_iou(spec: mlp.FieldSpec, level: float, inside_above: bool, points, occupancy,
+                  params, chunk: int = 4096) -> jax.Array:
+  """IoU of one field's occupancy with `occupancy` [m] (0/1) at `points` [m, d].
+
+  A point is inside where the field's output (after output_activation) is above `level`
+  (inside_above) or below it. The points are evaluated `chunk` at a time (memory: chunk x width
+  per field). Two empty sets have IoU 1.
+  """
+  m = points.shape[0]
+  chunk = min(chunk, m)
+  pad = -m % chunk
+  pts = jnp.concatenate([points, jnp.zeros((pad,) + points.shape[1:], points.dtype)]) if pad else points
+  occ = occupancy > 0.5
+  occ = jnp.concatenate([occ, jnp.zeros((pad,), bool)]) if pad else occ
+  valid = jnp.arange(m + pad) < m
+
+  def inside(x):
+    out = mlp.apply(spec, params, x.astype(jnp.float32))[:, 0]
+    return out > level if inside_above else out < level
+
+  pred = jax.lax.map(inside, pts.reshape(-1, chunk, pts.shape[-1])).reshape(-1) & valid
+  inter = jnp.sum(pred & occ)
+  union = jnp.sum(pred | occ)
+  return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)

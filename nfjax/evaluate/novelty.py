@@ -52,13 +52,16 @@ def stats(x: np.ndarray) -> dict:
 
 
 def histogram_png(path: str, pixel: dict[str, np.ndarray], weight: dict[str, np.ndarray],
-                  recon_error: np.ndarray | None = None, copy_threshold: float | None = None) -> None:
-  """Two panels: nearest-training-image distance and nearest-training-weights distance per set."""
+                  recon_error: np.ndarray | None = None, copy_threshold: float | None = None,
+                  data_title: str = 'L2 to nearest training image (pixels)',
+                  recon_label: str = 'fields vs their own image', fmt: str = '.2f') -> None:
+  """Two panels: distance to the nearest training example (`pixel`: images, or shapes with a
+  `data_title` of their own) and to the nearest training weight vector, per set."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-  panels = [(axes[0], pixel, 'L2 to nearest training image (pixels)'),
+  panels = [(axes[0], pixel, data_title),
             (axes[1], weight, 'L2 to nearest training weight vector')]
   for ax, groups, title in panels:
     vals = [np.asarray(v)[np.isfinite(v)] for v in groups.values()]
@@ -71,10 +74,10 @@ def histogram_png(path: str, pixel: dict[str, np.ndarray], weight: dict[str, np.
       v = np.asarray(v)[np.isfinite(v)]
       if len(v):
         ax.hist(np.clip(v, 0, bins[-1]), bins=bins, histtype='step', linewidth=1.5, density=True,
-                label=f"{name} (median {np.median(v):.2f})")
+                label=f"{name} (median {np.median(v):{fmt}})")
     if ax is axes[0] and recon_error is not None and len(recon_error):
       ax.hist(np.clip(recon_error, 0, bins[-1]), bins=bins, histtype='stepfilled', alpha=0.25, density=True,
-              color='gray', label=f"fields vs their own image (median {np.median(recon_error):.2f})")
+              color='gray', label=f"{recon_label} (median {np.median(recon_error):{fmt}})")
       if copy_threshold is not None:
         ax.axvline(copy_threshold, color='k', linestyle='--', linewidth=1, label='copy threshold')
     ax.set_title(title)

@@ -8,6 +8,9 @@ Contract (written by the sample stage):
                                                        rows may be non-finite (failed decodes)
   WORKDIR/samples/<name>/labels.npy    int32   [S]     the conditioning class
   WORKDIR/samples/<name>/tokens.npy    (not read here)
+  WORKDIR/samples/<name>/meshes.npz    shape fields only, optional: every sample's marching-cubes
+                                       mesh (`pack_meshes` layout); reused by the evaluate stage
+                                       when it meshes at the same resolution and level
   WORKDIR/samples/summary.json         written last: marks samples/ complete
 
 `perturbed_fields` is the trivial baseline (training fields plus Gaussian noise scaled by each
@@ -68,6 +71,48 @@ def load_setting(workdir: str, name: str, params_per_field: int) -> tuple[np.nda
   if labels.shape != (len(weights),):
     raise DataError(f"samples/{name}/labels.npy has shape {labels.shape}, expected ({len(weights)},)")
   return weights.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
+
+
+def pack_meshes(meshes, **info) -> dict:
+  """Meshes [(vertices [V, 3], faces [F, 3]), ...] -> the arrays of one meshes.npz:
+
+    vertices        float32 [sum V, 3]  all meshes' vertices, mesh after mesh
+    faces           int32   [sum F, 3]  faces, indexing the vertices of their own mesh (from 0)
+    vertex_offsets  int64   [M + 1]     mesh i's vertices are vertices[vertex_offsets[i]:vertex_offsets[i + 1]]
+    face_offsets    int64   [M + 1]     likewise for faces; an empty mesh has no vertices and no faces
+  plus every keyword of `info` as a 0-d array (e.g. resolution, level, inside).
+  """
+  vs = [np.asarray(v, np.float32).reshape(-1, 3) for v, _ in meshes]
+  fs = [np.asarray(f, np.int32).reshape(-1, 3) for _, f in meshes]
+  out = {
+      'vertices': np.concatenate(vs) if vs else np.zeros((0, 3), np.float32),
+      'faces': np.concatenate(fs) if fs else np.zeros((0, 3), np.int32),
+      'vertex_offsets': np.concatenate([[0], np.cumsum([len(v) for v in vs], dtype=np.int64)]).astype(np.int64),
+      'face_offsets': np.concatenate([[0], np.cumsum([len(f) for f in fs], dtype=np.int64)]).astype(np.int64),
+  }
+  out.update({k: np.asarray(v) for k, v in info.items()})
+  return out
+
+
+def unpack_meshes(arrays) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+  """The arrays of a meshes.npz (an open NpzFile or a dict) -> (meshes, info: the 0-d extras)."""
+  vo, fo = np.asarray(arrays['vertex_offsets']), np.asarray(arrays['face_offsets'])
+  v, f = np.asarray(arrays['vertices']), np.asarray(arrays['faces'])
+  if len(vo) != len(fo) or vo[-1] != len(v) or fo[-1] != len(f):
+    raise DataError("meshes.npz is inconsistent: its offsets do not match its vertex and face arrays")
+  meshes = [(v[vo[i]:vo[i + 1]], f[fo[i]:fo[i + 1]]) for i in range(len(vo) - 1)]
+  info = {k: np.asarray(arrays[k]).item() for k in arrays.keys()
+          if k not in ('vertices', 'faces', 'vertex_offsets', 'face_offsets') and np.asarray(arrays[k]).ndim == 0}
+  return meshes, info
+
+
+def load_meshes(workdir: str, name: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict] | None:
+  """(meshes, info) from samples/<name>/meshes.npz, or None when the setting has none."""
+  path = os.path.join(directory(workdir), name, 'meshes.npz')
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as z:
+    return unpack_meshes(z)
 
 
 def perturbed_fields(fields: wds.FieldDataset, n: int, noise: float, seed: int,

@@ -1,5 +1,8 @@
 """The evaluate stage: samples/ + fields/ + real images -> WORKDIR/eval (see docs/evaluate.md).
 
+Shape fields (fields/meta.json `kind: 'shape'`) share the loading, fingerprint and skip logic
+below and are measured by nfjax/evaluate/shapes.py (HyperDiffusion's protocol). For image fields:
+
 For every sampling setting in samples/, and for two context sets that make the numbers readable,
 it measures
   class consistency   accuracy of nfjax's own MNIST classifier against the conditioning class
@@ -56,6 +59,10 @@ COPY_PERCENTILE = 95
 
 
 def validate(config) -> None:
+  if config.data.get('kind', 'image') == 'shape':
+    from nfjax.evaluate import shapes
+    shapes.validate(config)
+    return
   image_data.validate(config)
   e = config.evaluate
   cfg_utils.check_positive(config, 'evaluate.num_samples', allow_minus_one=True)
@@ -231,42 +238,82 @@ def _neighbours_png(stage, ctx, name, images, labels, per_sample, k):
                          ctx.recon[w_nn], per_sample['nn_weight_l2'][show])
 
 
-def run(config, workdir: str) -> dict:
-  t_start = time.perf_counter()
-  validate(config)
-  fields = _load_fields(workdir)
-  settings = samples_lib.load_settings(workdir)
-  inputs = _inputs_digest(workdir)
-  stage = StageDir(workdir, DIRNAME, config, FINGERPRINT_KEYS)
+def _good_fields(fields: wds.FieldDataset) -> np.ndarray:
+  good = fields.good()
+  if len(good) < 4:
+    raise DataError(f"fields/ has only {len(good)} good fields; the evaluate stage needs at least 4")
+  return good
+
+
+def _load_samples(workdir: str, settings: list[dict], params_per_field: int, cap: int) -> dict:
+  """{setting name: (weights [S, P], labels [S])}, the first `cap` samples of each (cap -1: all)."""
+  loaded = {}
+  for s in settings:
+    w, lab = samples_lib.load_setting(workdir, s['name'], params_per_field)
+    if cap > 0:
+      w, lab = w[:cap], lab[:cap]
+    if len(w) == 0:
+      raise DataError(f"samples/{s['name']} holds no samples")
+    loaded[s['name']] = (w, lab)
+  return loaded
+
+
+def _check_kind(config, fields: wds.FieldDataset) -> str:
+  """fields/meta.json's kind ('image' or 'shape'), which must be the config's data.kind."""
+  kind = fields.meta.get('kind', 'image')
+  wanted = config.data.get('kind', 'image')
+  if kind not in ('image', 'shape'):
+    raise DataError(f"fields/meta.json has kind={kind!r}; the evaluate stage knows 'image' and 'shape'")
+  if kind != wanted:
+    example = 'configs/shapes.py' if kind == 'shape' else 'configs/mnist.py'
+    raise DataError(f"fields/ holds {kind} fields but the config is for {wanted} fields (data.kind={wanted!r}): "
+                    f"evaluate with the config the fit stage used (e.g. {example})")
+  return kind
+
+
+def _resume(stage: StageDir, inputs: dict, headline_keys: tuple[str, ...]) -> dict | None:
+  """The finished summary when eval/ holds this config's results for these inputs (skip), else
+  None, after clearing the per-sample files and pictures of stale results."""
   done = stage.finished()
   if done is not None and done.get('inputs') == inputs:
-    log(STAGE, f"already finished in {stage.path} (headline {done.get('headline_setting')}: class accuracy "
-               f"{done.get('class_accuracy', float('nan')):.4f}); skipping")
+    figures = ', '.join(f"{k} {done[k]:.4f}" if isinstance(done.get(k), (int, float)) else f"{k} -"
+                        for k in headline_keys)
+    log(STAGE, f"already finished in {stage.path} (headline {done.get('headline_setting')}: {figures}); skipping")
     return done
   if done is not None:
     log(STAGE, f"fields/ or samples/ changed since {stage.path} was written; evaluating again")
     shutil.rmtree(stage.file('per_sample'), ignore_errors=True)
     for f in glob.glob(stage.file('neighbours_*.png')):
       os.remove(f)
+  return None
+
+
+def run(config, workdir: str) -> dict:
+  t_start = time.perf_counter()
+  validate(config)
+  fields = _load_fields(workdir)
+  kind = _check_kind(config, fields)
+  settings = samples_lib.load_settings(workdir)
+  inputs = _inputs_digest(workdir)
+  if kind == 'shape':
+    from nfjax.evaluate import shapes
+    stage = StageDir(workdir, DIRNAME, config, shapes.FINGERPRINT_KEYS)
+    done = _resume(stage, inputs, shapes.HEADLINE_KEYS)
+    if done is not None:
+      return done
+    return shapes.evaluate(config, workdir, stage, fields, settings, inputs, t_start)
+  stage = StageDir(workdir, DIRNAME, config, FINGERPRINT_KEYS)
+  done = _resume(stage, inputs, ('class_accuracy',))
+  if done is not None:
+    return done
 
   e = config.evaluate
   seed = int(config.seed)
   timings = {}
   spec = mlp.FieldSpec.from_dict(fields.meta['field'])
   shape = tuple(fields.meta['image_shape'])
-  p = fields.params_per_field
-  good = fields.good()
-  if len(good) < 4:
-    raise DataError(f"fields/ has only {len(good)} good fields; the evaluate stage needs at least 4")
-  cap = int(e.num_samples)
-  loaded = {}
-  for s in settings:
-    w, lab = samples_lib.load_setting(workdir, s['name'], p)
-    if cap > 0:
-      w, lab = w[:cap], lab[:cap]
-    if len(w) == 0:
-      raise DataError(f"samples/{s['name']} holds no samples")
-    loaded[s['name']] = (w, lab)
+  good = _good_fields(fields)
+  loaded = _load_samples(workdir, settings, fields.params_per_field, int(e.num_samples))
 
   # --- real images and the classifier ---------------------------------------------------------
   t0 = time.perf_counter()

@@ -1,0 +1,446 @@
+"""The evaluate stage on shape fields (fields/meta.json `kind: 'shape'`; docs/shapes_eval.md).
+
+`nfjax.evaluate.stage.run` hands shape workdirs here after the steps every kind shares (loading
+fields/ and samples/, the StageDir fingerprint, skip / re-evaluate). For every sampling setting,
+and for two context rows measured the same way against the same references, it reports
+
+  HyperDiffusion's metrics  MMD-CD (x 10^2), COV-CD, 1-NNA-CD of 2048-point clouds
+                            (evaluate.points_per_cloud) sampled from marching-cubes meshes, with
+                            the per-cloud 'shape_unit' normalisation (nfjax/evaluate/shape_metrics.py)
+  class coverage            per class c: the fraction of class-c references that are the nearest
+                            class-c reference of some sample conditioned on c
+  novelty                   squared Chamfer distance to the nearest training shape (its source
+                            mesh), whether that shape has the conditioning class, and L2 to the
+                            nearest training weight vector
+  FPD                       not computed (no PointNet++ in nfjax): `"fpd": null` and the reason
+
+The sets:
+  references  N_ref source meshes of training shapes (a seeded subset of the good fields' shapes);
+              N_ref = evaluate.num_reference, or floor(S / 1.1) for S samples per setting (-1), at
+              most half the good fields
+  settings    the first generated_count(N_ref) = int(1.1 N_ref) samples of each setting (as
+              HyperDiffusion generates), meshed at evaluate.mesh_resolution at the fields' surface
+              level (samples/<setting>/meshes.npz is reused when it was meshed the same way); empty
+              meshes (and non-finite weights) are dropped and counted, the first N_ref non-empty
+              ones are compared (fewer: all of them, and a note)
+  reference   meshes of held-out fitted fields, disjoint from the references: the ceiling, what a
+              perfect generator of this field dataset would score; also each field's Chamfer
+              distance to its own source shape (the fit error), whose 95th percentile is the
+              copy threshold: a sample that close to a training shape counts as a copy
+  baseline    training fields + Gaussian noise (evaluate.baseline_noise x each parameter's std): a
+              trivial memorizer
+Note that the references are training shapes (HyperDiffusion compares with its test split): the
+set metrics reward copies, so read them beside the novelty numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from nfjax import sharding
+from nfjax.errors import ConfigError, DataError
+from nfjax.evaluate import novelty
+from nfjax.evaluate import samples as samples_lib
+from nfjax.evaluate import shape_metrics as sm
+from nfjax.fields import mlp
+from nfjax.utils import config as cfg_utils
+from nfjax.utils import io
+from nfjax.utils.logging import log
+
+STAGE = 'evaluate'
+# Everything the numbers depend on besides fields/ and samples/ (tracked by the stage's `inputs`).
+FINGERPRINT_KEYS = ('seed', 'data.source', 'data.mesh_dir', 'data.synsets', 'data.split_file', 'data.normalize',
+                    'evaluate')
+HEADLINE_KEYS = ('mmd_cd_x100', 'cov', '1nna')
+COPY_PERCENTILE = 95
+PAIR_BLOCK = 8
+# Published plane numbers, for side-by-side reading only: the protocols differ (test split,
+# resolution 356 at logit 1.386, 606 references; NeF-GPT: 32-vs-32 bootstrap on training shapes).
+REPORTED = {
+    'hyperdiffusion_planes': {'mmd_cd_x100': 3.4, 'cov': 0.49, '1nna': 0.693, 'fpd': 3.5,
+                              'note': 'as quoted by NeF-GPT from HyperDiffusion (test split)'},
+    'nefgpt_planes': {'mmd_cd_x100': 10.0, 'cov': 0.3877, '1nna': 0.9077, 'fpd': 31.34,
+                      'note': 'NeF-GPT report, top-k 3, T 0.8; 32-vs-32 bootstrap against training shapes'},
+}
+
+
+def validate(config) -> None:
+  cfg_utils.check_positive(config, 'evaluate.num_samples', allow_minus_one=True)
+  cfg_utils.check_positive(config, 'evaluate.num_reference', allow_minus_one=True)
+  cfg_utils.check_positive(config, 'evaluate.points_per_cloud')
+  if int(cfg_utils.check_positive(config, 'evaluate.mesh_resolution')) < 2:
+    raise ConfigError(f"config key evaluate.mesh_resolution={config.evaluate.mesh_resolution} must be >= 2")
+  cfg_utils.check_positive(config, 'evaluate.baseline_noise', allow_zero=True)
+  cfg_utils.check_positive(config, 'evaluate.num_neighbours', allow_zero=True)
+  cfg_utils.check_choice(config, 'evaluate.normalize', sm.NORMALIZATIONS)
+  for key in ('evaluate.bootstrap', 'evaluate.headline_top_k', 'evaluate.headline_temperature'):
+    cfg_utils.get(config, key)
+  sm.fpd(None, None, cfg_utils.get(config, 'evaluate.pointnet_weights'))  # weights given: a clear error now
+  sharding.mesh_shape(config.mesh)
+
+
+def reference_count(num_samples: int, mult: float = sm.GENERATED_MULT) -> int:
+  """N_ref for S samples: floor(S / 1.1), so that int(1.1 N_ref) <= S (HyperDiffusion's 1.1x)."""
+  return max(1, int(math.floor(num_samples / mult + 1e-9)))
+
+
+def surface(meta: dict) -> tuple[float, str]:
+  s = meta.get('surface') or {}
+  if s.get('inside') not in ('above', 'below') or 'level' not in s:
+    raise DataError("fields/meta.json of a shape dataset has no valid 'surface' {level, inside}: re-run the fit stage")
+  return float(s['level']), str(s['inside'])
+
+
+def _paired_cd(a: np.ndarray, b: np.ndarray, mesh=None) -> np.ndarray:
+  """Squared Chamfer distance of a[i] to b[i] for every i (a, b normalised clouds [n, p, 3])."""
+  out = [np.diag(sm.chamfer_matrix(a[i:i + PAIR_BLOCK], b[i:i + PAIR_BLOCK], mesh=mesh))
+         for i in range(0, len(a), PAIR_BLOCK)]
+  return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def _num(x):
+  """A metric for the summary: None where there is nothing to measure (JSON null, not NaN)."""
+  return None if x is None or not np.isfinite(x) else float(x)
+
+
+class ShapeEvaluator:
+  """The training shapes' clouds and the reference set; `measure` scores one candidate set.
+
+  train_clouds: raw clouds [N, p, 3] of the good fields' source meshes (position = index into the
+  good-field arrays), train_labels [N], train_weights [N, P]; ref_pos: positions of the references.
+  """
+
+  def __init__(self, train_clouds, train_labels, train_weights, ref_pos, normalize='shape_unit', mesh=None,
+               class_names=(), seed=0, points=sm.NUM_POINTS, bootstrap=False):
+    self.normalize, self.mesh, self.seed, self.points = normalize, mesh, int(seed), int(points)
+    self.ref_pos = np.asarray(ref_pos, np.int64)
+    self.train_raw = np.asarray(train_clouds, np.float32)
+    self.scale = None
+    if normalize == 'global':   # one scale, the references' (as sm.set_metrics), for every set
+      self.scale = float(sm.normalize_clouds(self.train_raw[self.ref_pos], 'global')[1][0])
+    self.train = self.norm(self.train_raw)
+    self.train_labels = np.asarray(train_labels, np.int32)
+    self.train_weights = np.asarray(train_weights, np.float32)
+    self.ref = self.train[self.ref_pos]
+    self.ref_labels = self.train_labels[self.ref_pos]
+    self.class_names = list(class_names)
+    self.num_classes = max(len(self.class_names), int(self.train_labels.max()) + 1 if len(self.train_labels) else 0)
+    self.bootstrap = bool(bootstrap)
+    self.copy_threshold = None
+    t0 = time.perf_counter()
+    self.d_rr = sm.chamfer_matrix(self.ref, None, mesh=mesh)
+    self.reference_seconds = time.perf_counter() - t0
+
+  def norm(self, clouds: np.ndarray) -> np.ndarray:
+    return sm.normalize_clouds(clouds, self.normalize, self.scale)[0]
+
+  def clouds(self, meshes) -> tuple[np.ndarray, np.ndarray]:
+    """(raw clouds of the non-empty meshes, their indices) — sm.sample_clouds at this seed."""
+    return sm.sample_clouds(meshes, self.points, self.seed)
+
+  def class_name(self, c: int) -> str:
+    return str(self.class_names[c]) if 0 <= c < len(self.class_names) else str(c)
+
+  def measure(self, name: str, meshes, labels: np.ndarray, weights: np.ndarray, pool: np.ndarray
+              ) -> tuple[dict, dict]:
+    """All metrics of one candidate set: meshes [n] (empty ones allowed), conditioning labels [n],
+    weight vectors [n, P]; pool = positions of the training shapes/fields it may be matched with
+    for novelty. Returns (result for the summary, per-sample arrays)."""
+    t0 = time.perf_counter()
+    n = len(meshes)
+    labels = np.asarray(labels, np.int32)
+    raw, kept = self.clouds(meshes)
+    gen = self.norm(raw)
+    n_ref = len(self.ref)
+    use = min(len(kept), n_ref)       # HyperDiffusion: the first N_ref non-empty shapes
+    result = {'num_samples': int(n), 'num_empty': int(n - len(kept)),
+              'num_nonfinite': int((~np.isfinite(weights).all(1)).sum()) if len(weights) else 0,
+              'num_evaluated': int(use)}
+    if use:
+      d_sr = sm.chamfer_matrix(gen[:use], self.ref, mesh=self.mesh)
+      d_ss = sm.chamfer_matrix(gen[:use], None, mesh=self.mesh)
+      m = sm.metrics_from_matrices(d_sr, self.d_rr, d_ss)
+      result.update({k: float(v) for k, v in m.items()})
+      result.update(self._class_coverage(d_sr, labels[kept[:use]]))
+      if self.bootstrap:
+        result['bootstrap'] = sm.bootstrap(raw, self.train_raw[self.ref_pos], seed=self.seed,
+                                           normalize=self.normalize, mesh=self.mesh)
+    else:
+      result.update({k: None for k in ('mmd_cd', 'mmd_cd_x100', 'cov', '1nna', '1nna_ref', '1nna_gen',
+                                       'mmd_smp_cd', 'class_cov_mean')})
+      result['class_cov'] = {self.class_name(c): None for c in range(self.num_classes)}
+
+    # Novelty: nearest training shape (Chamfer) of every non-empty sample, nearest training weights.
+    pool = np.asarray(pool, np.int64)
+    d_nt = sm.chamfer_matrix(gen, self.train[pool], mesh=self.mesh) if len(kept) else np.zeros((0, len(pool)))
+    nn_i = d_nt.argmin(1) if len(kept) else np.zeros(0, np.int64)
+    nn_cd = d_nt[np.arange(len(kept)), nn_i].astype(np.float64)
+    nn_pos = pool[nn_i]
+    finite = np.nonzero(np.isfinite(weights).all(1))[0] if len(weights) else np.zeros(0, np.int64)
+    nn_w_d, nn_w_i = novelty.nearest(weights[finite], self.train_weights[pool])
+    same_class = self.train_labels[nn_pos] == labels[kept]
+    per_sample = {
+        'nonempty': _scatter(n, kept, np.ones(len(kept), bool), False),
+        'compared': _scatter(n, kept[:use], np.ones(use, bool), False),
+        'nn_shape_cd': _scatter(n, kept, nn_cd, np.nan),
+        'nn_shape_position': _scatter(n, kept, nn_pos, -1),
+        'nn_weight_l2': _scatter(n, finite, nn_w_d, np.nan),
+        'nn_weight_position': _scatter(n, finite, pool[nn_w_i] if len(finite) else nn_w_i, -1),
+    }
+    result['novelty'] = {
+        'nn_shape_cd': novelty.stats(nn_cd),
+        'nn_weight_l2': novelty.stats(nn_w_d),
+        'nn_class_accuracy': float(same_class.mean()) if len(kept) else None,
+        'copy_fraction': (float((nn_cd <= self.copy_threshold).mean()) if len(kept) else None)
+                         if self.copy_threshold is not None else None,
+    }
+    result['seconds'] = float(time.perf_counter() - t0)
+    log(STAGE, f"{name}: {len(kept)}/{n} non-empty ({use} compared with {n_ref} references): "
+               f"{_fmt(result, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')}, {_fmt(result, 'cov', 'COV {:.3f}')}, "
+               f"{_fmt(result, '1nna', '1-NNA {:.3f}')}; nearest training shape CD median "
+               f"{result['novelty']['nn_shape_cd']['median']:.4f} [{result['seconds']:.1f}s]")
+    return result, per_sample
+
+  def _class_coverage(self, d_sr: np.ndarray, gen_labels: np.ndarray) -> dict:
+    """Per class c: |{nearest class-c reference of each sample conditioned on c}| / |class-c references|."""
+    out = {}
+    for c in range(self.num_classes):
+      refs = np.nonzero(self.ref_labels == c)[0]
+      if not len(refs):
+        out[self.class_name(c)] = None      # no reference of this class
+        continue
+      gens = np.nonzero(gen_labels == c)[0]
+      hit = np.unique(refs[d_sr[np.ix_(gens, refs)].argmin(1)]) if len(gens) else []
+      out[self.class_name(c)] = float(len(hit) / len(refs))
+    vals = [v for v in out.values() if v is not None]
+    return {'class_cov': out, 'class_cov_mean': float(np.mean(vals)) if vals else None}
+
+
+def _scatter(n, idx, values, fill):
+  values = np.asarray(values)
+  dtype = values.dtype if values.dtype.kind in 'fb' else np.int64
+  out = np.full(n, fill, dtype=dtype)
+  out[np.asarray(idx, np.int64)] = values
+  return out
+
+
+def _fmt(result: dict, key: str, pattern: str) -> str:
+  v = result.get(key)
+  return pattern.format(v) if v is not None else pattern.split(' ')[0] + ' -'
+
+
+def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: dict, t_start: float) -> dict:
+  """The stage's work on a shape workdir (stage.run has claimed `stage` and found nothing to skip)."""
+  from nfjax import fit_shapes
+  from nfjax.evaluate import stage as stage_lib
+  from nfjax.fields import meshing
+  e = config.evaluate
+  seed = int(config.seed)
+  timings = {}
+  meta = fields.meta
+  spec = mlp.FieldSpec.from_dict(meta['field'])
+  level, inside = surface(meta)
+  resolution = int(e.mesh_resolution)
+  good = stage_lib._good_fields(fields)
+  loaded = stage_lib._load_samples(workdir, settings, fields.params_per_field, int(e.num_samples))
+  mesh = sharding.make_mesh(config.mesh)
+
+  def mesh_weights(w):
+    return meshing.mesh_fields(spec, np.asarray(w, np.float32), resolution, level, inside, mesh=mesh)
+
+  # --- the training shapes: source meshes -> clouds; reference / held-out split ----------------
+  t0 = time.perf_counter()
+  data = fit_shapes.load_data(config, workdir)
+  if data.source != meta.get('source') or len(data) != len(fields) or \
+      not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):
+    raise DataError(f"fields/ was fitted on {len(fields)} shapes of {meta.get('source')!r} but the config's data "
+                    f"selects {len(data)} shapes of {data.source!r}: evaluate with the data config the fit "
+                    f"stage used")
+  class_names = list(meta.get('class_names') or data.class_names)
+  weights = np.asarray(fields.weights[good], np.float32)
+  labels = np.asarray(fields.labels[good], np.int32)
+  train_raw, kept = sm.sample_clouds([data.meshes[int(i)] for i in good], int(e.points_per_cloud), seed)
+  if len(kept) != len(good):
+    bad = [data.names[int(good[i])] for i in np.setdiff1d(np.arange(len(good)), kept)[:3]]
+    raise DataError(f"{len(good) - len(kept)} source mesh(es) of the fitted shapes have no surface to sample "
+                    f"(e.g. {', '.join(bad)})")
+  position = np.full(len(fields), -1, np.int64)
+  position[good] = np.arange(len(good))
+  timings['training_shapes'] = time.perf_counter() - t0
+
+  n_eval = max(len(w) for w, _ in loaded.values())
+  n_ref = int(e.num_reference) if int(e.num_reference) > 0 else reference_count(n_eval)
+  n_ref = max(1, min(n_ref, len(good) // 2))
+  n_gen = sm.generated_count(n_ref)
+  n_held = min(n_gen, len(good) - n_ref)
+  perm = np.random.default_rng(seed + 0xE7A1).permutation(len(good))
+  ref_pos, held_pos = np.sort(perm[:n_ref]), np.sort(perm[n_ref:n_ref + n_held])
+  not_held = np.setdiff1d(np.arange(len(good)), held_pos)
+  all_pool = np.arange(len(good))
+  ev = ShapeEvaluator(train_raw, labels, weights, ref_pos, str(e.normalize), mesh, class_names, seed,
+                      int(e.points_per_cloud), bool(e.bootstrap))
+  timings['reference_matrix'] = ev.reference_seconds
+  log(STAGE, f"{len(good)} good fields: {n_ref} reference shapes, {n_held} held-out fields; {len(settings)} "
+             f"setting(s), the first {n_gen} = int(1.1 x {n_ref}) samples of each; meshes at {resolution}^3, "
+             f"level {level:g} ({inside}), {e.points_per_cloud}-point clouds, normalize={e.normalize}")
+
+  per_sample_files, nn_cd, nn_w, shown = {}, {}, {}, {}
+  k_png = int(e.num_neighbours)
+
+  # --- ceiling: held-out fields' own meshes ------------------------------------------------------
+  t0 = time.perf_counter()
+  held_meshes = mesh_weights(weights[held_pos])
+  held_raw, held_kept = ev.clouds(held_meshes)
+  recon_cd = _paired_cd(ev.norm(held_raw), ev.train[held_pos[held_kept]], mesh)
+  ev.copy_threshold = float(np.percentile(recon_cd, COPY_PERCENTILE)) if len(recon_cd) else None
+  reference, ps = ev.measure('reference (held-out fields)', held_meshes, labels[held_pos], weights[held_pos], not_held)
+  reference.update({
+      'what': 'meshes of held-out fitted fields vs the reference shapes (ceiling)',
+      'recon_cd_to_source': novelty.stats(recon_cd),
+      'iou_mean': float(np.nanmean(fields.quality[good])),
+  })
+  nn_cd['held-out fields'], nn_w['held-out fields'] = ps['nn_shape_cd'], ps['nn_weight_l2']
+  shown['reference'] = (held_meshes, labels[held_pos], ps)
+  timings['reference'] = time.perf_counter() - t0
+
+  # --- trivial baseline: noisy copies of training fields ----------------------------------------
+  t0 = time.perf_counter()
+  noise = float(e.baseline_noise)
+  bw, blab, _ = samples_lib.perturbed_fields(fields, n_gen, noise, seed + 0xBA5E)
+  b_meshes = mesh_weights(bw)
+  baseline, ps = ev.measure(f'baseline (fields + {noise:g} std noise)', b_meshes, blab, bw, all_pool)
+  baseline.update({'what': f"training fields + Gaussian noise of {noise:g} x each parameter's std (a memorizer)",
+                   'noise': noise})
+  nn_cd['baseline'], nn_w['baseline'] = ps['nn_shape_cd'], ps['nn_weight_l2']
+  shown['baseline'] = (b_meshes, blab, ps)
+  timings['baseline'] = time.perf_counter() - t0
+
+  # --- the sampled settings -----------------------------------------------------------------------
+  results = {}
+  for s in settings:
+    t0 = time.perf_counter()
+    name = s['name']
+    w, lab = loaded[name]
+    w, lab = w[:n_gen], lab[:n_gen]
+    meshes, how = _setting_meshes(workdir, name, len(w), resolution, level, inside)
+    if meshes is None:
+      meshes = mesh_weights(w)
+    res, ps = ev.measure(name, meshes, lab, w, all_pool)
+    res.update({k: s.get(k) for k in ('top_k', 'temperature', 'top_p')})
+    res['meshes'] = how
+    results[name] = res
+    nn_cd[name], nn_w[name] = ps['nn_shape_cd'], ps['nn_weight_l2']
+    path = stage.file('per_sample', f'{name}.npz')
+    io.write_npz(path, **ps, nn_shape_field=_field_ids(good, ps['nn_shape_position']),
+                 nn_weight_field=_field_ids(good, ps['nn_weight_position']), labels=lab)
+    per_sample_files[name] = os.path.relpath(path, stage.path)
+    shown[name] = (meshes, lab, ps)
+    timings[f'setting:{name}'] = time.perf_counter() - t0
+
+  # --- pictures -----------------------------------------------------------------------------------
+  t0 = time.perf_counter()
+  novelty.histogram_png(stage.file('novelty.png'), nn_cd, nn_w, recon_cd, ev.copy_threshold,
+                        data_title='squared Chamfer distance to the nearest training shape',
+                        recon_label='fields vs their own shape', fmt='.3g')
+  if k_png > 0:
+    for name, (meshes, lab, ps) in shown.items():
+      _neighbours_png(stage.file(f'neighbours_{name}.png'), ev, data, good, meshes, lab, ps, k_png, mesh_weights,
+                      stage_lib._spread_over_classes)
+  timings['pictures'] = time.perf_counter() - t0
+
+  # --- summary ------------------------------------------------------------------------------------
+  head = stage_lib._headline(settings, e)
+  h = results[head]
+  fpd_value, fpd_note = sm.fpd(None, None, e.pointnet_weights or None)
+  notes = [f"the references are {n_ref} training shapes (HyperDiffusion: its test split, 606 planes): the set "
+           f"metrics reward copies; read them beside the novelty numbers and the baseline row"]
+  if n_ref < 500:
+    notes.append(f"{n_ref} references (< 500): COV and 1-NNA are noisy and depend on the set sizes; compare "
+                 f"only with rows of the same size")
+  for name, r in [*results.items(), ('reference', reference), ('baseline', baseline)]:
+    if r['num_evaluated'] < n_ref:
+      notes.append(f"{name}: {r['num_empty']} of {r['num_samples']} meshes empty, only {r['num_evaluated']} "
+                   f"compared with {n_ref} references" + ('' if r['num_evaluated'] else ': no set metrics'))
+  if any(len(w) < n_gen for w, _ in loaded.values()):
+    notes.append(f"some settings have fewer than generated_count({n_ref}) = {n_gen} samples")
+  summary = {
+      'kind': 'shape', 'headline_setting': head,
+      'mmd_cd_x100': h['mmd_cd_x100'], 'cov': h['cov'], '1nna': h['1nna'], 'class_cov_mean': h['class_cov_mean'],
+      'num_empty': h['num_empty'], 'nn_shape_cd_median': _num(h['novelty']['nn_shape_cd']['median']),
+      'copy_fraction': h['novelty']['copy_fraction'],
+      'fpd': fpd_value, 'fpd_note': fpd_note,
+      'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),
+      'num_heldout_fields': int(n_held), 'num_fields': int(len(good)),
+      'protocol': {'mesh_resolution': resolution, 'level': level, 'inside': inside,
+                   'points_per_cloud': int(e.points_per_cloud), 'normalize': str(e.normalize),
+                   'chamfer': 'squared, mean both ways', 'generated_mult': sm.GENERATED_MULT,
+                   'bootstrap': bool(e.bootstrap)},
+      'settings': results, 'reference': reference, 'baseline': baseline,
+      'copy_threshold_cd': ev.copy_threshold, 'reported': REPORTED,
+      'per_sample_files': per_sample_files, 'notes': notes, 'inputs': inputs,
+      'timings': {k: float(v) for k, v in timings.items()},
+      'seconds': float(time.perf_counter() - t_start),
+      'device_kind': jax.devices()[0].device_kind, 'num_devices': int(mesh.size),
+  }
+  stage.write_summary(summary)
+  summary = stage.summary  # as a re-run returns it (JSON types)
+  log(STAGE, f"done: {head}: {_fmt(h, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')} (ceiling "
+             f"{_fmt(reference, 'mmd_cd_x100', '{:.3f}')}, baseline {_fmt(baseline, 'mmd_cd_x100', '{:.3f}')}), "
+             f"{_fmt(h, 'cov', 'COV {:.3f}')} (ceiling {_fmt(reference, 'cov', '{:.3f}')}), "
+             f"{_fmt(h, '1nna', '1-NNA {:.3f}')} (ceiling {_fmt(reference, '1nna', '{:.3f}')}), "
+             f"{h['num_empty']}/{h['num_samples']} empty; FPD not computed; {summary['seconds']:.1f}s -> {stage.path}")
+  return summary
+
+
+def _field_ids(good: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  """Positions in the good-field arrays -> field ids in fields/ (-1 stays -1)."""
+  positions = np.asarray(positions, np.int64)
+  return np.where(positions >= 0, good[np.maximum(positions, 0)], -1)
+
+
+def _setting_meshes(workdir: str, name: str, n: int, resolution: int, level: float, inside: str):
+  """(the first n meshes of samples/<name>/meshes.npz, 'reused ...') when they were meshed as the
+  evaluate stage would mesh them, else (None, 'meshed')."""
+  stored = samples_lib.load_meshes(workdir, name)
+  if stored is not None:
+    meshes, info = stored
+    if int(info.get('resolution', -1)) == resolution and str(info.get('inside')) == inside and \
+        abs(float(info.get('level', math.nan)) - level) < 1e-9 and len(meshes) >= n:
+      return meshes[:n], f'reused samples/{name}/meshes.npz'
+  return None, f'meshed at {resolution}^3'
+
+
+def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k, mesh_weights, spread) -> None:
+  """Rows: samples (non-empty, spread over classes), their nearest training shape (source mesh,
+  squared CD under it) and the mesh of their nearest training weights (L2 under it)."""
+  from PIL import ImageDraw
+  from nfjax.utils import render3d
+  show = spread(labels, np.nonzero(ps['nonempty'])[0], k)
+  if len(show) == 0:
+    return
+  shape_pos = ps['nn_shape_position'][show]
+  w_pos = ps['nn_weight_position'][show]
+  near_shapes = [data.meshes[int(good[p])] for p in shape_pos]
+  near_fields = [None] * len(show)
+  ok = np.nonzero(w_pos >= 0)[0]
+  if len(ok):
+    for j, m in zip(ok, mesh_weights(ev.train_weights[w_pos[ok]])):
+      near_fields[j] = m
+  size, pad, left, top = 96, 2, 110, 14
+  img = render3d.mesh_grid([[meshes[i] for i in show], near_shapes, near_fields],
+                           row_labels=['sample', 'nearest shape', 'nearest weights'],
+                           col_labels=[ev.class_name(int(labels[i]))[:14] for i in show], size=size,
+                           label_width=left)
+  draw = ImageDraw.Draw(img)
+  for j, i in enumerate(show):
+    x = left + pad + j * (size + pad)
+    for row, text in ((1, f"cd {ps['nn_shape_cd'][i]:.4f} {ev.class_name(int(ev.train_labels[shape_pos[j]]))[:6]}"),
+                      (2, f"l2 {ps['nn_weight_l2'][i]:.2f}")):
+      draw.text((x + 2, top + pad + (row + 1) * (size + pad) - 13), text, fill=0)
+  from nfjax.utils import images as img_utils
+  img_utils.save_png(img, path)

@@ -265,20 +265,25 @@ def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, c
     log(STAGE, f"WARNING: shapes.png not written: {type(e).__name__}: {e}")
 
 
-def heldout_iou(config, workdir: str, meta: dict, weights: np.ndarray, rows: np.ndarray,
-                batch: int = 64) -> np.ndarray:
-  """IoU on the held-out points of the shapes at `rows` (indices into the fit stage's shapes) of
-  `weights` [len(rows), P], e.g. tokenized or perturbed fields; the data comes from the fit cache."""
+def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray], rows: np.ndarray,
+                batch: int = 64) -> dict[str, np.ndarray]:
+  """IoU on the held-out points of the shapes at `rows` (indices into the fit stage's shapes) for
+  each named weight set [len(rows), P] (e.g. fitted, tokenized); the data is read once from the cache."""
   spec = mlp.FieldSpec.from_dict(meta['field'])
   level, above = float(meta['surface']['level']), meta['surface']['inside'] == 'above'
   data = load_data(config, workdir)
   hp, ho = np.asarray(data.heldout_points), np.asarray(data.heldout_occupancy)
   score = jax.jit(jax.vmap(lambda p, x, o: fitting.occupancy_iou(spec, level, above, x, o, p, IOU_CHUNK)))
-  out = []
-  for lo in range(0, len(rows), batch):
-    idx = rows[lo:lo + batch]
-    pad = batch - len(idx) if len(rows) > batch else 0
-    sel = np.concatenate([idx, np.full(pad, idx[-1])]).astype(np.int64)
-    w = np.concatenate([weights[lo:lo + batch], np.repeat(weights[lo + len(idx) - 1:lo + len(idx)], pad, 0)])
-    out.append(np.asarray(score(mlp.unflatten(spec, jnp.asarray(w)), jnp.asarray(hp[sel]), jnp.asarray(ho[sel])))[:len(idx)])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def one(w_all: np.ndarray) -> np.ndarray:
+    out = []
+    for lo in range(0, len(rows), batch):
+      idx = rows[lo:lo + batch]
+      pad = batch - len(idx) if len(rows) > batch else 0   # one compiled shape for every batch
+      sel = np.concatenate([idx, np.full(pad, idx[-1])]).astype(np.int64)
+      w = np.concatenate([w_all[lo:lo + len(idx)], np.repeat(w_all[lo + len(idx) - 1:lo + len(idx)], pad, 0)])
+      out.append(np.asarray(score(mlp.unflatten(spec, jnp.asarray(w)), jnp.asarray(hp[sel]),
+                                  jnp.asarray(ho[sel])))[:len(idx)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  return {name: one(w) for name, w in weights.items()}

@@ -222,8 +222,7 @@ def run(config, workdir: str) -> dict:
     _reconstructions_png(stage, config, images, recon, psnr, labels, val_rows if len(val_rows) else train_rows)
   elif fields.meta.get('kind') == 'shape':
     from nfjax import fit_shapes
-    iou = {k: fit_shapes.heldout_iou(config, workdir, fields.meta, v, good)
-           for k, v in (('fitted', w), ('tokenized', wq), ('uniform', wu))}
+    iou = fit_shapes.heldout_iou(config, workdir, fields.meta, {'fitted': w, 'tokenized': wq, 'uniform': wu}, good)
     summary.update({
         'iou_fields_mean': float(iou['fitted'].mean()), 'iou_tokenized_mean': float(iou['tokenized'].mean()),
         'iou_drop': float((iou['fitted'] - iou['tokenized']).mean()),

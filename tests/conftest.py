@@ -21,7 +21,11 @@ def load_config(preset='smoke', path='configs/mnist.py', **overrides):
   spec = importlib.util.spec_from_file_location('cfg_' + os.path.basename(path)[:-3], os.path.join(ROOT, path))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  config = mod.get_config(preset)
+  return apply_overrides(mod.get_config(preset), overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Set dotted keys ({'fit.steps': 5}) in place; a key the config lacks is a KeyError. Returns config."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import apply_overrides
 from nfjax import fit, fit_shapes
 from nfjax.data import weights as wds
 from nfjax.errors import ConfigError, DataError
@@ -92,15 +93,7 @@ def shape_config(**overrides) -> ml_collections.ConfigDict:
       'shared_init_index': 0, 'shared_init_steps': 300, 'shared_init_candidates': 1, 'shared_init_probe': 4,
       'shared_init_l2': -1.0, 'refit_below': 0.0, 'refit_steps_factor': 2, 'chunk_size': 8, 'iou_floor': 0.5,
       'num_reconstructions': 0, 'render_resolution': 32})
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(key)
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def numpy_iou(spec, weights, points, occupancy, level, above):

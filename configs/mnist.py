@@ -119,6 +119,8 @@ def get_config(arg=None):
   c.tokenize.encoder = 'compensated'  # compensated (GPTQ-style rounding, image fields) | nearest
   c.tokenize.compensate_damp = 0.01   # compensated encoder: Hessian damping (x its mean diagonal)
   c.tokenize.specials = ('pad', 'sos')  # special tokens after the codes; sequences are [SOS, class, w...]
+  c.tokenize.class_token = 'auto'     # auto (a class token when the fields have > 1 class) | yes | no:
+                                      # without one, sequences are [SOS, w...] (NeF-GPT's ShapeNet: vocab 128)
   c.tokenize.val_fraction = 0.1       # per-class share of good fields in the val split (seeded by `seed`)
   c.tokenize.num_examples = 16        # fields shown in tokenizer/reconstructions.png
 

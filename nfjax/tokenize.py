@@ -42,6 +42,7 @@ from nfjax.utils.logging import log
 from nfjax.utils.stage import StageDir
 
 STAGE = 'tokenize'
+CLASS_TOKEN = ('auto', 'yes', 'no')
 DIRNAME = 'tokenizer'
 TOKENS_DIRNAME = 'tokens'
 TOKENIZE_KEYS = ('method', 'num_codes', 'residual', 'normalize', 'per_layer', 'chunk', 'chunk_size',
@@ -71,7 +72,15 @@ def validate(config) -> tokenizers.Settings:
   if not 0.0 <= vf < 1.0:
     raise ConfigError(f"config key tokenize.val_fraction={vf!r} must be in [0, 1)")
   cfg_utils.check_positive(config, 'tokenize.num_examples', allow_zero=True)
+  cfg_utils.check_choice(config, 'tokenize.class_token', CLASS_TOKEN)
   return settings
+
+
+def use_class_token(config, num_classes: int) -> bool:
+  """Whether sequences carry a class token: tokenize.class_token 'yes', 'no', or 'auto' (when the
+  fields have more than one class; one class = NeF-GPT's ShapeNet layout [SOS, w...])."""
+  mode = str(config.tokenize.get('class_token', 'auto'))
+  return mode == 'yes' or (mode == 'auto' and num_classes > 1)
 
 
 def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,9 +183,13 @@ def run(config, workdir: str) -> dict:
   log(STAGE, f"fitted the tokenizer in {fit_seconds:.2f}s, tokenized {len(w)} fields in {encode_seconds:.2f}s "
              f"({tok.tokens_per_field} tokens each)")
 
-  vocab = tok.vocab(num_classes, tuple(config.tokenize.specials))
-  seqs = np.concatenate([np.full((len(w), 1), vocab.sos, np.int32), vocab.class_token(labels)[:, None].astype(np.int32),
-                         codes], axis=1)
+  with_class = use_class_token(config, num_classes)
+  vocab = tok.vocab(num_classes if with_class else 0, tuple(config.tokenize.specials))
+  prefix = ['sos', 'class'] if with_class else ['sos']
+  cols = [np.full((len(w), 1), vocab.sos, np.int32)]
+  if with_class:
+    cols.append(vocab.class_token(labels)[:, None].astype(np.int32))
+  seqs = np.concatenate([*cols, codes], axis=1)
   wq = tok.decode(codes)
 
   uni_settings = dataclasses.replace(settings, method='uniform', chunk='scalar', num_quantizers=1,
@@ -237,15 +250,15 @@ def run(config, workdir: str) -> dict:
   _histogram_png(stage, tok, w[train_rows], counts)
 
   token_data.write(tstage.path, seqs, field_index=good, labels=labels, train_idx=train_rows, val_idx=val_rows,
-                   vocab=vocab, prefix_len=2,
-                   extra_meta={**tok.sequence_meta(), 'prefix': ['sos', 'class'], 'split_seed': seed,
+                   vocab=vocab, prefix_len=len(prefix),
+                   extra_meta={**tok.sequence_meta(), 'prefix': prefix, 'split_seed': seed,
                                'val_fraction': float(config.tokenize.val_fraction),
                                'tokenizer': f'../{DIRNAME}/tokenizer.npz'})
   summary['seconds'] = time.perf_counter() - t_start
   summary['info'] = {'fit': tok.meta.get('fit_info', {}).get('refine', {}), 'kmeans_seconds':
                      tok.meta.get('fit_info', {}).get('kmeans_seconds')}
   stage.write_summary(summary)
-  tstage.write_summary({'num_sequences': int(len(seqs)), 'seq_len': int(seqs.shape[1]), 'prefix_len': 2,
+  tstage.write_summary({'num_sequences': int(len(seqs)), 'seq_len': int(seqs.shape[1]), 'prefix_len': len(prefix),
                         'vocab_size': vocab.vocab_size, 'num_train': int(len(train_rows)),
                         'num_val': int(len(val_rows)), 'split_seed': seed, 'tokenizer': settings.method})
   quality = (f"IoU {summary['iou_fields_mean']:.3f} -> {summary['iou_tokenized_mean']:.3f} (uniform bins: "
@@ -253,7 +266,7 @@ def run(config, workdir: str) -> dict:
              f"PSNR {summary['psnr_fields_mean']:.2f} -> {summary['psnr_tokenized_mean']:.2f} dB (drop "
              f"{summary['psnr_drop_db']:.2f} dB; uniform bins: {summary['uniform_psnr_drop_db']:.2f} dB)")
   log(STAGE, f"done: vocab {vocab.vocab_size} ({tok.num_codes} codes + {len(vocab.specials)} specials + "
-             f"{num_classes} classes), weight RMSE {summary['weight_rmse']:.4f}, {quality}, usage {usage:.0%}, perplexity {perplexity:.1f}, "
+             f"{vocab.num_classes} class tokens), weight RMSE {summary['weight_rmse']:.4f}, {quality}, usage {usage:.0%}, perplexity {perplexity:.1f}, "
              f"{summary['seconds']:.1f}s -> {stage.path}, {tstage.path}")
   return summary
 

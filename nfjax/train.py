@@ -142,13 +142,14 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
       raise NfjaxError(f"model.vocab_size={vocab} is smaller than the token vocabulary ({vocab_size} ids: codes, "
                        f"specials, classes; see tokens/vocab.json). Set model.vocab_size=-1 to fit it.")
     cond = -1
-    if bool(m.class_embedding):
-      if 'class' not in prefix:
-        raise NfjaxError(f"model.class_embedding=True needs a class token in the sequences' prefix, but the tokens' "
-                         f"prefix is {list(prefix)}; set model.class_embedding=False")
+    conditioned = 'class' in prefix
+    if not conditioned and (bool(m.class_embedding) or bool(m.class_bias)):
+      log(STAGE, f"the tokens' prefix is {list(prefix)} (no class token: one class, or tokenize.class_token='no'): "
+                 f"model.class_embedding / class_bias have nothing to condition on and are off")
+    if bool(m.class_embedding) and conditioned:
       cond = list(prefix).index('class')
     classes = 0
-    if bool(m.class_bias):
+    if bool(m.class_bias) and conditioned:
       if cond < 0 or num_classes < 1 or class_token0 < 0:
         raise NfjaxError("model.class_bias=True needs model.class_embedding=True and class tokens in the sequences")
       classes = int(num_classes)

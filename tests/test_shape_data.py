@@ -328,6 +328,13 @@ def test_sdf_and_occupancy_labels_on_a_sphere(tmp_path):
   np.testing.assert_allclose(sdf.values[0], np.linalg.norm(p, axis=1) - r, atol=0.02 * r)
   np.testing.assert_array_equal(occ.values[0], (sdf.values[0] < 0).astype(np.float32))
   np.testing.assert_array_equal(occ.heldout_occupancy, sdf.heldout_occupancy)
+  # NeF-GPT's +-1 labels with its inflation shell (sd <= shell -> -1), here a thick one to see it.
+  pm1 = shapes.load(_config(source='meshes', mesh_dir=str(tmp_path / 'm'), num_fields=-1, label='pm1',
+                            pm1_shell=0.05))
+  np.testing.assert_array_equal(pm1.values[0], np.where(sdf.values[0] <= 0.05, -1.0, 1.0))
+  shell = (pm1.values[0] < 0) & (occ.values[0] == 0)
+  assert shell.sum() > 50 and np.all(np.abs(np.linalg.norm(p[shell], axis=1) - r) < 0.05 + 0.02 * r)
+  np.testing.assert_array_equal(pm1.heldout_occupancy, occ.heldout_occupancy)   # IoU stays on the shape
   rad = np.linalg.norm(occ.heldout_points[0], axis=1)
   assert (occ.heldout_occupancy[0][rad < 0.9 * r] == 1).all() and (occ.heldout_occupancy[0][rad > r] == 0).all()
 

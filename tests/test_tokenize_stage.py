@@ -122,3 +122,30 @@ def test_bad_inputs(tmp_path):
     tokenize.validate(load_config('smoke', **{'tokenize.specials': ('pad',)}))
   with pytest.raises(ConfigError, match='tokenize.val_fraction'):
     tokenize.validate(load_config('smoke', **{'tokenize.val_fraction': 1.0}))
+
+
+def test_without_class_token_nefgpt_shapenet_layout(tmp_path, smoke_fields):
+  """tokenize.class_token='no' (and 'auto' with one class): [SOS, w...], NeF-GPT ShapeNet's vocab
+  of 127 codes + SOS = 128; the GPT then has no class conditioning."""
+  from nfjax import train
+  workdir = _workdir(tmp_path, smoke_fields)
+  config = load_config('smoke', **{'tokenize.num_codes': 127, 'tokenize.specials': ('sos',), 'tokenize.encoder': 'nearest',
+                                   'tokenize.class_token': 'no'})
+  summary = tokenize.run(config, workdir)
+  ds = token_data.load(os.path.join(workdir, 'tokens'))
+  assert summary['vocab_size'] == 128 and ds.vocab.num_classes == 0 and ds.vocab.sos == 127
+  assert ds.prefix_len == 1 and ds.meta['prefix'] == ['sos'] and (ds.tokens[:, 0] == 127).all()
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer', 'tokenizer.npz'))
+  fields = wds.load(os.path.join(workdir, 'fields'))
+  np.testing.assert_array_equal(ds.tokens[:, 1:], tok.encode(fields.weights[fields.good()]))
+  assert ds.tokens.max() < 128
+  cfg = train.model_config(load_config('smoke', **{'model.class_embedding': True}), vocab_size=128,
+                           seq_len=ds.tokens.shape[1], num_classes=0, prefix=('sos',))
+  assert cfg.cond_position == -1 and cfg.vocab_size == 128
+  # 'auto': a class token exactly when there is more than one class; the shapes parity preset has one.
+  assert tokenize.use_class_token(load_config('smoke'), 10) and not tokenize.use_class_token(load_config('smoke'), 1)
+  parity = load_config('parity', 'configs/shapes.py')
+  assert not tokenize.use_class_token(parity, 1)
+  assert token_data.Vocab(parity.tokenize.num_codes, 0, tuple(parity.tokenize.specials)).vocab_size == 128
+  with pytest.raises(ConfigError, match='class_token'):
+    tokenize.validate(load_config('smoke', **{'tokenize.class_token': 'maybe'}))

@@ -7,7 +7,8 @@ and turned into training points with labels:
   points  = num_uniform uniform points in [-0.5, 0.5]^3, then num_surface area-weighted surface
             samples + N(0, surface_sigma^2) noise per axis (clipped to the cube), as HyperDiffusion;
   values  = occupancy (generalised winding number > 0.5, as 0/1), or sdf (exact distance to the
-            triangles, negative inside), or pm1 (NeF-GPT's -1 inside, +1 outside);
+            triangles, negative inside), or pm1 (NeF-GPT's -1 inside or within data.pm1_shell =
+            0.005 outside the surface, +1 elsewhere);
   heldout = num_heldout further uniform points with their occupancy, for IoU.
 
 Every shape draws its points from its own RNG, seeded by (seed, index of the shape in its
@@ -25,6 +26,7 @@ Config keys read (config.data unless said otherwise):
   num_surface    near-surface points per shape (parity 100_000)
   surface_sigma  std of the noise added to surface samples (parity 0.01)
   label          'occupancy' | 'sdf' | 'pm1'
+  pm1_shell      optional, label='pm1': -1 also within this distance outside (NeF-GPT 0.005; 0 = off)
   num_heldout    held-out uniform points per shape for IoU (e.g. 20_000; 0 = none)
   cache_chunk    optional, shapes per cache file (default 32)
   seed           (top level) selects the meshes, the procedural shapes and all points
@@ -34,7 +36,7 @@ above that changes the data plus the identity of the inputs (file sizes and mtim
 version); CACHE_DIR/chunk_XXXXX.npz holds `cache_chunk` consecutive shapes:
   index int64 [c]            position of each shape in the selection
   points float16 [c, n, 3]   labels are computed on these float16 values, so they agree exactly
-  occupancy uint8 [c, n]     sdf float16 [c, n] (label='sdf' only)
+  occupancy uint8 [c, n]     sdf float16 [c, n] (label='sdf', or 'pm1' with a shell)
   heldout_points float16 [c, m, 3], heldout_occupancy uint8 [c, m]
   skipped_index int64 [s], skipped_reason str [s]   unusable meshes of this chunk
 Finished chunks are reused on re-run; a cache with another fingerprint is deleted and rebuilt.
@@ -255,14 +257,24 @@ def _prepare(src: _Source, d, seed: int, pos: int, normalize: str):
   return v, f, _quantize(pts), _quantize(held)
 
 
-def _label(v, f, pts16, held16, label_mode: str) -> dict:
+def pm1_shell(d) -> float:
+  """NeF-GPT's inflation of its +-1 labels: points within this distance outside the surface are
+  labelled -1 too (`sd <= 0.005`); 0 = none. Only for label='pm1'."""
+  return float(d.get('pm1_shell', 0.0)) if d.label == 'pm1' else 0.0
+
+
+def _needs_sdf(d) -> bool:
+  return d.label == 'sdf' or pm1_shell(d) > 0
+
+
+def _label(v, f, pts16, held16, label_mode: str, need_sdf: bool = False) -> dict:
   """Occupancy (and sdf) of the training and held-out points of one shape, in one pass."""
   pts, held = pts16.astype(np.float32), held16.astype(np.float32)
   wn = geometry.winding_number(np.concatenate([pts, held]), v, f)
   inside = wn > 0.5
   out = {'points': pts16, 'occupancy': inside[:len(pts)].astype(np.uint8),
          'heldout_points': held16, 'heldout_occupancy': inside[len(pts):].astype(np.uint8)}
-  if label_mode == 'sdf':
+  if label_mode == 'sdf' or need_sdf:
     dist = geometry.unsigned_distance(pts, v, f)
     out['sdf'] = np.where(inside[:len(pts)], -dist, dist).astype(np.float16)
   return out
@@ -278,7 +290,7 @@ def _process_chunk(src: _Source, d, seed: int, positions: list[int], pool) -> di
       skipped_index.append(pos)
       skipped_reason.append(prepared)
       continue
-    done.append((pos, _label(*prepared, d.label)))
+    done.append((pos, _label(*prepared, d.label, _needs_sdf(d))))
   n, m = int(d.num_uniform) + int(d.num_surface), int(d.num_heldout)
   arrays = {
       'index': np.array([p for p, _ in done], np.int64),
@@ -291,7 +303,7 @@ def _process_chunk(src: _Source, d, seed: int, positions: list[int], pool) -> di
       'skipped_index': np.array(skipped_index, np.int64),
       'skipped_reason': np.array(skipped_reason, dtype=np.str_) if skipped_reason else np.zeros((0,), '<U1'),
   }
-  if d.label == 'sdf':
+  if _needs_sdf(d):
     arrays['sdf'] = np.stack([a['sdf'] for _, a in done]) if done else np.zeros((0, n), np.float16)
   return arrays
 
@@ -306,6 +318,7 @@ def fingerprint(config, src: _Source) -> dict:
         'synsets': list(d.synsets), 'num_fields': int(d.num_fields), 'normalize': d.normalize,
         'extent': EXTENT, 'num_uniform': int(d.num_uniform), 'num_surface': int(d.num_surface),
         'surface_sigma': float(d.surface_sigma), 'label': d.label, 'num_heldout': int(d.num_heldout),
+        'pm1_shell': pm1_shell(d),
         'cache_chunk': int(d.get('cache_chunk', DEFAULT_CACHE_CHUNK)), 'inputs': src.identity,
         'selection': hashlib.sha256(json.dumps([src.ids.tolist(), src.names]).encode()).hexdigest()[:16]}
   return json.loads(json.dumps(fp))
@@ -401,7 +414,11 @@ def _assemble(config, src: _Source, chunks: list[dict]) -> ShapeSet:
   if d.label == 'sdf':
     values = np.concatenate([c['sdf'] for c in chunks]).astype(np.float32)
   elif d.label == 'pm1':
-    values = 1.0 - 2.0 * occupancy   # NeF-GPT's sign: -1 inside, +1 outside
+    inside = occupancy > 0.5
+    shell = pm1_shell(d)
+    if shell > 0:      # NeF-GPT: sd <= shell -> -1, i.e. inside or within `shell` outside the surface
+      inside |= np.concatenate([c['sdf'] for c in chunks]).astype(np.float32) <= shell
+    values = np.where(inside, -1.0, 1.0).astype(np.float32)   # NeF-GPT's sign: -1 inside, +1 outside
   else:
     values = occupancy
   ids = src.ids[index]

@@ -82,6 +82,7 @@ def get_config(arg=None):
   c.data.surface_sigma = 0.01
   c.data.num_heldout = 8192        # extra uniform points per shape for the held-out IoU
   c.data.label = 'occupancy'       # occupancy (winding number > 0.5) | sdf | pm1 (NeF-GPT: -1 inside)
+  c.data.pm1_shell = 0.005         # pm1: -1 also within this distance outside the surface (NeF-GPT's sd <= 0.005)
   c.data.cache_dir = ''            # '' = WORKDIR/shape_data (points computed once, reused)
   c.data.cache_chunk = 32
 
@@ -123,11 +124,14 @@ def get_config(arg=None):
   c.evaluate.points_per_cloud = 2048
   c.evaluate.normalize = 'shape_unit'   # HyperDiffusion: per-cloud mean and std
   c.evaluate.mesh_resolution = 64       # grid for meshing sampled and reference fields (HD: 356 at logit 1.386)
+  c.evaluate.occupancy_level = 0.5      # logit fields: mesh where p = this (0.5 = the fields' surface; HD: 0.8)
   c.evaluate.bootstrap = False          # NeF-GPT's 32-vs-32 bootstrap as well
   c.evaluate.baseline_noise = 0.1
   c.evaluate.headline_top_k = 3
   c.evaluate.headline_temperature = 0.8
-  c.evaluate.pointnet_weights = ''      # FPD needs PointNet++ weights; '' = not computed (said in the summary)
+  c.evaluate.pointnet_weights = ''      # FPD: PointNet++ SSG ModelNet40 checkpoint (best_model.pth of
+                                        # yanx27/Pointnet_Pointnet2_pytorch, pointnet2_ssg_wo_normals;
+                                        # read without torch); '' = not computed (said in the summary)
   c.evaluate.num_neighbours = 8
 
   c.tokenize.num_codes = 255
@@ -203,5 +207,8 @@ def get_config(arg=None):
       c.field = _field((1.0, 2.0, 4.0, 8.0), (128, 128, 128))
       fit.points_per_step = 2048
       fit.chunk_size = 512
+      # HyperDiffusion's test meshes: 356^3 at p = 0.8 (logit 1.386).
+      c.evaluate.mesh_resolution = 356
+      c.evaluate.occupancy_level = 0.8
   c.lock()
   return c

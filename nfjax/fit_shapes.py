@@ -101,14 +101,18 @@ def validate(config) -> mlp.FieldSpec:
   return spec
 
 
+def shape_cache_dir(config, workdir: str) -> str:
+  """Where the shapes' points are cached: data.cache_dir, or WORKDIR/shape_data."""
+  return config.data.get('cache_dir', '') or os.path.join(workdir, 'shape_data')
+
+
 def load_data(config, workdir: str):
-  """The ShapeSet to fit (nfjax.data.shapes.load), cached under data.cache_dir or WORKDIR/shape_data."""
+  """The ShapeSet to fit (nfjax.data.shapes.load), cached under shape_cache_dir(config, workdir)."""
   try:
     from nfjax.data import shapes as shape_data
   except ImportError as e:
     raise DataError("data.kind='shape' needs the shape data module nfjax/data/shapes.py") from e
-  cache = config.data.get('cache_dir', '') or os.path.join(workdir, 'shape_data')
-  return shape_data.load(config, cache)
+  return shape_data.load(config, shape_cache_dir(config, workdir))
 
 
 def check_data(config, spec: mlp.FieldSpec, data) -> tuple:

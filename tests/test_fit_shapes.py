@@ -66,7 +66,7 @@ def synthetic_shapes(n: int, points: int = 2048, heldout: int = 4096, label: str
     vals.append(v)
     hps.append(hp)
     hos.append((sdf(hp) < 0).astype(np.float32))
-  extra = {f.name: None for f in dataclasses.fields(ShapeSet) if f.name == 'meshes'}  # no meshes to give
+  extra = {'meshes': None}  # no meshes to give
   return ShapeSet(points=np.stack(pts), values=np.stack(vals), heldout_points=np.stack(hps),
                   heldout_occupancy=np.stack(hos), labels=(np.arange(n) % 2).astype(np.int32),
                   source_index=np.arange(n, dtype=np.int64), names=[f'shape{i}' for i in range(n)],

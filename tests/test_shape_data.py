@@ -369,6 +369,85 @@ def test_cache_resume_and_fingerprint(tmp_path, monkeypatch):
   assert not np.array_equal(changed.points, first.points)
 
 
+
+def _assert_same_shapes(cat, data):
+  assert isinstance(cat, shapes.ShapeCatalog) and len(cat) == len(data)
+  assert cat.names == data.names and cat.skipped == data.skipped and cat.source == data.source
+  assert cat.class_names == data.class_names and cat.num_classes == data.num_classes
+  assert cat.label_mode == data.label_mode
+  np.testing.assert_array_equal(cat.labels, data.labels)
+  np.testing.assert_array_equal(cat.source_index, data.source_index)
+  assert cat.labels.dtype == data.labels.dtype and cat.source_index.dtype == data.source_index.dtype
+  for i in (0, len(data) - 1):
+    for a, b in zip(cat.meshes[i], data.meshes[i]):
+      np.testing.assert_array_equal(a, b)
+
+
+def _no_points_read(monkeypatch):
+  """Fails on any read of a cached chunk's points; returns the keys read from .npz files."""
+  read = []
+  real = np.lib.npyio.NpzFile.__getitem__
+
+  def getitem(self, key):
+    read.append(key)
+    return real(self, key)
+
+  def full_read(*a):
+    raise AssertionError('the catalog read a whole cache chunk')
+
+  monkeypatch.setattr(np.lib.npyio.NpzFile, '__getitem__', getitem)
+  monkeypatch.setattr(shapes, '_read_chunk', full_read)
+  monkeypatch.setattr(shapes, '_process_chunk', full_read)
+  return read
+
+
+def test_catalog_is_the_cached_selection_without_points(tmp_path, monkeypatch):
+  cache = str(tmp_path / 'cache')
+  config = _config(num_fields=6, label='pm1')
+  data = shapes.load(config, cache)
+  with monkeypatch.context() as m:
+    read = _no_points_read(m)
+    cat = shapes.catalog(config, cache, stage='evaluate')
+  assert read and set(read) <= set(shapes.CATALOG_KEYS)
+  _assert_same_shapes(cat, data)
+  assert not hasattr(cat, 'points')
+
+
+def test_catalog_keeps_skipped_meshes(tmp_path, monkeypatch):
+  root = tmp_path / 'meshes'
+  for name in ('a.obj', 'b.off', 'd.ply'):
+    _write_cube(str(root / name))
+  (root / 'c_empty.obj').write_text('')
+  (root / 'e_corrupt.off').write_text('OFF\n8 6 0\n0 0 oops\n')
+  config = _config(source='meshes', mesh_dir=str(root), num_fields=-1, cache_chunk=2)
+  cache = str(tmp_path / 'cache')
+  data = shapes.load(config, cache)
+  with monkeypatch.context() as m:
+    read = _no_points_read(m)
+    cat = shapes.catalog(config, cache)
+  assert set(read) <= set(shapes.CATALOG_KEYS)
+  _assert_same_shapes(cat, data)
+  assert [s['name'] for s in cat.skipped] == ['c_empty', 'e_corrupt']
+  np.testing.assert_array_equal(cat.source_index, [0, 1, 3])
+
+
+def test_catalog_needs_a_finished_cache(tmp_path, monkeypatch):
+  monkeypatch.setattr(shapes, '_process_chunk', lambda *a: pytest.fail('the catalog computed points'))
+  cache = str(tmp_path / 'cache')
+  with pytest.raises(DataError, match='fit stage'):
+    shapes.catalog(_config(num_fields=6), cache)
+  monkeypatch.undo()
+  shapes.load(_config(num_fields=6), cache)
+  with pytest.raises(DataError, match=r'other settings \(.*num_uniform.*fit stage'):
+    shapes.catalog(_config(num_fields=6, num_uniform=999), cache)
+  os.remove(os.path.join(cache, 'chunk_00001.npz'))
+  with pytest.raises(DataError, match=r'chunk_00001\.npz is missing.*fit stage'):
+    shapes.catalog(_config(num_fields=6), cache)
+  with open(os.path.join(cache, 'chunk_00001.npz'), 'wb') as f:
+    f.write(b'not a zip file')
+  with pytest.raises(DataError, match='unreadable.*fit stage'):
+    shapes.catalog(_config(num_fields=6), cache)
+
 def test_validate_errors():
   shapes.validate(_config())
   bad = [dict(label='logits'), dict(normalize='unit'), dict(source='tfds'), dict(synsets=('car',)),

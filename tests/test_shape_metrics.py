@@ -138,7 +138,7 @@ def test_bootstrap_and_novelty():
 def test_fpd():
   value, reason = sm.fpd(_clouds(4, 16, 0), _clouds(4, 16, 1))
   assert value is None and reason == sm.FPD_NOT_COMPUTED
-  with pytest.raises(NfjaxError, match='FPD needs'):
+  with pytest.raises(NfjaxError, match="'/x/best_model.pth' do not exist"):
     sm.fpd(_clouds(4, 16, 0), _clouds(4, 16, 1), pointnet_weights='/x/best_model.pth')
   f = np.random.default_rng(0).normal(size=(200, 8))
   assert sm.fpd_from_features(f, f) == pytest.approx(0.0, abs=1e-6)

@@ -128,6 +128,20 @@ def test_rerun_skips_and_new_samples_are_evaluated_again(pipeline):
   w = np.load(os.path.join(workdir, 'samples', 'topk3_t0.8', 'weights.npy'))[:7]
   np.testing.assert_array_equal(fields.weights[ps['nn_weight_field']], w)
 
+  # PointNet++ weights given (random ones: only the wiring is tested): FPD for every row; a file
+  # that is not PointNet++ is refused before any work.
+  from nfjax.evaluate import pointnet2
+  pn = os.path.join(workdir, 'pointnet.npz')
+  np.savez(pn, **pointnet2.random_state_dict(0))
+  shutil.rmtree(evd)        # another evaluate config: a fresh eval/ (the stage refuses to mix configs)
+  ev = stage.run(_config(**{'evaluate.pointnet_weights': pn}), workdir)
+  assert ev['fpd'] == ev['settings']['topk3_t0.8']['fpd'] and pn in ev['fpd_note']
+  for r in (*ev['settings'].values(), ev['reference'], ev['baseline']):
+    assert r['fpd'] is not None and r['fpd'] >= -1e-6
+  np.savez(pn, x=np.zeros(3))
+  with pytest.raises(DataError, match='not a PointNet'):
+    stage.run(_config(**{'evaluate.pointnet_weights': pn}), workdir)
+
 
 def _procedural(classes=4, per_class=3):
   from nfjax.data import procedural
@@ -150,8 +164,10 @@ def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_bad
   raw, kept = sm.sample_clouds(meshes, 256, seed=0)
   assert len(kept) == 12
   ref_pos = np.arange(8)                              # 2 references per class
+  from nfjax.evaluate import pointnet2
+  pointnet = pointnet2.params_from_state_dict(pointnet2.random_state_dict(0))   # random weights: FPD wiring only
   ev = shapes.ShapeEvaluator(raw, labels, weights, ref_pos, 'shape_unit', None, procedural.CLASSES, seed=0,
-                             points=256)
+                             points=256, pointnet=pointnet)
   pool = np.arange(12)
 
   # The references themselves (then extra shapes past N_ref, and empty meshes): identical clouds.
@@ -163,6 +179,7 @@ def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_bad
   assert r['num_evaluated'] == 8                      # the first N_ref non-empty shapes
   assert r['mmd_cd'] == 0.0 and r['cov'] == 1.0 and r['1nna'] == 0.0   # twins: 1-NNA 0, not 0.5
   assert r['class_cov'] == {name: 1.0 for name in procedural.CLASSES}
+  assert r['fpd'] == pytest.approx(0.0, abs=1e-3)     # same clouds, same seeded FPS: same features
   assert r['novelty']['nn_shape_cd']['min'] == 0.0 and r['novelty']['nn_class_accuracy'] == 1.0
   np.testing.assert_array_equal(ps['nn_shape_position'][:8], np.arange(8))
   assert list(ps['nonempty']) == [True] * 8 + [False, True, False]
@@ -173,10 +190,12 @@ def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_bad
   c, _ = ev.measure('collapse', [meshes[0]] * 8, np.zeros(8, np.int32), weights[[0] * 8], pool)
   assert c['cov'] <= 2 / 8 and c['mmd_cd'] > 10 * r['mmd_cd'] + 0.01 and c['1nna'] > 0.5
   assert c['class_cov']['plane'] >= 0.5 and [c['class_cov'][k] for k in ('chair', 'table', 'lamp')] == [0.0] * 3
+  assert c['fpd'] > 0.01
 
   # Nothing to compare: no metrics, no crash.
   n, _ = ev.measure('empty', [empty] * 3, np.zeros(3, np.int32), weights[:3], pool)
   assert n['num_empty'] == 3 and n['num_evaluated'] == 0 and n['mmd_cd_x100'] is None and n['cov'] is None
+  assert n['fpd'] is None
 
   # HyperDiffusion's 1.1x: N_ref = floor(S / 1.1) references for S samples.
   assert [shapes.reference_count(s) for s in (8, 100, 1000)] == [7, 90, 909]
@@ -188,3 +207,20 @@ def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_bad
   for (v0, f0), (v1, f1) in zip(own[6:], back):
     np.testing.assert_array_equal(v0, v1)
     np.testing.assert_array_equal(f0, f1)
+
+
+def test_evaluate_mesh_level_hyperdiffusion_option():
+  from nfjax.errors import ConfigError
+  from nfjax.evaluate import shapes
+  from nfjax.fields import meshing, mlp
+  spec = mlp.FieldSpec.from_dict(dict(load_config('parity_hd', SHAPES).field))
+  meta = {'loss': 'bce', 'surface': {'level': 0.0, 'inside': 'above'}}
+  assert shapes.mesh_level(_config(), meta, spec) == (0.0, 'above')        # 0.5: the fields' surface
+  hd = load_config('parity_hd', SHAPES)
+  assert hd.evaluate.mesh_resolution == meshing.HYPERDIFFUSION_TEST_RESOLUTION
+  level, inside = shapes.mesh_level(hd, meta, spec)
+  assert level == pytest.approx(meshing.HYPERDIFFUSION_TEST_LEVEL, abs=1e-3) and inside == 'above'
+  with pytest.raises(ConfigError, match="fit.loss='mse'"):
+    shapes.mesh_level(hd, {'loss': 'mse', 'surface': {'level': 0.0, 'inside': 'below'}}, spec)
+  with pytest.raises(ConfigError, match='occupancy_level'):
+    shapes.validate(_config(**{'evaluate.occupancy_level': 1.0}))

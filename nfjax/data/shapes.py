@@ -41,6 +41,10 @@ version); CACHE_DIR/chunk_XXXXX.npz holds `cache_chunk` consecutive shapes:
   skipped_index int64 [s], skipped_reason str [s]   unusable meshes of this chunk
 Finished chunks are reused on re-run; a cache with another fingerprint is deleted and rebuilt.
 float16 has a spacing of 2^-12 = 0.00024 in [0.25, 0.5): far below the surface noise (0.01).
+
+`catalog(config, cache_dir)` gives the same shapes as `load` (a ShapeCatalog: names, labels,
+source indices, skipped meshes, the reference meshes) from a finished cache, reading only the small
+`index` / `skipped_*` arrays of each chunk, never the points: for stages after fit.
 """
 
 from __future__ import annotations
@@ -91,11 +95,8 @@ class ShapeMeshes:
 
 
 @dataclasses.dataclass
-class ShapeSet:
-  points: np.ndarray             # [N, n, 3] float32 in [-0.5, 0.5]^3: num_uniform uniform, then near-surface
-  values: np.ndarray             # [N, n] float32: occupancy 0/1, sdf (negative inside) or pm1 (-1 inside)
-  heldout_points: np.ndarray     # [N, m, 3] float32 uniform points drawn apart from `points`, for IoU
-  heldout_occupancy: np.ndarray  # [N, m] float32 0/1, whatever the label mode
+class ShapeCatalog:
+  """The shapes a config selects that have usable meshes, without their points (see `catalog`)."""
   labels: np.ndarray             # [N] int32 class
   source_index: np.ndarray       # [N] int64 index of the shape in its source (mesh list / procedural index)
   names: list[str]               # per shape: 'plane_00017' or '<synset>/<model_id>'
@@ -108,6 +109,15 @@ class ShapeSet:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShapeSet(ShapeCatalog):
+  """A ShapeCatalog plus every shape's training and held-out points (keyword construction)."""
+  points: np.ndarray             # [N, n, 3] float32 in [-0.5, 0.5]^3: num_uniform uniform, then near-surface
+  values: np.ndarray             # [N, n] float32: occupancy 0/1, sdf (negative inside) or pm1 (-1 inside)
+  heldout_points: np.ndarray     # [N, m, 3] float32 uniform points drawn apart from `points`, for IoU
+  heldout_occupancy: np.ndarray  # [N, m] float32 0/1, whatever the label mode
 
 
 @dataclasses.dataclass
@@ -346,13 +356,29 @@ def _claim_cache(cache_dir: str, fp: dict, num_chunks: int) -> None:
   io.write_json(path, {'fingerprint': fp, 'num_chunks': num_chunks, 'format': __name__})
 
 
+CATALOG_KEYS = ('index', 'skipped_index', 'skipped_reason')   # the small arrays of a cache chunk
+
+
+def _read_npz(path: str, keys=None) -> dict:
+  """The arrays `keys` (all by default) of an .npz file; np.load reads a key only when asked for it."""
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in (z.files if keys is None else keys)}
+
+
 def _read_chunk(path: str) -> dict | None:
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return _read_npz(path)
   except (OSError, ValueError, KeyError) as e:  # a damaged file is recomputed, not trusted
     log(STAGE, f"shape cache file {path} is unreadable ({type(e).__name__}); recomputing it")
     return None
+
+
+def _plan(config) -> tuple[_Source, int, int]:
+  """(source, shapes per cache chunk, number of chunks) of a config; validates it first."""
+  validate(config)
+  src = _source(config)
+  chunk = int(config.data.get('cache_chunk', DEFAULT_CACHE_CHUNK))
+  return src, chunk, -(-len(src.ids) // chunk)
 
 
 def load(config, cache_dir: str | None = None) -> ShapeSet:
@@ -362,13 +388,10 @@ def load(config, cache_dir: str | None = None) -> ShapeSet:
   everything is computed in memory. Unusable meshes are logged and listed in `skipped`; no usable
   mesh at all raises DataError.
   """
-  validate(config)
   d = config.data
   seed = int(config.seed)
-  src = _source(config)
+  src, chunk, num_chunks = _plan(config)
   total = len(src.ids)
-  chunk = int(d.get('cache_chunk', DEFAULT_CACHE_CHUNK))
-  num_chunks = -(-total // chunk)
   if cache_dir:
     _claim_cache(cache_dir, fingerprint(config, src), num_chunks)
   log(STAGE, f"{total} shapes from {src.source} ({', '.join(src.class_names)}); "
@@ -398,17 +421,66 @@ def load(config, cache_dir: str | None = None) -> ShapeSet:
   return _assemble(config, src, chunks)
 
 
-def _assemble(config, src: _Source, chunks: list[dict]) -> ShapeSet:
-  d = config.data
+def catalog(config, cache_dir: str, stage: str | None = None) -> ShapeCatalog:
+  """The shapes `load(config, cache_dir)` gives (same selection, order, skipped meshes), without
+  their points: from a cache the fit stage finished, reading only each chunk's CATALOG_KEYS.
+
+  DataError (run the fit stage) where the cache is missing, incomplete, unreadable or was built with
+  other settings; nothing is computed. `stage`: the log tag of a summary line (None: silent).
+  """
+  src, chunk, num_chunks = _plan(config)
+  total = len(src.ids)
+  hint = "; run the fit stage with this config first (it computes and caches the shapes)"
+  manifest = os.path.join(cache_dir, 'manifest.json')
+  try:
+    old = io.read_json(manifest).get('fingerprint')
+  except (OSError, ValueError, AttributeError):
+    raise DataError(f"no finished shape cache in {cache_dir} (manifest.json missing or unreadable){hint}") from None
+  fp = fingerprint(config, src)
+  if old != fp:
+    changes = '; '.join(cfg_utils.diff(old or {}, fp)[:6])
+    raise DataError(f"shape cache {cache_dir} was built with other settings ({changes}){hint}")
+  chunks = []
+  for k in range(num_chunks):
+    path = _chunk_path(cache_dir, k)
+    try:
+      c = _read_npz(path, CATALOG_KEYS)
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f"shape cache {cache_dir} is incomplete: {os.path.basename(path)} is missing or unreadable "
+                      f"({type(e).__name__}){hint}") from None
+    positions = list(range(k * chunk, min(total, (k + 1) * chunk)))
+    if sorted(c['index'].tolist() + c['skipped_index'].tolist()) != positions:
+      raise DataError(f"shape cache {cache_dir}: {os.path.basename(path)} does not hold shapes "
+                      f"{positions[0]}..{positions[-1]}{hint}")
+    chunks.append(c)
+  cat = _catalog(config, src, chunks, stage)
+  if stage:
+    log(stage, f"{len(cat)} shapes from {cat.source} ({', '.join(cat.class_names)}), as cached in {cache_dir}")
+  return cat
+
+
+def _catalog(config, src: _Source, chunks: list[dict], stage: str | None) -> ShapeCatalog:
+  """The usable shapes of finished chunks (their `index` / `skipped_*` arrays), in selection order;
+  DataError when none is usable. `stage`: the log tag of the skipped-meshes warning (None: silent)."""
   index = np.concatenate([c['index'] for c in chunks]).astype(np.int64)
   skipped = [{'index': int(src.ids[p]), 'name': src.names[p], 'reason': str(r)}
              for c in chunks for p, r in zip(c['skipped_index'], c['skipped_reason'])]
   if len(index) == 0:
     reasons = '; '.join(s['reason'] for s in skipped[:3])
     raise DataError(f"no usable shape in {src.source}: all {len(skipped)} meshes were skipped ({reasons})")
-  if skipped:
-    log(STAGE, f"WARNING: {len(skipped)} of {len(src.ids)} shape(s) skipped (unreadable or empty meshes), "
+  if skipped and stage:
+    log(stage, f"WARNING: {len(skipped)} of {len(src.ids)} shape(s) skipped (unreadable or empty meshes), "
                f"e.g. {skipped[0]['name']}: {skipped[0]['reason']}")
+  ids = src.ids[index]
+  return ShapeCatalog(
+      labels=src.labels[index], source_index=ids, names=[src.names[p] for p in index], source=src.source,
+      num_classes=len(src.class_names), class_names=list(src.class_names), skipped=skipped,
+      meshes=ShapeMeshes(src.get, ids, config.data.normalize), label_mode=config.data.label)
+
+
+def _assemble(config, src: _Source, chunks: list[dict]) -> ShapeSet:
+  d = config.data
+  cat = _catalog(config, src, chunks, STAGE)
   points = np.concatenate([c['points'] for c in chunks]).astype(np.float32)
   occupancy = np.concatenate([c['occupancy'] for c in chunks]).astype(np.float32)
   if d.label == 'sdf':
@@ -421,11 +493,8 @@ def _assemble(config, src: _Source, chunks: list[dict]) -> ShapeSet:
     values = np.where(inside, -1.0, 1.0).astype(np.float32)   # NeF-GPT's sign: -1 inside, +1 outside
   else:
     values = occupancy
-  ids = src.ids[index]
   return ShapeSet(
       points=points, values=values,
       heldout_points=np.concatenate([c['heldout_points'] for c in chunks]).astype(np.float32),
       heldout_occupancy=np.concatenate([c['heldout_occupancy'] for c in chunks]).astype(np.float32),
-      labels=src.labels[index], source_index=ids, names=[src.names[p] for p in index],
-      source=src.source, num_classes=len(src.class_names), class_names=list(src.class_names),
-      skipped=skipped, meshes=ShapeMeshes(src.get, ids, d.normalize), label_mode=d.label)
+      **{f.name: getattr(cat, f.name) for f in dataclasses.fields(ShapeCatalog)})

@@ -20,7 +20,8 @@ Protocol, as HyperDiffusion's `calc_metrics('test')` runs it:
      `mmd_cd_x100`), COV = fraction of references that are some generated cloud's nearest,
      1-NNA = leave-one-out 1-NN accuracy over the union (0.5 ideal; below 0.5 when the generated
      clouds are copies of the references): `nfjax.evaluate.image_metrics.mmd_cov` / `one_nna`.
-  5. FPD needs PointNet++ features, which nfjax does not compute (see `fpd`).
+  5. FPD: the Fréchet distance of PointNet++ features of the same normalised clouds, when the
+     user gives the PointNet++ checkpoint (`fpd`, `nfjax.evaluate.pointnet2`).
 
 NeF-GPT's variant (`bootstrap`): 32 generated vs 32 reference clouds drawn with replacement,
 metrics averaged over 32 rounds (here: mean and std). Novelty (`nearest_training`): each generated
@@ -269,20 +270,28 @@ def nearest_training(gen_clouds: np.ndarray, train_clouds: np.ndarray, normalize
 # FPD.
 
 def fpd_from_features(gen_features: np.ndarray, ref_features: np.ndarray) -> float:
-  """Fréchet distance between feature sets [n, d] (HyperDiffusion: PointNet++ fc2 features, d=256)."""
+  """Fréchet distance between feature sets [n, d] (HyperDiffusion: PointNet++ fc2 features, d=256):
+  float64, per-dimension means, unbiased covariances."""
   return image_metrics.frechet_distance(gen_features, ref_features)
 
 
-def fpd(gen_clouds: np.ndarray, ref_clouds: np.ndarray, pointnet_weights: str | None = None
-        ) -> tuple[float | None, str]:
-  """Fréchet PointNet++ Distance -> (value or None, reason).
+def fpd(gen_clouds: np.ndarray, ref_clouds: np.ndarray, pointnet_weights: str | None = None,
+        normalize: str = 'shape_unit', seed: int = 0) -> tuple[float | None, str]:
+  """Fréchet PointNet++ Distance of raw clouds [Ng, n, 3] and [Nr, n, 3] -> (value or None, note).
 
-  Without weights: (None, FPD_NOT_COMPUTED). nfjax has no PointNet++ feature extractor; with a
-  weights path it raises NfjaxError instead of returning a number that would not be FPD. Given
-  features from elsewhere, use `fpd_from_features`.
+  Without weights: (None, FPD_NOT_COMPUTED). With the path of the PointNet++ SSG ModelNet40
+  checkpoint (.pth, read without torch, or .npz): both sets normalised as for Chamfer, 256-d
+  features (`nfjax.evaluate.pointnet2`), `fpd_from_features`.
   """
   if not pointnet_weights:
     return None, FPD_NOT_COMPUTED
-  raise NfjaxError(f"FPD needs PointNet++ (SSG, ModelNet40) feature extraction, which nfjax does not "
-                   f"implement; got evaluate.pointnet_weights={pointnet_weights!r}. Compute the 256-d fc2 "
-                   "features elsewhere and call shape_metrics.fpd_from_features.")
+  from nfjax.evaluate import pointnet2
+  params = pointnet2.load(pointnet_weights)
+  gen, ref = _prepare(gen_clouds, ref_clouds, normalize, match_ref=False)
+  return (fpd_from_features(pointnet2.features(params, gen, seed), pointnet2.features(params, ref, seed)),
+          fpd_note(pointnet_weights))
+
+
+def fpd_note(pointnet_weights: str) -> str:
+  return (f"PointNet++ SSG fc2 features (256-d) of the normalised clouds, weights {pointnet_weights}; "
+          "FPS starts seeded (HyperDiffusion's are unseeded)")

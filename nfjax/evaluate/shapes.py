@@ -12,7 +12,9 @@ and for two context rows measured the same way against the same references, it r
   novelty                   squared Chamfer distance to the nearest training shape (its source
                             mesh), whether that shape has the conditioning class, and L2 to the
                             nearest training weight vector
-  FPD                       not computed (no PointNet++ in nfjax): `"fpd": null` and the reason
+  FPD                       Fréchet distance of PointNet++ features of the same normalised clouds
+                            (compared samples vs references), when evaluate.pointnet_weights names
+                            the PointNet++ SSG ModelNet40 checkpoint; else `"fpd": null` and why
 
 The sets:
   references  N_ref source meshes of training shapes (a seeded subset of the good fields' shapes);
@@ -78,9 +80,16 @@ def validate(config) -> None:
   cfg_utils.check_positive(config, 'evaluate.baseline_noise', allow_zero=True)
   cfg_utils.check_positive(config, 'evaluate.num_neighbours', allow_zero=True)
   cfg_utils.check_choice(config, 'evaluate.normalize', sm.NORMALIZATIONS)
+  p = float(cfg_utils.get(config, 'evaluate.occupancy_level'))
+  if not 0.0 < p < 1.0:
+    raise ConfigError(f"config key evaluate.occupancy_level={p!r} must be a probability in (0, 1) "
+                      f"(0.5: the fields' own surface; HyperDiffusion's test meshes: 0.8)")
   for key in ('evaluate.bootstrap', 'evaluate.headline_top_k', 'evaluate.headline_temperature'):
     cfg_utils.get(config, key)
-  sm.fpd(None, None, cfg_utils.get(config, 'evaluate.pointnet_weights'))  # weights given: a clear error now
+  weights = cfg_utils.get(config, 'evaluate.pointnet_weights')
+  if weights:
+    from nfjax.evaluate import pointnet2
+    pointnet2.load(weights)        # missing / unreadable / not PointNet++ SSG: one clear error, now
   sharding.mesh_shape(config.mesh)
 
 
@@ -94,6 +103,21 @@ def surface(meta: dict) -> tuple[float, str]:
   if s.get('inside') not in ('above', 'below') or 'level' not in s:
     raise DataError("fields/meta.json of a shape dataset has no valid 'surface' {level, inside}: re-run the fit stage")
   return float(s['level']), str(s['inside'])
+
+
+def mesh_level(config, meta: dict, spec) -> tuple[float, str]:
+  """(iso-level, inside) at which the evaluate stage meshes fields: the fields' own surface, or,
+  for occupancy-logit fields, the level of probability evaluate.occupancy_level (HyperDiffusion's
+  test meshes: 0.8, logit 1.386)."""
+  from nfjax.fields import meshing
+  level, inside = surface(meta)
+  p = float(config.evaluate.occupancy_level)
+  if abs(p - 0.5) < 1e-12:
+    return level, inside
+  if meta.get('loss') not in meshing.LOGIT_LOSSES:
+    raise ConfigError(f"evaluate.occupancy_level={p:g} needs occupancy-logit fields (fit.loss='bce'); these "
+                      f"were fitted with fit.loss={meta.get('loss')!r}: leave it at 0.5")
+  return meshing.level_for(spec, meta['loss'], p), inside
 
 
 def _paired_cd(a: np.ndarray, b: np.ndarray, mesh=None) -> np.ndarray:
@@ -116,7 +140,7 @@ class ShapeEvaluator:
   """
 
   def __init__(self, train_clouds, train_labels, train_weights, ref_pos, normalize='shape_unit', mesh=None,
-               class_names=(), seed=0, points=sm.NUM_POINTS, bootstrap=False):
+               class_names=(), seed=0, points=sm.NUM_POINTS, bootstrap=False, pointnet=None):
     self.normalize, self.mesh, self.seed, self.points = normalize, mesh, int(seed), int(points)
     self.ref_pos = np.asarray(ref_pos, np.int64)
     self.train_raw = np.asarray(train_clouds, np.float32)
@@ -134,7 +158,18 @@ class ShapeEvaluator:
     self.copy_threshold = None
     t0 = time.perf_counter()
     self.d_rr = sm.chamfer_matrix(self.ref, None, mesh=mesh)
+    self.pointnet, self.ref_features = pointnet, None
+    if pointnet is not None:     # FPD: PointNet++ features of the references, once
+      from nfjax.evaluate import pointnet2
+      self.ref_features = pointnet2.features(pointnet, self.ref, self.seed)
     self.reference_seconds = time.perf_counter() - t0
+
+  def fpd(self, gen: np.ndarray) -> float | None:
+    """FPD of normalised clouds [n, p, 3] against the references (None without PointNet++)."""
+    if self.pointnet is None or len(gen) < 2:
+      return None
+    from nfjax.evaluate import pointnet2
+    return _num(sm.fpd_from_features(pointnet2.features(self.pointnet, gen, self.seed), self.ref_features))
 
   def norm(self, clouds: np.ndarray) -> np.ndarray:
     return sm.normalize_clouds(clouds, self.normalize, self.scale)[0]
@@ -167,12 +202,13 @@ class ShapeEvaluator:
       m = sm.metrics_from_matrices(d_sr, self.d_rr, d_ss)
       result.update({k: float(v) for k, v in m.items()})
       result.update(self._class_coverage(d_sr, labels[kept[:use]]))
+      result['fpd'] = self.fpd(gen[:use])
       if self.bootstrap:
         result['bootstrap'] = sm.bootstrap(raw, self.train_raw[self.ref_pos], seed=self.seed,
                                            normalize=self.normalize, mesh=self.mesh)
     else:
       result.update({k: None for k in ('mmd_cd', 'mmd_cd_x100', 'cov', '1nna', '1nna_ref', '1nna_gen',
-                                       'mmd_smp_cd', 'class_cov_mean')})
+                                       'mmd_smp_cd', 'class_cov_mean', 'fpd')})
       result['class_cov'] = {self.class_name(c): None for c in range(self.num_classes)}
 
     # Novelty: nearest training shape (Chamfer) of every non-empty sample, nearest training weights.
@@ -202,7 +238,8 @@ class ShapeEvaluator:
     result['seconds'] = float(time.perf_counter() - t0)
     log(STAGE, f"{name}: {len(kept)}/{n} non-empty ({use} compared with {n_ref} references): "
                f"{_fmt(result, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')}, {_fmt(result, 'cov', 'COV {:.3f}')}, "
-               f"{_fmt(result, '1nna', '1-NNA {:.3f}')}; nearest training shape CD median "
+               f"{_fmt(result, '1nna', '1-NNA {:.3f}')}"
+               f"{', ' + _fmt(result, 'fpd', 'FPD {:.3f}') if self.pointnet is not None else ''}; nearest training shape CD median "
                f"{result['novelty']['nn_shape_cd']['median']:.4f} [{result['seconds']:.1f}s]")
     return result, per_sample
 
@@ -244,7 +281,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
   timings = {}
   meta = fields.meta
   spec = mlp.FieldSpec.from_dict(meta['field'])
-  level, inside = surface(meta)
+  level, inside = mesh_level(config, meta, spec)
   resolution = int(e.mesh_resolution)
   good = stage_lib._good_fields(fields)
   loaded = stage_lib._load_samples(workdir, settings, fields.params_per_field, int(e.num_samples))
@@ -255,7 +292,8 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
 
   # --- the training shapes: source meshes -> clouds; reference / held-out split ----------------
   t0 = time.perf_counter()
-  data = fit_shapes.load_data(config, workdir)
+  from nfjax.data import shapes as shape_data
+  data = shape_data.catalog(config, fit_shapes.shape_cache_dir(config, workdir), stage=STAGE)   # no points
   if data.source != meta.get('source') or len(data) != len(fields) or \
       not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):
     raise DataError(f"fields/ was fitted on {len(fields)} shapes of {meta.get('source')!r} but the config's data "
@@ -282,8 +320,12 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
   ref_pos, held_pos = np.sort(perm[:n_ref]), np.sort(perm[n_ref:n_ref + n_held])
   not_held = np.setdiff1d(np.arange(len(good)), held_pos)
   all_pool = np.arange(len(good))
+  pointnet = None
+  if e.pointnet_weights:
+    from nfjax.evaluate import pointnet2
+    pointnet = pointnet2.load(e.pointnet_weights)
   ev = ShapeEvaluator(train_raw, labels, weights, ref_pos, str(e.normalize), mesh, class_names, seed,
-                      int(e.points_per_cloud), bool(e.bootstrap))
+                      int(e.points_per_cloud), bool(e.bootstrap), pointnet)
   timings['reference_matrix'] = ev.reference_seconds
   log(STAGE, f"{len(good)} good fields: {n_ref} reference shapes, {n_held} held-out fields; {len(settings)} "
              f"setting(s), the first {n_gen} = int(1.1 x {n_ref}) samples of each; meshes at {resolution}^3, "
@@ -356,7 +398,9 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
   # --- summary ------------------------------------------------------------------------------------
   head = stage_lib._headline(settings, e)
   h = results[head]
-  fpd_value, fpd_note = sm.fpd(None, None, e.pointnet_weights or None)
+  fpd_note = sm.fpd_note(e.pointnet_weights) if pointnet is not None else sm.FPD_NOT_COMPUTED
+  if pointnet is not None and int(e.points_per_cloud) != sm.NUM_POINTS:
+    fpd_note += f"; {e.points_per_cloud}-point clouds (HyperDiffusion: {sm.NUM_POINTS})"
   notes = [f"the references are {n_ref} training shapes (HyperDiffusion: its test split, 606 planes): the set "
            f"metrics reward copies; read them beside the novelty numbers and the baseline row"]
   if n_ref < 500:
@@ -373,10 +417,11 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
       'mmd_cd_x100': h['mmd_cd_x100'], 'cov': h['cov'], '1nna': h['1nna'], 'class_cov_mean': h['class_cov_mean'],
       'num_empty': h['num_empty'], 'nn_shape_cd_median': _num(h['novelty']['nn_shape_cd']['median']),
       'copy_fraction': h['novelty']['copy_fraction'],
-      'fpd': fpd_value, 'fpd_note': fpd_note,
+      'fpd': h.get('fpd'), 'fpd_note': fpd_note,
       'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),
       'num_heldout_fields': int(n_held), 'num_fields': int(len(good)),
       'protocol': {'mesh_resolution': resolution, 'level': level, 'inside': inside,
+                   'occupancy_level': float(e.occupancy_level),
                    'points_per_cloud': int(e.points_per_cloud), 'normalize': str(e.normalize),
                    'chamfer': 'squared, mean both ways', 'generated_mult': sm.GENERATED_MULT,
                    'bootstrap': bool(e.bootstrap)},
@@ -393,7 +438,9 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: 
              f"{_fmt(reference, 'mmd_cd_x100', '{:.3f}')}, baseline {_fmt(baseline, 'mmd_cd_x100', '{:.3f}')}), "
              f"{_fmt(h, 'cov', 'COV {:.3f}')} (ceiling {_fmt(reference, 'cov', '{:.3f}')}), "
              f"{_fmt(h, '1nna', '1-NNA {:.3f}')} (ceiling {_fmt(reference, '1nna', '{:.3f}')}), "
-             f"{h['num_empty']}/{h['num_samples']} empty; FPD not computed; {summary['seconds']:.1f}s -> {stage.path}")
+             f"{h['num_empty']}/{h['num_samples']} empty; "
+             f"{_fmt(h, 'fpd', 'FPD {:.3f}') if pointnet is not None else 'FPD not computed'}"
+             f"; {summary['seconds']:.1f}s -> {stage.path}")
   return summary
 
 

@@ -275,8 +275,8 @@ def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray]
   each named weight set [len(rows), P] (e.g. fitted, tokenized); the data is read once from the cache."""
   spec = mlp.FieldSpec.from_dict(meta['field'])
   level, above = float(meta['surface']['level']), meta['surface']['inside'] == 'above'
-  data = load_data(config, workdir)
-  hp, ho = np.asarray(data.heldout_points), np.asarray(data.heldout_occupancy)
+  from nfjax.data import shapes as shape_data
+  hp, ho = shape_data.heldout(config, shape_cache_dir(config, workdir))   # not the training points
   score = jax.jit(jax.vmap(lambda p, x, o: fitting.occupancy_iou(spec, level, above, x, o, p, IOU_CHUNK)))
 
   def one(w_all: np.ndarray) -> np.ndarray:

@@ -458,3 +458,13 @@ def test_validate_errors():
       shapes.validate(_config(**overrides))
   with pytest.raises(DataError, match='not a directory'):
     shapes.load(_config(source='meshes', mesh_dir='/nonexistent/meshes'))
+
+
+def test_heldout_from_the_cache_equals_the_full_load(tmp_path):
+  cache = str(tmp_path / 'cache')
+  full = shapes.load(_config(num_fields=5), cache)
+  hp, ho = shapes.heldout(_config(num_fields=5), cache)
+  np.testing.assert_array_equal(hp, full.heldout_points)
+  np.testing.assert_array_equal(ho, full.heldout_occupancy)
+  with pytest.raises(DataError, match='fit stage'):
+    shapes.heldout(_config(num_fields=5), str(tmp_path / 'none'))

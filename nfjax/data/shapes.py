@@ -428,6 +428,23 @@ def catalog(config, cache_dir: str, stage: str | None = None) -> ShapeCatalog:
   DataError (run the fit stage) where the cache is missing, incomplete, unreadable or was built with
   other settings; nothing is computed. `stage`: the log tag of a summary line (None: silent).
   """
+  src, chunks = _finished_chunks(config, cache_dir, CATALOG_KEYS)
+  cat = _catalog(config, src, chunks, stage)
+  if stage:
+    log(stage, f"{len(cat)} shapes from {cat.source} ({', '.join(cat.class_names)}), as cached in {cache_dir}")
+  return cat
+
+
+def heldout(config, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  """(heldout_points float32 [N, m, 3], heldout_occupancy float32 [N, m]) of the usable shapes, as
+  `load` gives them, read from a finished cache without the training points (see `catalog`)."""
+  _, chunks = _finished_chunks(config, cache_dir, CATALOG_KEYS + ('heldout_points', 'heldout_occupancy'))
+  return (np.concatenate([c['heldout_points'] for c in chunks]).astype(np.float32),
+          np.concatenate([c['heldout_occupancy'] for c in chunks]).astype(np.float32))
+
+
+def _finished_chunks(config, cache_dir: str, keys: tuple[str, ...]) -> tuple[_Source, list[dict]]:
+  """The arrays `keys` of every chunk of a finished cache that matches the config (DataError if none)."""
   src, chunk, num_chunks = _plan(config)
   total = len(src.ids)
   hint = "; run the fit stage with this config first (it computes and caches the shapes)"
@@ -444,7 +461,7 @@ def catalog(config, cache_dir: str, stage: str | None = None) -> ShapeCatalog:
   for k in range(num_chunks):
     path = _chunk_path(cache_dir, k)
     try:
-      c = _read_npz(path, CATALOG_KEYS)
+      c = _read_npz(path, keys)
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f"shape cache {cache_dir} is incomplete: {os.path.basename(path)} is missing or unreadable "
                       f"({type(e).__name__}){hint}") from None
@@ -453,10 +470,7 @@ def catalog(config, cache_dir: str, stage: str | None = None) -> ShapeCatalog:
       raise DataError(f"shape cache {cache_dir}: {os.path.basename(path)} does not hold shapes "
                       f"{positions[0]}..{positions[-1]}{hint}")
     chunks.append(c)
-  cat = _catalog(config, src, chunks, stage)
-  if stage:
-    log(stage, f"{len(cat)} shapes from {cat.source} ({', '.join(cat.class_names)}), as cached in {cache_dir}")
-  return cat
+  return src, chunks
 
 
 def _catalog(config, src: _Source, chunks: list[dict], stage: str | None) -> ShapeCatalog:

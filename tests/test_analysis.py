@@ -103,6 +103,16 @@ def test_pairwise_distances():
   off = ~np.eye(3, dtype=bool)
   assert np.all(d['aligned'][off] <= d['raw'][off] + 1e-5)
   np.testing.assert_allclose(d['raw'][0, 1], np.linalg.norm(w[0] - w[1]), rtol=1e-5)
+  # A field and a copy with its hidden neurons permuted: far apart raw, identical once aligned.
+  perms = analysis.random_permutations(spec, np.random.default_rng(3))
+  assert all((p != np.arange(len(p))).any() for p in perms)
+  permuted = analysis.permute_hidden(spec, w[0], perms)
+  d = analysis.pairwise_distances(spec, np.stack([w[0], permuted, w[1]]), SHAPE)
+  scale = np.linalg.norm(w[0])
+  assert d['raw'][0, 1] > 0.5 * scale and d['raw'][1, 0] > 0.5 * scale
+  assert d['aligned'][0, 1] < 1e-4 * scale and d['aligned'][1, 0] < 1e-4 * scale
+  # Unrelated fields stay apart after alignment.
+  assert d['aligned'][0, 2] > 0.1 * d['raw'][0, 2] > 0
 
 
 def test_pick_per_class():
@@ -192,4 +202,30 @@ def test_image_grid():
   g = notebook.image_grid(imgs, labels=np.array([0, 0, 1, 1, 1, 2, 2]), per_row=2, scale=1)
   # rows: class 0 (2), class 1 (2 + 1), class 2 (2) = 4 rows of up to 2 images
   assert g.size[1] == 4 * (28 + 2) + 2
-  assert notebook.image_grid(imgs, per_row=5, scale=1).size[1] == 2 * (28 + 2) + 2
+  assert g.size[0] == 90 + 2 * (28 + 2) + 2          # row-label margin + 2 columns
+  assert notebook.image_grid(imgs, per_row=5, scale=1).size == (5 * (28 + 2) + 2, 2 * (28 + 2) + 2)
+
+  def cell(a, r, c, left=0, h=28, w=28, pad=2):
+    y, x = pad + r * (h + pad), left + pad + c * (w + pad)
+    return a[y:y + h, x:x + w]
+
+  # Content lands in its cell: black images, one white one; padding is the background (40).
+  imgs = np.zeros((7, 28, 28), np.float32)
+  imgs[3] = 1.0                                      # class 1's 2nd image -> row 1, column 1
+  a = np.asarray(notebook.image_grid(imgs, labels=np.array([0, 0, 1, 1, 1, 2, 2]), per_row=2, scale=1))
+  assert a.shape == (4 * 30 + 2, 90 + 2 * 30 + 2)
+  filled = {(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (3, 0), (3, 1)}
+  for r in range(4):
+    for c in range(2):
+      expected = 255 if (r, c) == (1, 1) else 0 if (r, c) in filled else 40
+      assert np.all(cell(a, r, c, left=90) == expected), (r, c)
+  assert np.all(a[:, 90:92] == 40) and np.all(a[:2, 90:] == 40) and np.all(a[:, -2:] == 40)
+  # Without labels, row-major placement and scaling: image 6 -> row 1, column 1, 2x2 pixel blocks.
+  imgs = np.zeros((7, 4, 4), np.float32)
+  imgs[6, 1, 2] = 1.0
+  a = np.asarray(notebook.image_grid(imgs, per_row=5, scale=2))
+  assert a.shape == (2 * (8 + 2) + 2, 5 * (8 + 2) + 2)
+  blk = cell(a, 1, 1, h=8, w=8)
+  assert np.all(blk[2:4, 4:6] == 255) and blk.sum() == 4 * 255
+  assert np.all(cell(a, 1, 2, h=8, w=8) == 40) and np.all(cell(a, 0, 0, h=8, w=8) == 0)
+  assert np.count_nonzero(a == 255) == 4 and a[a != 255].max() == 40

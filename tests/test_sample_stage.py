@@ -67,12 +67,30 @@ def test_rerun_skips_and_a_lost_setting_is_redrawn_identically(pipeline):
   from nfjax import sample
   workdir, summaries = pipeline
   assert sample.run(_config(), workdir) == json.load(open(os.path.join(workdir, 'samples', 'summary.json')))
-  d = os.path.join(workdir, 'samples', 'topk0_t1_p0.9')
-  before = np.load(os.path.join(d, 'tokens.npy'))
-  os.unlink(os.path.join(d, 'weights.npy'))          # as if the job died while writing this setting
-  os.unlink(os.path.join(workdir, 'samples', 'summary.json'))
-  sample.run(_config(), workdir)
-  np.testing.assert_array_equal(np.load(os.path.join(d, 'tokens.npy')), before)   # per-sample seeds
+  samples = os.path.join(workdir, 'samples')
+  d = os.path.join(samples, 'topk0_t1_p0.9')
+  names = ('tokens.npy', 'weights.npy', 'labels.npy')
+  before = {f: open(os.path.join(d, f), 'rb').read() for f in names}
+  kept = os.path.join(samples, 'topk3_t0.8', 'tokens.npy')
+  kept_stat, kept_bytes = os.stat(kept), open(kept, 'rb').read()
+  # As if the job died while writing this setting: its outputs (weights.npy marks it done) are gone,
+  # and so is the stage summary (which marks the stage finished).
+  for f in names:
+    os.unlink(os.path.join(d, f))
+  os.unlink(os.path.join(samples, 'summary.json'))
+  assert not any(os.path.exists(os.path.join(d, f)) for f in names)
+  again = sample.run(_config(), workdir)
+  # The lost setting was drawn again, byte for byte the same (per-sample seeds) ...
+  for f in names:
+    assert os.path.exists(os.path.join(d, f)), f
+    assert open(os.path.join(d, f), 'rb').read() == before[f], f
+  assert np.load(os.path.join(d, 'tokens.npy')).shape == (12, np.load(kept).shape[1])
+  # ... the finished one was skipped (not rewritten), and the stage is finished again.
+  st = os.stat(kept)
+  assert (st.st_ino, st.st_mtime_ns) == (kept_stat.st_ino, kept_stat.st_mtime_ns)
+  assert open(kept, 'rb').read() == kept_bytes
+  assert again == json.load(open(os.path.join(samples, 'summary.json')))
+  assert again['settings'] == summaries['sample']['settings'] and again['num_samples'] == 24
 
 
 def test_samples_do_not_depend_on_the_batch_size(pipeline, tmp_path):

@@ -189,13 +189,26 @@ def test_train_step_compiles_once(reference):
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   from nfjax import sharding
-  runs = []
+  runs, seen = [], []
   for accum in (1, 2):
     cfg, task = _tiny_task(tmp_path, **MESH_1, **{'train.grad_accum': accum, 'train.steps': 3})
     task.val = {}  # no evals: only the train step matters here
+    sizes, inner = set(), task.loss
+
+    def loss(module, batch, rng, sizes=sizes, inner=inner):
+      sizes.add(batch['tokens'].shape[0])   # trace-time: the batch size the loss really sees
+      return inner(module, batch, rng)
+    task.loss = loss
     trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
     runs.append([loss for _, loss in trainer.run()['loss_history']])
+    seen.append(sizes)
+  assert cfg.train.batch_size == 8 and len(runs[0]) == 3
+  # Accumulation really splits the batch: the loss only ever sees micro-batches of half the size ...
+  assert seen == [{8}, {4}]
+  # ... and every micro-batch counts: the mean over both equals the full-batch loss (a run that
+  # dropped a micro-batch, or did not accumulate, would not match), at every step (params too).
   np.testing.assert_allclose(runs[1], runs[0], rtol=2e-5)
+  assert len(set(runs[0])) == 3   # the loss moves, so later steps check the updated params
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):

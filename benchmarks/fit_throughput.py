@@ -16,7 +16,7 @@ architecture (561 parameters); PSNR is measured for both on the same pixel-centr
   epoch, early stop after 100 epochs without improvement. Without torch installed
   (`pip install -e .[bench]`), the same procedure runs one field at a time in JAX and the JSON says so.
 
-Shapes (--kind=shape): the fit stage's point fitter (nfjax/fit_shapes.py) on shapes from
+Shapes (--kind=shape): the fit stage's point fitter (nfjax/modalities/shapes/) on shapes from
 nfjax.data.shapes (or, until that module exists, spheres and boxes with analytic labels) with a
 parity field: `nefgpt3d` (3,712 params, tanh vs +-1 labels, MSE, 8,192 points per step) or
 `hyperdiffusion` (36,737 params, BCE on occupancy logits, 2,048 points per step); Adam lr 1e-2.
@@ -49,7 +49,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from nfjax import fit as fit_stage  # noqa: E402
+from nfjax import modalities  # noqa: E402
+from nfjax.configs import checks  # noqa: E402
+from nfjax.fields import stack  # noqa: E402
+from nfjax.modalities import shapes as shape_modality  # noqa: E402
+from nfjax.modalities.images import psnr_score  # noqa: E402
 from nfjax import sharding  # noqa: E402
 from nfjax.data import images as image_data  # noqa: E402
 from nfjax.fields import fitting, mlp  # noqa: E402
@@ -101,12 +105,12 @@ def _pick_baseline(kind: str) -> str:
 def _time_chunks(fitter, steps: int, targets, n: int, chunk: int, shared, label: str = 'fields'):
   """Fit n fields in chunks (compiled beforehand); returns (quality [n], seconds, calls)."""
   pad_to = fitter.padded_size(chunk)
-  fitter.compile(steps, pad_to, fit_stage.take(targets, np.arange(1)))
+  fitter.compile(steps, pad_to, stack.take(targets, np.arange(1)))
   t0 = time.perf_counter()
   quality, calls = [], 0
   for lo in range(0, n, chunk):
     ids = np.arange(lo, min(n, lo + chunk))
-    _, _, q = fitter.fit(steps, fit_stage.take(targets, ids), fit_stage._field_keys(0, ids), shared, pad_to=pad_to)
+    _, _, q = fitter.fit(steps, stack.take(targets, ids), stack.field_keys(0, ids), shared, pad_to=pad_to)
     quality.append(q)
     calls += 1
     print(f"  nfjax: {ids[-1] + 1}/{n} {label}", flush=True)
@@ -258,7 +262,7 @@ def jax_per_shape_baseline(rows, shared: np.ndarray, spec: mlp.FieldSpec, config
   """The same per-shape procedure without torch: one shape at a time through a jitted fit_points."""
   coords, values, held_pts, held_occ = rows
   steps = int(config.fit.steps)
-  fit_fn = jax.jit(lambda p, x, y, k: fitting.fit_points(spec, config.fit, steps, p, x, y, k)[0])
+  fit_fn = jax.jit(lambda p, x, y, k: fitting.fit_points(spec, config.fit, steps, p, x, y, k, int(config.fit.points_per_step))[0])
   iou_fn = jax.jit(lambda p, x, o: fitting.occupancy_iou(spec, level, inside_above, x, o, p))
   ious, times = [], []
   for i in range(len(coords)):
@@ -272,14 +276,14 @@ def jax_per_shape_baseline(rows, shared: np.ndarray, spec: mlp.FieldSpec, config
 
 
 def _shape_config(args):
-  """A shapes fit config with the chosen parity field (every key nfjax/fit_shapes.py reads)."""
+  """A shapes fit config with the chosen parity field (every key the shapes modality's fit reads)."""
   import ml_collections
   nefgpt = args.field == 'nefgpt3d'
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
   c.data = ml_collections.ConfigDict({
-      'kind': 'shape', 'source': 'procedural', 'label': 'pm1' if nefgpt else 'occupancy', 'num_fields': args.num_fields,
+      'modality': 'shapes', 'source': 'procedural', 'label': 'pm1' if nefgpt else 'occupancy', 'num_fields': args.num_fields,
       'synsets': (), 'mesh_dir': '', 'split_file': '', 'normalize': 'mean', 'num_uniform': args.points // 2,
       'num_surface': args.points - args.points // 2, 'surface_sigma': 0.01, 'num_heldout': args.heldout,
       'cache_dir': ''})
@@ -320,21 +324,20 @@ def _shape_data(config, args):
 
 
 def main_shape(args):
-  from nfjax import fit_shapes
   config = _shape_config(args)
-  spec = fit_shapes.validate(config)
+  spec = checks.validate(config, ('fit',))
   data = _shape_data(config, args)
-  rows = fit_shapes.check_data(config, spec, data)
+  rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]
   mesh = sharding.make_mesh(config.mesh)
-  fitter = fit_shapes.make_fitter(spec, config, mesh)
-  level, above = fit_shapes.surface(spec, config.fit.loss, config.data.label)
+  fitter = modalities.get('shapes').make_fitter(spec, config, mesh, None)
+  level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s; {n} shapes from {data.source}, {k} points each; field "
         f"{args.field} ({spec.num_params} params)", flush=True)
 
   t0 = time.perf_counter()
-  shared, init_info = fit_stage._search_shared_init(fitter, config, rows, 0, fit_shapes.IOU)
+  shared, init_info = stack.search_shared_init(fitter, config, rows, 0, shape_modality.IOU)
   init_seconds = time.perf_counter() - t0
   chunk = min(args.chunk_size, n)
   per_step = int(config.fit.points_per_step)
@@ -357,7 +360,7 @@ def main_shape(args):
   if kind != 'none' and args.baseline_fields > 0:
     print(f"baseline ({kind}) on {args.baseline_fields} shape(s) ...", flush=True)
     pick = np.unique(np.linspace(1, n - 1, args.baseline_fields).astype(int))  # never shape 0 (the init's)
-    sub = fit_stage.take(rows, pick)
+    sub = stack.take(rows, pick)
     if kind == 'torch':
       base = torch_shape_baseline(sub, shared, spec, args.steps, per_step, float(config.fit.lr), config.fit.loss,
                                   level, above)
@@ -387,7 +390,8 @@ def main_image(args):
   n = len(images)
   targets = images.reshape(n, 784, 1)
   mesh = sharding.make_mesh(config.mesh)
-  fitter = fit_stage.StackFitter(spec, config, mesh, mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))))
+  fitter = stack.StackFitter(spec, config, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
+                             per_step=int(config.fit.pixels_per_step))
 
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s", flush=True)
@@ -395,7 +399,7 @@ def main_image(args):
   # One-off shared init, chosen exactly as the fit stage does (best of fit.shared_init_candidates
   # on probe fits); timed separately: it is paid once per dataset, not per field.
   t0 = time.perf_counter()
-  shared, init_info = fit_stage._search_shared_init(fitter, config, targets, 0)
+  shared, init_info = stack.search_shared_init(fitter, config, targets, 0, modalities.get('images').quality)
   init_seconds = time.perf_counter() - t0
   init_psnr = [init_info['candidate_psnr'][init_info['chosen']]]
 

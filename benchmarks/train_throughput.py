@@ -5,7 +5,7 @@ r"""Train-step throughput of the GPT: nfjax's sharded, donated step vs a plain j
 
 Measured in one run, on the same synthetic token sequences ([SOS, class, weights], random ids):
 
-* nfjax: `nfjax.train.Trainer`'s step -- jax.jit with in/out shardings over the mesh of every
+* nfjax: `nfjax.trainer.Trainer`'s step -- jax.jit with in/out shardings over the mesh of every
   device (batch on data, parameters by logical axes), the train state donated, batches built on
   the host and placed with the batch sharding each step, exactly as in the train stage.
 * plain: the same model, loss and optimizer through `jax.jit(step)` on one device, no shardings,
@@ -36,7 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from nfjax import models, sharding, train  # noqa: E402
+from nfjax import models, sharding  # noqa: E402
+from nfjax.training import tasks  # noqa: E402
+from nfjax.training import trainer as trainer_lib  # noqa: E402
 from nfjax.utils import perf  # noqa: E402
 
 
@@ -88,9 +90,9 @@ def main():
   mdef = models.build(cfg)
   rng = np.random.default_rng(0)
   data = rng.integers(0, args.vocab_size, (max(4 * args.batch_size, 64), args.seq_len)).astype(np.int32)
-  task = train.Task('gpt', mdef, train.gpt_loss(2, False), {'tokens': data}, {}, tokens_per_example=args.seq_len - 1)
+  task = tasks.Task('gpt', mdef, tasks.gpt_loss(2, False), {'tokens': data}, {}, tokens_per_example=args.seq_len - 1)
   mesh = sharding.make_mesh(c.mesh)
-  trainer = train.Trainer(task, c.train, mesh, seed=0, directory=None)
+  trainer = trainer_lib.Trainer(task, c.train, mesh, seed=0, directory=None)
   tokens_per_step = trainer.tokens_per_step
   flops_token = model_flops_per_token(cfg, args.seq_len - 1)
 
@@ -117,8 +119,8 @@ def main():
   # --- plain: one device, no shardings, no donation -----------------------------------------
   time_plain = None
   if not args.skip_plain:
-    tx, _ = train.make_optimizer(c.train, mdef)
-    loss = train.gpt_loss(2, False)
+    tx, _ = trainer_lib.make_optimizer(c.train, mdef)
+    loss = tasks.gpt_loss(2, False)
 
     def plain_step(params, opt_state, tokens, key):
       def f(p):

@@ -1,7 +1,8 @@
 r"""3D shapes: occupancy fields of meshes -> tokens -> GPT -> sampled fields -> meshes.
 
-The same five stages as configs/mnist.py (whose tokenize/train/sample sections this file starts
-from); shapes only change the data source, the field architecture and the evaluator.
+The same five stages as configs/mnist.py, on the same shared sections (nfjax/configs/common.py);
+shapes (nfjax/modalities/shapes/) only change the data source, the field architecture, the fit
+targets and the evaluator.
 
 Presets (pick one with `--config=configs/shapes.py:PRESET`):
 
@@ -16,7 +17,7 @@ Presets (pick one with `--config=configs/shapes.py:PRESET`):
 
   parity  NeF-GPT's ShapeNet setting: its 3,712-parameter field (sin/cos at 1, 2 + raw input -> 15
           features, 4 x 32 GELU, tanh output without bias, MSE on -1 inside / +1 outside), residual
-          scalar VQ with 127 codes (vocabulary 127 + SOS + one class token = 129: nfjax always conditions on the class), the medium GPT (width 384, 16 heads,
+          scalar VQ with 127 codes (vocabulary 127 + SOS = 128: one category, no class token), the medium GPT (width 384, 16 heads,
           7 layers, context 3,712). Real meshes: ShapeNet planes (synset 02691156) under data.mesh_dir:
             python -m nfjax.main --config=configs/shapes.py:parity --workdir=DIR \
                 --config.data.mesh_dir=/data/ShapeNetCore.v2 --config.data.split_file=train_split.lst
@@ -26,23 +27,11 @@ Presets (pick one with `--config=configs/shapes.py:PRESET`):
 Any key can be overridden: `--config.data.num_fields=64 --config.fit.steps=200`.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from nfjax.configs import common
+
 PRESETS = ('smoke', 'quick', 'parity', 'parity_hd')
-
-
-def _mnist_config(preset: str) -> ml_collections.ConfigDict:
-  """configs/mnist.py's config for the matching preset (its tokenize/model/train/sample sections)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist.py')
-  spec = importlib.util.spec_from_file_location('nfjax_configs_mnist', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('parity' if preset.startswith('parity') else preset)
-  c.unlock()
-  return c
 
 
 def _field(freqs, hidden, activation='relu', output_bias=True, output_activation='none'):
@@ -65,12 +54,10 @@ def get_config(arg=None):
   preset = arg or 'quick'
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r} for configs/shapes.py; use {', '.join(PRESETS)}")
-  c = _mnist_config(preset)
+  c = common.get_config('parity' if preset.startswith('parity') else preset, modality='shapes')
   c.preset = preset
 
-  # data: nfjax/data/shapes.py, docs/shapes_data.md.
-  c.data = ml_collections.ConfigDict()
-  c.data.kind = 'shape'
+  # data: nfjax/data/shapes.py, docs/shapes_data.md (the shapes modality: nfjax/modalities/shapes/).
   c.data.source = 'procedural'     # procedural (offline, nfjax/data/procedural.py) | meshes (a directory)
   c.data.mesh_dir = ''             # meshes: OBJ/PLY/OFF files, class folders or ShapeNet's synset layout
   c.data.synsets = ()              # meshes: synset ids / names to use (procedural: class names); () = all
@@ -107,8 +94,6 @@ def get_config(arg=None):
   fit.iou_floor = 0.3              # fields under this held-out IoU are flagged, never mixed in
   fit.num_reconstructions = 16
   fit.render_resolution = 64
-  del fit['psnr_floor']
-  del fit['pixels_per_step']
 
   c.sample.num_samples = 100       # per setting; classes cycle
   c.sample.batch_size = 100
@@ -117,18 +102,13 @@ def get_config(arg=None):
   c.sample.meshes_npz = True       # every sample's mesh in samples/<setting>/meshes.npz (the evaluate
                                    # stage reuses them when evaluate.mesh_resolution is the same)
 
-  # evaluate (shapes): HyperDiffusion's protocol (nfjax/evaluate/shape_metrics.py, docs/shapes_eval.md).
-  c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.num_samples = -1      # samples per setting to evaluate; -1 = all
-  c.evaluate.num_reference = -1    # reference shapes (training shapes' source meshes); -1 = floor(samples / 1.1)
+  # evaluate (shapes): HyperDiffusion's protocol (nfjax/modalities/shapes/evaluate.py,
+  # nfjax/evaluate/shape_metrics.py, docs/shapes_eval.md). evaluate.num_reference -1 = floor(samples / 1.1).
   c.evaluate.points_per_cloud = 2048
   c.evaluate.normalize = 'shape_unit'   # HyperDiffusion: per-cloud mean and std
   c.evaluate.mesh_resolution = 64       # grid for meshing sampled and reference fields (HD: 356 at logit 1.386)
   c.evaluate.occupancy_level = 0.5      # logit fields: mesh where p = this (0.5 = the fields' surface; HD: 0.8)
   c.evaluate.bootstrap = False          # NeF-GPT's 32-vs-32 bootstrap as well
-  c.evaluate.baseline_noise = 0.1
-  c.evaluate.headline_top_k = 3
-  c.evaluate.headline_temperature = 0.8
   c.evaluate.pointnet_weights = ''      # FPD: PointNet++ SSG ModelNet40 checkpoint (best_model.pth of
                                         # yanx27/Pointnet_Pointnet2_pytorch, pointnet2_ssg_wo_normals;
                                         # read without torch); '' = not computed (said in the summary)

@@ -28,7 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfjax import sharding
 from nfjax.fields import mlp
+from nfjax.fields.stack import StackFitter
+from nfjax.modalities.images import psnr_score
+from nfjax.utils import picks
 
 # ---------------------------------------------------------------------------------------------
 # Views of flat weight vectors.
@@ -224,14 +228,7 @@ def off_diagonal(m: np.ndarray) -> np.ndarray:
 
 def pick_per_class(labels, k: int) -> np.ndarray:
   """k indices spread over the classes (the first of each class in turn), in increasing order."""
-  labels = np.asarray(labels)
-  per_class = [list(np.nonzero(labels == c)[0]) for c in np.unique(labels)]
-  out = []
-  while len(out) < min(k, len(labels)):
-    for lst in per_class:
-      if lst and len(out) < k:
-        out.append(lst.pop(0))
-  return np.sort(np.asarray(out, np.int64))
+  return picks.per_class(labels, k)
 
 
 @dataclasses.dataclass
@@ -269,12 +266,11 @@ def fit_images(config, images, init: str = 'shared', shared_init=None, steps: in
 
 
 def make_fitter(config, shape: Sequence[int]):
-  """The fit stage's StackFitter on the config's mesh (compiles once per (steps, fields))."""
-  from nfjax import fit as fit_stage
-  from nfjax import sharding
+  """The fit stage's StackFitter for image fields on the config's mesh (compiles once per (steps, fields))."""
   spec = mlp.FieldSpec.from_config(config.field)
   mesh = sharding.make_mesh(config.mesh)
-  return fit_stage.StackFitter(spec, config, mesh, mlp.encode(spec, jnp.asarray(mlp.pixel_centres(*shape))))
+  return StackFitter(spec, config, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(*shape))),
+                     per_step=int(config.fit.pixels_per_step))
 
 
 def field_keys(seed: int, n: int) -> jax.Array:

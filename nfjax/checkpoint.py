@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
+from nfjax import models
 from nfjax.errors import NfjaxError
 
 ITEMS = ('params', 'opt_state', 'meta')
@@ -109,6 +110,5 @@ def load_params(directory: str, step: int | None = None, device: jax.Device | No
 
 def load_model(directory: str, step: int | None = None, device: jax.Device | None = None):
   """(ModelDef, params, meta) of a checkpoint directory: the one-call loader for sampling."""
-  from nfjax import models
   params, meta = load_params(directory, step, device)
   return models.build(meta['model']), params, meta

@@ -16,12 +16,18 @@ workdir must be one directory that every process sees (a single host, or a share
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
+import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from nfjax import pipeline
+from nfjax.errors import NfjaxError
+from nfjax.io import files
+from nfjax.io import workdir as wd
+from nfjax.utils.logging import log
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/mnist.py:quick.', lock_config=True)
@@ -45,35 +51,17 @@ MULTI_PROCESS_STAGES = ('tokenize', 'train')
 
 
 def run(config, workdir: str, stages: str | None = 'all') -> dict:
-  """Run stages; returns {stage: summary}. What the launcher, notebooks and tests call."""
-  from nfjax import stages as stages_mod
-  from nfjax.utils import io
-  from nfjax.utils.logging import fmt_seconds, is_main_process, log
-
-  names = stages_mod.parse(stages)
-  stages_mod.validate(config, names)
-  _check_multi_process(names, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main_process():
-    io.write_json(os.path.join(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
-  out = {}
-  for name in names:
-    t0 = time.perf_counter()
-    log('main', f"stage {name} -> {workdir}")
-    out[name] = stages_mod.get(name).run(config, workdir)
-    log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
-  return out
+  """Run stages (nfjax/pipeline.py); returns {stage: summary}. What the launcher, notebooks and tests call."""
+  _check_multi_process(pipeline.parse(stages), workdir)
+  return pipeline.run_stages(config, workdir, stages)
 
 
 def _check_multi_process(names: list[str], workdir: str) -> None:
   """In a multi-process run, refuse stages that cannot run across processes yet (unless finished)."""
-  import jax
-  from nfjax import stages as stages_mod
-  from nfjax.errors import NfjaxError
   if jax.process_count() == 1:
     return
-  blocked = [n for n in names if n not in MULTI_PROCESS_STAGES and not os.path.exists(
-      os.path.join(workdir, getattr(stages_mod.get(n), 'DIRNAME', n), 'summary.json'))]
+  blocked = [n for n in names if n not in MULTI_PROCESS_STAGES
+             and not all(wd.finished(workdir, d) for d in wd.writes(n))]
   if blocked:
     raise NfjaxError(
         f"stage(s) {', '.join(blocked)} cannot run across {jax.process_count()} processes yet; the stages that "
@@ -84,7 +72,6 @@ def _check_multi_process(names: list[str], workdir: str) -> None:
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
   """jax.distributed.initialize(), then one line per process saying what it sees."""
-  import jax
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   local = jax.local_devices()
@@ -99,13 +86,11 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/mnist.py:quick')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep JAX's backend probing out of the progress log
   explicit = {'--coordinator_address': _COORDINATOR.value, '--num_processes': _NUM_PROCESSES.value,
               '--process_id': _PROCESS_ID.value}
   if not _DISTRIBUTED.value and any(v is not None for v in explicit.values()):
     raise app.UsageError(f"{', '.join(k for k, v in explicit.items() if v is not None)} need --distributed")
-  from nfjax.errors import NfjaxError
   if _DISTRIBUTED.value:
     try:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -117,12 +102,12 @@ def main(argv):
   except NfjaxError as e:
     print(f"nfjax: error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  from nfjax import stages as stages_mod
-  from nfjax.utils.logging import log
   for name in summaries:
-    directory = os.path.join(_WORKDIR.value, getattr(stages_mod.get(name), 'DIRNAME', name))
-    pictures = sorted(f for f in os.listdir(directory) if f.endswith(('.png', '.gif'))) if os.path.isdir(directory) else []
-    log('main', f"{name}: {directory}/summary.json" + (f"  pictures: {', '.join(pictures)}" if pictures else ''))
+    for d in wd.writes(name):
+      directory = wd.path(_WORKDIR.value, d)
+      pictures = [f for f in files.listdir(directory) if f.endswith(('.png', '.gif'))]
+      if wd.finished(_WORKDIR.value, d):
+        log('main', f"{name}: {directory}/summary.json" + (f"  pictures: {', '.join(pictures)}" if pictures else ''))
 
 
 if __name__ == '__main__':

@@ -22,13 +22,20 @@ import dataclasses
 import html
 import importlib.util
 import io as _io
-import json
 import math
 import os
 import sys
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+import nfjax
+from nfjax import sampling
+from nfjax.fields import mlp
+from nfjax.io import files
+from nfjax.io import workdir as wd
+from nfjax.utils import images as img_utils
 
 ENV_PRESET = 'NFJAX_NOTEBOOK_PRESET'
 ENV_WORKDIR = 'NFJAX_NOTEBOOK_WORKDIR'
@@ -44,7 +51,6 @@ def in_colab() -> bool:
 
 def repo_root() -> str | None:
   """The checkout nfjax was imported from (the directory holding configs/), if there is one."""
-  import nfjax
   here = os.path.dirname(os.path.dirname(os.path.abspath(nfjax.__file__)))
   for cand in (here, os.getcwd(), os.path.dirname(os.getcwd())):
     if os.path.isdir(os.path.join(cand, 'configs')) and os.path.isdir(os.path.join(cand, 'nfjax')):
@@ -101,11 +107,8 @@ def resolve_workdir(workdir: str, preset: str) -> str:
 
 
 def read_summary(workdir: str, dirname: str) -> dict | None:
-  p = os.path.join(workdir, dirname, 'summary.json')
-  if not os.path.exists(p):
-    return None
-  with open(p) as f:
-    return json.load(f)
+  p = wd.path(workdir, dirname, 'summary.json')
+  return files.read_json(p) if files.exists(p) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +126,7 @@ def show(path: str, width: int | None = None) -> None:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: has the stage that writes it run?")
   fmt = os.path.splitext(path)[1].lower().lstrip('.')
-  with open(path, 'rb') as f:
-    _display(Image(data=f.read(), format='jpeg' if fmt == 'jpg' else fmt, width=width))
+  _display(Image(data=files.read_bytes(path), format='jpeg' if fmt == 'jpg' else fmt, width=width))
 
 
 def show_figure(fig) -> None:
@@ -140,7 +142,6 @@ def show_figure(fig) -> None:
 def image_grid(images, labels=None, per_row: int = 10, scale: int = 3, row_prefix: str = 'class',
                col_labels: Sequence[str] | None = None):
   """Images [N, H, W] in [0, 1] -> a PIL grid; with labels, one row per label (up to per_row each)."""
-  from nfjax.utils import images as img_utils
   images = np.asarray(images, np.float32)
   if len(images) == 0:
     raise ValueError("no images to show")
@@ -168,15 +169,13 @@ def show_images(images, labels=None, per_row: int = 10, scale: int = 3, row_pref
 
 def sample_grids(workdir: str) -> list[tuple[str, str]]:
   """[(setting name, samples/<setting>/grid.png)] of a workdir's sample stage, in settings order."""
-  path = os.path.join(workdir, 'samples', 'settings.json')
-  if not os.path.exists(path):
+  path = wd.path(workdir, wd.SAMPLES, 'settings.json')
+  if not files.exists(path):
     return []
-  with open(path) as f:
-    settings = json.load(f)['settings']
   out = []
-  for s in settings:
-    png = os.path.join(workdir, 'samples', s['name'], 'grid.png')
-    if os.path.exists(png):
+  for s in files.read_json(path)['settings']:
+    png = wd.path(workdir, wd.SAMPLES, s['name'], 'grid.png')
+    if files.exists(png):
       out.append((s['name'], png))
   return out
 
@@ -184,16 +183,12 @@ def sample_grids(workdir: str) -> list[tuple[str, str]]:
 def plot_training(workdir: str):
   """Train and eval loss of WORKDIR/transformer/metrics.jsonl (matplotlib Figure)."""
   import matplotlib.pyplot as plt
-  path = os.path.join(workdir, 'transformer', 'metrics.jsonl')
   train, evals = [], []
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        if 'loss' in r:
-          train.append((r['step'], r['loss']))
-        if 'eval_loss' in r:
-          evals.append((r['step'], r['eval_loss']))
+  for r in files.read_jsonl(wd.path(workdir, wd.TRANSFORMER, 'metrics.jsonl')):
+    if 'loss' in r:
+      train.append((r['step'], r['loss']))
+    if 'eval_loss' in r:
+      evals.append((r['step'], r['eval_loss']))
   fig, ax = plt.subplots(figsize=(5, 3))
   if train:
     ax.plot(*zip(*train), label='train loss')
@@ -261,14 +256,14 @@ class Table:
 
 # Headline figures per stage (nfjax DESIGN: the pipeline table), in this order.
 HEADLINES = {
-    ('fit', 'fields'): ('num_fields', 'params_per_field', 'psnr_mean', 'psnr_p10', 'psnr_min', 'num_flagged',
+    ('fit', wd.FIELDS): ('num_fields', 'params_per_field', 'psnr_mean', 'psnr_p10', 'psnr_min', 'num_flagged',
                         'fields_per_sec', 'seconds'),
-    ('tokenize', 'tokenizer'): ('method', 'vocab_size', 'weight_rmse', 'psnr_fields_mean', 'psnr_tokenized_mean',
+    ('tokenize', wd.TOKENIZER): ('method', 'vocab_size', 'weight_rmse', 'psnr_fields_mean', 'psnr_tokenized_mean',
                                 'psnr_drop_db', 'codebook_usage', 'seconds'),
-    ('train', 'transformer'): ('steps', 'params', 'train_loss', 'eval_loss', 'eval_accuracy', 'tokens_per_sec',
+    ('train', wd.TRANSFORMER): ('steps', 'params', 'train_loss', 'eval_loss', 'eval_accuracy', 'tokens_per_sec',
                                'seconds'),
-    ('sample', 'samples'): ('num_samples', 'tokens_per_sec', 'seconds'),
-    ('evaluate', 'eval'): ('headline_setting', 'class_accuracy', 'frechet_distance', 'ssim_mmd', 'ssim_cov',
+    ('sample', wd.SAMPLES): ('num_samples', 'tokens_per_sec', 'seconds'),
+    ('evaluate', wd.EVAL): ('headline_setting', 'class_accuracy', 'frechet_distance', 'ssim_mmd', 'ssim_cov',
                            'ssim_1nna', 'seconds'),
 }
 
@@ -293,7 +288,7 @@ EVAL_COLUMNS = ('num_evaluated', 'class_accuracy', 'frechet_distance', 'ssim_mmd
 def eval_table(workdir_or_summary) -> Table:
   """eval/summary.json as one row per evaluated set: the reference reconstructions (ceiling), the
   noisy-copy baseline, every sample setting, and NeF-GPT's reported numbers."""
-  e = workdir_or_summary if isinstance(workdir_or_summary, dict) else read_summary(workdir_or_summary, 'eval')
+  e = workdir_or_summary if isinstance(workdir_or_summary, dict) else read_summary(workdir_or_summary, wd.EVAL)
   if e is None:
     raise FileNotFoundError(f"no eval/summary.json in {workdir_or_summary}: run the evaluate stage first")
 
@@ -340,34 +335,23 @@ class Samples:
 class Sampler:
   """New fields from a trained workdir (transformer checkpoint + tokenizer), any class and setting.
 
-  Loads with the sample stage's loader (`nfjax.sample.load_generator`: the params-only Orbax loader
+  Loads with the sample stage's loader (`nfjax.sampling.load_generator`: the params-only Orbax loader
   and the saved tokenizer) and draws with its jitted KV-cache sampler (`nfjax.sampling`).
   Temperature, top-k and top-p are per-row inputs of the compiled function, so changing them
   does not recompile; a new number of samples does (once).
   """
 
   def __init__(self, workdir: str, step: int | None = None, use_cache: bool = True):
-    import jax.numpy as jnp
-    from nfjax import checkpoint, sample as sample_stage, sampling
-    from nfjax.fields import mlp
     self.workdir = workdir
-    if step is None:
-      self.model, self.tokens, self.tokenizer, self.meta = sample_stage.load_generator(workdir)
-    else:  # a specific checkpoint step
-      _, self.tokens, self.tokenizer, _ = sample_stage.load_generator(workdir)
-      mdef, params, self.meta = checkpoint.load_model(os.path.join(workdir, 'transformer', 'checkpoints'), step)
-      self.model = mdef.bind(params)
-    with open(os.path.join(workdir, 'fields', 'meta.json')) as f:
-      fmeta = json.load(f)
+    self.model, self.tokens, self.tokenizer, self.meta = sampling.load_generator(workdir, step)
+    fmeta = files.read_json(wd.path(workdir, wd.FIELDS, 'meta.json'))
     self.spec = mlp.FieldSpec.from_dict(fmeta['field'])
     self.shape = tuple(fmeta['image_shape'])
     self.vocab = self.tokens.vocab
     self.prefix = self.tokens.prefix_len
     self.num_new = self.tokens.seq_len - self.prefix
     self.num_classes = max(1, self.vocab.num_classes)
-    allowed = np.zeros((self.num_new, self.vocab.vocab_size), bool)
-    allowed[:, :self.vocab.num_codes] = True   # only codes in weight slots
-    self._allowed = jnp.asarray(allowed)
+    self._allowed = sampling.code_mask(self.vocab, self.num_new)   # only codes in weight slots
     self._generate = sampling.make_generate(self.model, self.num_new, use_cache=use_cache)
 
   @property
@@ -375,10 +359,7 @@ class Sampler:
     return self.meta.get('step')
 
   def prompt(self, labels: np.ndarray) -> np.ndarray:
-    cols = [np.full(len(labels), self.vocab.sos)]
-    if self.prefix >= 2:
-      cols.append(self.vocab.class_token(labels) if self.vocab.num_classes else np.full(len(labels), self.vocab.sos))
-    return np.stack(cols[:self.prefix], 1).astype(np.int32)
+    return sampling.prompts(self.vocab, labels, self.prefix)
 
   def sample(self, classes: int | Sequence[int] | None = 0, num: int = 10, temperature: float = 0.8,
              top_k: int = 3, top_p: float = 1.0, seed: int = 0) -> Samples:
@@ -386,9 +367,6 @@ class Sampler:
 
     temperature 0 = greedy; top_k 0 = off; top_p 1 = off (as sample.settings).
     """
-    import jax.numpy as jnp
-    from nfjax import sampling
-    from nfjax.fields import mlp
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num < 1:
       raise ValueError("need num >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
     if classes is None:

@@ -18,7 +18,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from nfjax import checkpoint, tokenizers
+from nfjax.errors import NfjaxError
+from nfjax.io import tokens as token_io
+from nfjax.io import workdir as wd
 
 NEG = -1e30
 
@@ -177,3 +183,32 @@ def make_beam_search(model, beam_width: int, num_new: int):
     return beam_search(nnx.merge(graphdef, state), prompt, beam_width, num_new, allowed)
 
   return lambda prompt, allowed: fn(state, prompt, allowed)
+
+
+def prompts(vocab, labels: np.ndarray, prefix_len: int) -> np.ndarray:
+  """The prompts [n, prefix_len] of a token dataset's layout: [SOS] or [SOS, class]."""
+  if prefix_len > 2:
+    raise NfjaxError(f"prompts of {prefix_len} tokens are not supported (expected [SOS] or [SOS, class])")
+  cols = [np.full(len(labels), vocab.sos)]
+  if prefix_len >= 2:
+    cols.append(vocab.class_token(labels) if vocab.num_classes else np.full(len(labels), vocab.sos))
+  return np.stack(cols[:prefix_len], 1).astype(np.int32)
+
+
+def code_mask(vocab, num_new: int) -> jax.Array:
+  """allowed [num_new, vocab_size]: only codes (never a special or class token) in weight slots."""
+  allowed = np.zeros((num_new, vocab.vocab_size), bool)
+  allowed[:, :vocab.num_codes] = True
+  return jnp.asarray(allowed)
+
+
+def load_generator(workdir: str, step: int | None = None):
+  """(model, token dataset, tokenizer, checkpoint meta) of a workdir with finished tokenize and train
+  stages; `step` picks a checkpoint (default: the latest)."""
+  tokens = token_io.load(wd.path(workdir, wd.TOKENS))
+  mdef, params, meta = checkpoint.load_model(wd.path(workdir, wd.TRANSFORMER, 'checkpoints'), step)
+  tokenizer = tokenizers.restore(wd.path(workdir, wd.TOKENIZER))
+  if tokenizer.tokens_per_field != tokens.tokens_per_field:
+    raise NfjaxError(f"the tokenizer in {workdir}/tokenizer makes {tokenizer.tokens_per_field} tokens per field but "
+                     f"{workdir}/tokens has {tokens.tokens_per_field}: re-run the tokenize stage")
+  return mdef.bind(params), tokens, tokenizer, meta

@@ -1,8 +1,10 @@
 """Meshes and shardings. The one place that knows device axes.
 
 The mesh comes from `config.mesh` ({data, fsdp, model}: sizes, -1 fills the remaining devices).
-Arrays are annotated with *logical* axis names; `LOGICAL_RULES` maps them to mesh axes, so a
-model or a stage never names a mesh axis itself (MaxText / big_vision style).
+Arrays are annotated with *logical* axis names; `LOGICAL_RULES` maps them to mesh axes, so models,
+fitters and stages name logical axes ('fields', 'batch', ...) and only this module and the config
+checks (nfjax/configs/checks.py: the batch must divide data x fsdp) know the mesh axes
+(MaxText / big_vision style).
 """
 
 from __future__ import annotations
@@ -22,13 +24,11 @@ MESH_AXES = ('data', 'fsdp', 'model')
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     'fields': ('data', 'fsdp', 'model'),  # a stack of independent neural fields: use every device
     'batch': ('data', 'fsdp'),
-    'seq': None,
     'embed': 'fsdp',
     'mlp': 'model',
     'heads': 'model',
     'kv': None,
     'vocab': 'model',
-    'codes': None,
     'layers': None,   # the stacked-layer axis of a scanned transformer
     'norm': None,     # LayerNorm scales/biases: small, replicated
     'classes': None,

@@ -48,7 +48,7 @@ def smoke_fields(tmp_path_factory):
 
   Returns the workdir; the weight dataset is WORKDIR/fields.
   """
-  from nfjax import fit
+  from nfjax.stages import fit
   workdir = str(tmp_path_factory.mktemp('smoke_fields'))
   fit.run(load_config('smoke'), workdir)
   return workdir

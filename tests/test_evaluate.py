@@ -11,9 +11,12 @@ import pytest
 from conftest import load_config
 from nfjax import main, sharding
 from nfjax.data import images as image_data
-from nfjax.data import weights as wds
+from nfjax.io import fields as wds
 from nfjax.errors import DataError, NfjaxError
-from nfjax.evaluate import classifier, image_metrics as im, novelty, samples, stage
+from nfjax.evaluate import classifier, image_metrics as im, novelty, protocol
+from nfjax.io import samples
+from nfjax.modalities.images import evaluate as image_eval
+from nfjax.stages import evaluate as stage
 
 
 @pytest.fixture(scope='module')
@@ -201,7 +204,7 @@ SETTINGS = [{'name': 'copies', 'top_k': 1, 'temperature': 1.0, 'top_p': 1.0, 'no
 
 def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path):
   wd = _workdir_with_fields(smoke_fields, tmp_path)
-  samples.write_fake_samples(wd, SETTINGS, num_samples=24, nonfinite=2)
+  protocol.write_fake_samples(wd, SETTINGS, num_samples=24, nonfinite=2)
   config = load_config('smoke')
   s = main.run(config, wd, 'evaluate')['evaluate']
   ev = os.path.join(wd, 'eval')
@@ -253,7 +256,7 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path):
 
   # New samples: evaluated again, with the cached classifier.
   shutil.rmtree(os.path.join(wd, 'samples'))
-  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=16)
+  protocol.write_fake_samples(wd, SETTINGS[1:], num_samples=16)
   again = stage.run(config, wd)
   assert again['num_samples'] == 16 and list(again['settings']) == ['topk3_t0.8']
   assert os.path.getmtime(os.path.join(ev, 'classifier', 'params.npz')) == mtimes['classifier/params.npz']
@@ -274,13 +277,13 @@ def test_missing_or_bad_inputs_give_clear_errors(smoke_fields, tmp_path):
   with pytest.raises(DataError, match='run the sample stage first'):
     stage.run(config, wd)
   assert not os.path.exists(os.path.join(wd, 'eval'))  # nothing claimed before the inputs exist
-  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
+  protocol.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
   os.remove(os.path.join(wd, 'samples', 'summary.json'))
   with pytest.raises(DataError, match='incomplete'):
     stage.run(config, wd)
-  samples.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
+  protocol.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
   np.save(os.path.join(wd, 'samples', 'topk3_t0.8', 'weights.npy'), np.zeros((8, 100), np.float32))
   with pytest.raises(DataError, match='561'):
     stage.run(config, wd)
   with pytest.raises(NfjaxError, match='heldout_fraction'):
-    stage.validate(load_config('smoke', **{'evaluate.classifier.heldout_fraction': 1.5}))
+    image_eval.validate(load_config('smoke', **{'evaluate.classifier.heldout_fraction': 1.5}))

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from nfjax import fit, main
-from nfjax.data import weights as wds
+from nfjax import main
+from nfjax.stages import fit
+from nfjax.io import fields as wds
 from nfjax.errors import ConfigError, DataError, NfjaxError
 from nfjax.fields import fitting, mlp
 
@@ -189,7 +190,7 @@ def test_kill_and_resume_gives_identical_dataset(tmp_path):
   p.wait()
   done_before = len([f for f in os.listdir(chunks) if f.endswith('.npz')])
   assert 2 <= done_before < 10 and not (killed / 'fields' / 'summary.json').exists()
-  with pytest.raises(FileNotFoundError, match='incomplete'):
+  with pytest.raises(DataError, match='incomplete'):
     wds.load(str(killed / 'fields'))
   p = _launch(args + [f'--workdir={killed}'])
   out, _ = p.communicate(timeout=300)

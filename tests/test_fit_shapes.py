@@ -11,28 +11,23 @@ import numpy as np
 import pytest
 
 from conftest import apply_overrides
-from nfjax import fit, fit_shapes
-from nfjax.data import weights as wds
+from nfjax.modalities import shapes as fit_shapes
+from nfjax.configs import checks
+from nfjax.stages import fit
+from nfjax.io import fields as wds
 from nfjax.errors import ConfigError, DataError
-from nfjax.fields import mlp
-from nfjax.utils import io
+from nfjax.data.shapes import ShapeSet
+from nfjax.fields import mlp, stack
+from nfjax.io import files as io
 
-try:
-  from nfjax.data.shapes import ShapeSet
-except ImportError:  # the shape data module is written in parallel; same fields
-  @dataclasses.dataclass
-  class ShapeSet:
-    points: np.ndarray
-    values: np.ndarray
-    heldout_points: np.ndarray
-    heldout_occupancy: np.ndarray
-    labels: np.ndarray
-    source_index: np.ndarray
-    names: list
-    source: str
-    num_classes: int
-    class_names: list
-    skipped: list
+def run_fit(config, workdir: str, data):
+  """The fit stage (nfjax.stages.fit.run) on `data`, a ShapeSet, instead of the config's shapes."""
+  original = fit_shapes.load_data
+  fit_shapes.load_data = lambda config, workdir: data
+  try:
+    return fit.run(config, workdir)
+  finally:
+    fit_shapes.load_data = original
 
 
 def synthetic_shapes(n: int, points: int = 2048, heldout: int = 4096, label: str = 'occupancy',
@@ -80,7 +75,7 @@ def shape_config(**overrides) -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
   c.data = ml_collections.ConfigDict({  # nfjax.data.shapes keys; the tests pass their own ShapeSet
-      'kind': 'shape', 'source': 'procedural', 'label': 'occupancy', 'num_fields': 8, 'synsets': (),
+      'modality': 'shapes', 'source': 'procedural', 'label': 'occupancy', 'num_fields': 8, 'synsets': (),
       'mesh_dir': '', 'split_file': '', 'normalize': 'mean', 'num_uniform': 1024, 'num_surface': 1024,
       'surface_sigma': 0.01, 'num_heldout': 4096, 'cache_dir': ''})
   c.field = ml_collections.ConfigDict({
@@ -128,14 +123,14 @@ def test_parity_fields_have_the_reference_sizes():
 
 def test_stage_fits_shapes_to_high_iou(tmp_path, shapes8):
   config = shape_config(**{'fit.num_reconstructions': 4, 'fit.render_resolution': 24})
-  summary = fit_shapes.run(config, str(tmp_path), data=shapes8)
+  summary = run_fit(config, str(tmp_path), shapes8)
   for key in ('num_fields', 'params_per_field', 'iou_mean', 'iou_p10', 'iou_min', 'fields_per_sec', 'seconds',
               'quality_metric', 'quality_mean', 'device_kind', 'num_devices', 'num_flagged'):
     assert key in summary, key
   assert summary['num_fields'] == 8 and summary['quality_metric'] == 'iou'
   assert summary['iou_min'] > 0.9, summary
   ds = wds.load(str(tmp_path / 'fields'))
-  assert ds.weights.shape == (8, summary['params_per_field']) and ds.meta['kind'] == 'shape'
+  assert ds.weights.shape == (8, summary['params_per_field']) and ds.meta['modality'] == 'shapes'
   assert ds.meta['quality_metric'] == 'iou' and ds.meta['class_names'] == ['sphere', 'box']
   assert ds.meta['names'][3] == 'shape3' and ds.meta['surface'] == {'level': 0.0, 'inside': 'above', 'of': 'output'}
   assert len(ds.good()) == 8 and ds.shared_init is None
@@ -149,15 +144,15 @@ def test_stage_fits_shapes_to_high_iou(tmp_path, shapes8):
   spec = mlp.FieldSpec.from_dict(ds.meta['field'])
   iou = numpy_iou(spec, ds.weights, shapes8.heldout_points, shapes8.heldout_occupancy, 0.0, True)
   np.testing.assert_allclose(iou, ds.quality, atol=1e-3)
-  # Re-run: skipped; via fit.run's dispatch on data.kind.
+  # Re-run: skipped (the stage finds its summary; nothing is loaded).
   assert fit.run(config, str(tmp_path)) == summary
 
 
 def test_same_weights_whatever_the_chunking_and_devices(tmp_path, shapes8):
   data = synthetic_shapes(5, points=512, heldout=512, seed=3)
   kw = {'fit.steps': 40, 'fit.points_per_step': 128, 'fit.init': 'shared', 'fit.shared_init_steps': 30}
-  a = fit_shapes.run(shape_config(**kw), str(tmp_path / 'a'), data=data)                 # 8 devices, 1 chunk
-  b = fit_shapes.run(shape_config(**kw, **{'mesh.data': 1, 'fit.chunk_size': 2}), str(tmp_path / 'b'), data=data)
+  a = run_fit(shape_config(**kw), str(tmp_path / 'a'), data)                 # 8 devices, 1 chunk
+  b = run_fit(shape_config(**kw, **{'mesh.data': 1, 'fit.chunk_size': 2}), str(tmp_path / 'b'), data)
   da, db = wds.load(str(tmp_path / 'a' / 'fields')), wds.load(str(tmp_path / 'b' / 'fields'))
   np.testing.assert_allclose(da.shared_init, db.shared_init, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(da.weights, db.weights, rtol=1e-3, atol=1e-4)
@@ -180,20 +175,20 @@ def test_kill_and_resume_reuses_finished_chunks(tmp_path, monkeypatch):
 
   monkeypatch.setattr(io, 'write_npz', crash_after_two)
   with pytest.raises(KeyboardInterrupt):
-    fit_shapes.run(config, str(tmp_path / 'killed'), data=data)
+    run_fit(config, str(tmp_path / 'killed'), data)
   monkeypatch.setattr(io, 'write_npz', real_write)
   chunks = tmp_path / 'killed' / 'fields' / 'chunks'
   assert sorted(os.listdir(chunks)) == ['chunk_00000.npz', 'chunk_00001.npz']
-  with pytest.raises(FileNotFoundError, match='incomplete'):
+  with pytest.raises(DataError, match='incomplete'):
     wds.load(str(tmp_path / 'killed' / 'fields'))
   # Resume: only chunk 2 is fitted (the others are read back untouched).
   resumed_writes = []
   monkeypatch.setattr(io, 'write_npz', lambda path, **a: (resumed_writes.append(path), real_write(path, **a)))
-  summary = fit_shapes.run(config, str(tmp_path / 'killed'), data=data)
+  summary = run_fit(config, str(tmp_path / 'killed'), data)
   assert [os.path.basename(p) for p in resumed_writes] == ['chunk_00002.npz']
   assert summary['fields_fitted_this_run'] == 2
   monkeypatch.setattr(io, 'write_npz', real_write)
-  fit_shapes.run(config, str(tmp_path / 'full'), data=data)
+  run_fit(config, str(tmp_path / 'full'), data)
   a, b = wds.load(str(tmp_path / 'killed' / 'fields')), wds.load(str(tmp_path / 'full' / 'fields'))
   for k in wds.ARRAYS:
     np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
@@ -210,7 +205,7 @@ def test_label_modes_fit_and_score_consistently(tmp_path, label, loss, field, ex
   data = synthetic_shapes(4, points=2048, heldout=2048, label=label, seed=7)
   config = shape_config(**{'data.label': label, 'fit.loss': loss, **{f'field.{k}': v for k, v in field.items()},
                            **extra})
-  summary = fit_shapes.run(config, str(tmp_path), data=data)
+  summary = run_fit(config, str(tmp_path), data)
   ds = wds.load(str(tmp_path / 'fields'))
   assert ds.meta['surface']['inside'] == 'below' and ds.meta['label'] == label
   spec = mlp.FieldSpec.from_dict(ds.meta['field'])
@@ -224,8 +219,8 @@ def test_label_modes_fit_and_score_consistently(tmp_path, label, loss, field, ex
 
 def test_low_iou_fields_are_flagged(tmp_path):
   data = synthetic_shapes(2, points=256, heldout=256)
-  summary = fit_shapes.run(shape_config(**{'fit.steps': 5, 'fit.points_per_step': 64, 'fit.iou_floor': 0.999}),
-                           str(tmp_path), data=data)
+  summary = run_fit(shape_config(**{'fit.steps': 5, 'fit.points_per_step': 64, 'fit.iou_floor': 0.999}),
+                           str(tmp_path), data)
   ds = wds.load(str(tmp_path / 'fields'))
   assert summary['num_flagged'] == 2 and np.all(ds.flags & wds.FLAG_LOW_QUALITY) and len(ds.good()) == 0
 
@@ -233,41 +228,41 @@ def test_low_iou_fields_are_flagged(tmp_path):
 def test_bad_input_fails_with_one_clear_error_before_compiling(tmp_path, monkeypatch, shapes8):
   def no_compile(*a, **k):
     raise AssertionError('compiled before the config error')
-  monkeypatch.setattr(fit_shapes.fit_stage.StackFitter, 'compile', no_compile)
+  monkeypatch.setattr(stack.StackFitter, 'compile', no_compile)
   with pytest.raises(ConfigError, match=r'field.in_dims=2'):
     fit.run(shape_config(**{'field.in_dims': 2}), str(tmp_path))
   with pytest.raises(ConfigError, match=r'fit.points_per_step=4096 .* 2048 training points'):
-    fit_shapes.run(shape_config(**{'fit.points_per_step': 4096}), str(tmp_path / 'p'), data=shapes8)
+    run_fit(shape_config(**{'fit.points_per_step': 4096}), str(tmp_path / 'p'), shapes8)
   with pytest.raises(ConfigError, match=r"fit.loss='bce' .* data.label='occupancy'"):
-    fit.validate(shape_config(**{'data.label': 'sdf'}))
+    checks.validate(shape_config(**{'data.label': 'sdf'}), ('fit',))
   with pytest.raises(ConfigError, match=r"output_activation='sigmoid'"):
-    fit.validate(shape_config(**{'data.label': 'pm1', 'fit.loss': 'mse', 'field.output_activation': 'sigmoid'}))
+    checks.validate(shape_config(**{'data.label': 'pm1', 'fit.loss': 'mse', 'field.output_activation': 'sigmoid'}), ('fit',))
   with pytest.raises(ConfigError, match=r'fit.iou_floor=1.5'):
-    fit.validate(shape_config(**{'fit.iou_floor': 1.5}))
-  with pytest.raises(ConfigError, match=r"data.kind='voxels'"):
-    fit.run(shape_config(**{'data.kind': 'voxels'}), str(tmp_path))
+    checks.validate(shape_config(**{'fit.iou_floor': 1.5}), ('fit',))
+  with pytest.raises(ConfigError, match=r"data.modality='voxels' is not a registered modality"):
+    fit.run(shape_config(**{'data.modality': 'voxels'}), str(tmp_path))
   with pytest.raises(ConfigError, match=r'fit.shared_init_index=8'):
-    fit_shapes.run(shape_config(**{'fit.init': 'shared', 'fit.shared_init_index': 8}), str(tmp_path / 's'),
-                   data=shapes8)
+    run_fit(shape_config(**{'fit.init': 'shared', 'fit.shared_init_index': 8}), str(tmp_path / 's'),
+                   shapes8)
   assert not (tmp_path / 'fields').exists()
 
 
 def test_labels_with_the_other_sign_convention_are_refused(tmp_path, monkeypatch):
   data = synthetic_shapes(4, points=2048, heldout=256, label='pm1')
   data.values = -data.values  # +1 inside: every IoU would be ~0
-  monkeypatch.setattr(fit_shapes.fit_stage.StackFitter, 'compile', lambda *a, **k: pytest.fail('compiled'))
+  monkeypatch.setattr(stack.StackFitter, 'compile', lambda *a, **k: pytest.fail('compiled'))
   with pytest.raises(DataError, match=r"data.label='pm1'.* -1 inside, \+1 outside"):
-    fit_shapes.run(shape_config(**{'data.label': 'pm1', 'fit.loss': 'mse', 'field.output_activation': 'tanh'}),
-                   str(tmp_path), data=data)
+    run_fit(shape_config(**{'data.label': 'pm1', 'fit.loss': 'mse', 'field.output_activation': 'tanh'}),
+                   str(tmp_path), data)
 
 
 def test_fit_run_dispatches_shape_configs_to_the_shape_data(tmp_path):
-  """The launcher's path: fit.run -> fit_shapes.run -> nfjax.data.shapes.load (procedural meshes)."""
+  """The launcher's path: fit.run -> the shapes modality -> nfjax.data.shapes.load (procedural meshes)."""
   config = shape_config(**{'data.num_fields': 2, 'data.num_uniform': 512, 'data.num_surface': 512,
                            'data.num_heldout': 1024, 'fit.steps': 20, 'fit.points_per_step': 256})
   summary = fit.run(config, str(tmp_path))
   ds = wds.load(str(tmp_path / 'fields'))
-  assert summary['num_fields'] == 2 and ds.meta['kind'] == 'shape' and ds.meta['points_per_shape'] == 1024
+  assert summary['num_fields'] == 2 and ds.meta['modality'] == 'shapes' and ds.meta['points_per_shape'] == 1024
   assert ds.meta['source'].startswith('procedural') and len(ds.meta['names']) == 2
   assert os.path.isdir(tmp_path / 'shape_data')  # the point cache lives in the workdir
 
@@ -280,11 +275,11 @@ def test_points_travel_as_coordinates_not_features():
   data = synthetic_shapes(2, points=256, heldout=128)
   rows = fit_shapes.check_data(config, spec, data)
   rows = (rows[0].astype(np.float16),) + rows[1:]
-  fitter = fit_shapes.make_fitter(spec, config, sharding.make_mesh(config.mesh))
+  fitter = fit_shapes.Shapes().make_fitter(spec, config, sharding.make_mesh(config.mesh), None)
   compiled = fitter.compile(3, 8, rows)
   shapes = [a.shape for a in jax.tree.leaves(compiled.args_info)]
   assert (8, 256, 3) in shapes and (8, 256, spec.encoded_dims) not in shapes
-  w, loss, iou = fitter.fit(3, rows, fit._field_keys(0, np.arange(2)), None)
+  w, loss, iou = fitter.fit(3, rows, stack.field_keys(0, np.arange(2)), None)
   assert w.shape == (2, spec.num_params) and np.isfinite(loss).all() and ((0 <= iou) & (iou <= 1)).all()
 
 
@@ -293,7 +288,7 @@ def test_a_fitted_sphere_meshes_to_that_sphere(tmp_path, shapes8):
   from nfjax import geometry
   from nfjax.fields import meshing
   config = shape_config(**{'fit.num_reconstructions': 0})
-  fit_shapes.run(config, str(tmp_path), data=synthetic_shapes(2))
+  run_fit(config, str(tmp_path), synthetic_shapes(2))
   ds = wds.load(str(tmp_path / 'fields'))
   rng = np.random.default_rng(0)                      # shape 0 of synthetic_shapes(seed=0): its sphere
   centre, r = rng.uniform(-0.08, 0.08, 3), rng.uniform(0.18, 0.35)

@@ -65,7 +65,8 @@ def _child(kind, out_path, argv):
   _gloo_on_loopback()   # before the CPU backend exists (it is created lazily, after initialize)
 
   if kind == 'fit':     # the fit stage itself (the launcher refuses it in multi-process runs)
-    from nfjax import fit, main as launcher
+    from nfjax import main as launcher
+    from nfjax.stages import fit
     launcher.initialize_distributed('127.0.0.1:' + argv[0], NUM_PROCESSES, int(argv[1]))
     summary = fit.run(_fit_config(**MESH), argv[2])
     _report(out_path, {'summary': summary})
@@ -195,7 +196,8 @@ def test_two_processes_train_like_one(tmp_path):
   1 process x 4 devices (losses, eval losses, the checkpoint); stages that cannot run across
   processes are refused."""
   from test_train import BASE, config, make_tokens
-  from nfjax import checkpoint, train
+  from nfjax import checkpoint
+  from nfjax.stages import train
 
   mp_wd, ref_wd = str(tmp_path / 'two_processes'), str(tmp_path / 'one_process')
   make_tokens(mp_wd)
@@ -231,12 +233,12 @@ def test_two_processes_train_like_one(tmp_path):
                pa, pb)
 
 
-@pytest.mark.xfail(strict=True, reason="nfjax/fit.py fetches the fitted stack with np.asarray, which "
+@pytest.mark.xfail(strict=True, reason="nfjax/fields/stack.py fetches the fitted stack with np.asarray, which "
                    "cannot read a jax.Array spread over other processes' devices; fit is single-process "
                    "until it gathers (e.g. multihost_utils.process_allgather). When this passes, remove "
                    "this mark and add 'fit' to nfjax.main.MULTI_PROCESS_STAGES.")
 def test_two_processes_fit_like_one(tmp_path):
-  from nfjax import fit
+  from nfjax.stages import fit
   mp_wd, ref_wd = str(tmp_path / 'two_processes'), str(tmp_path / 'one_process')
   reports = run_processes('fit', tmp_path, lambda port, i: [str(port), str(i), mp_wd])
   ref = fit.run(_fit_config(**MESH), ref_wd)

@@ -28,8 +28,8 @@ def pipeline(smoke_fields, tmp_path_factory):
 
 
 def test_pipeline_writes_samples_that_decode_to_fields(pipeline):
-  from nfjax.data import tokens as tok_data
-  from nfjax.data import weights as wds
+  from nfjax.io import tokens as tok_data
+  from nfjax.io import fields as wds
   workdir, summaries = pipeline
   assert list(summaries) == ['fit', 'tokenize', 'train', 'sample', 'evaluate']
   s = summaries['sample']
@@ -64,7 +64,7 @@ def test_decoded_weights_are_the_tokenizers_decoding(pipeline):
 
 
 def test_rerun_skips_and_a_lost_setting_is_redrawn_identically(pipeline):
-  from nfjax import sample
+  from nfjax.stages import sample
   workdir, summaries = pipeline
   assert sample.run(_config(), workdir) == json.load(open(os.path.join(workdir, 'samples', 'summary.json')))
   samples = os.path.join(workdir, 'samples')
@@ -94,7 +94,7 @@ def test_rerun_skips_and_a_lost_setting_is_redrawn_identically(pipeline):
 
 
 def test_samples_do_not_depend_on_the_batch_size(pipeline, tmp_path):
-  from nfjax import sample
+  from nfjax.stages import sample
   workdir, _ = pipeline
   other = str(tmp_path / 'w')
   for d in ('fields', 'tokenizer', 'tokens', 'transformer'):
@@ -106,7 +106,7 @@ def test_samples_do_not_depend_on_the_batch_size(pipeline, tmp_path):
 
 
 def test_bad_sample_configs_fail_clearly(pipeline, tmp_path):
-  from nfjax import sample
+  from nfjax.stages import sample
   from nfjax.errors import ConfigError, NfjaxError
   workdir, _ = pipeline
   with pytest.raises(ConfigError, match='top_k'):

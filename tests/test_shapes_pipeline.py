@@ -32,13 +32,13 @@ def _in_unit(x):
 
 
 def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
-  from nfjax.data import weights as wds
-  from nfjax.evaluate import samples as samples_lib
+  from nfjax.io import fields as wds
+  from nfjax.io import samples as samples_lib
   from nfjax.fields import meshing, mlp
   workdir, summaries = pipeline
   assert list(summaries) == ['fit', 'tokenize', 'train', 'sample', 'evaluate']
   fields = wds.load(os.path.join(workdir, 'fields'))
-  assert fields.meta['kind'] == 'shape'
+  assert fields.meta['modality'] == 'shapes'
   spec = mlp.FieldSpec.from_dict(fields.meta['field'])
   config = _config()
 
@@ -63,7 +63,7 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   assert os.path.getsize(os.path.join(workdir, 'samples', 'turntable.gif')) > 1000
 
   ev = summaries['evaluate']
-  assert ev['kind'] == 'shape' and ev['headline_setting'] == 'topk3_t0.8'
+  assert ev['modality'] == 'shapes' and ev['headline_setting'] == 'topk3_t0.8'
   assert ev['fpd'] is None and ev['fpd_note'].startswith('not computed')
   assert ev['num_samples'] == 8 and ev['num_reference'] == 7 and ev['num_generated'] == 7   # floor(8 / 1.1)
   rows = {**ev['settings'], 'reference': ev['reference'], 'baseline': ev['baseline']}
@@ -94,10 +94,11 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
 
 def test_rerun_skips_and_new_samples_are_evaluated_again(pipeline):
   from nfjax import main
-  from nfjax.data import weights as wds
+  from nfjax.io import fields as wds
   from nfjax.errors import DataError
-  from nfjax.evaluate import samples as samples_lib
-  from nfjax.evaluate import stage
+  from nfjax.io import samples as samples_lib
+  from nfjax.evaluate import protocol
+  from nfjax.stages import evaluate as stage
   workdir, summaries = pipeline
   evd = os.path.join(workdir, 'eval')
   mtime = os.path.getmtime(os.path.join(evd, 'summary.json'))
@@ -106,13 +107,13 @@ def test_rerun_skips_and_new_samples_are_evaluated_again(pipeline):
   assert os.path.getmtime(os.path.join(evd, 'summary.json')) == mtime
 
   # An image config on shape fields: one clear error.
-  with pytest.raises(DataError, match='shape fields'):
+  with pytest.raises(DataError, match=r"fields of the 'shapes' modality but the config has data.modality='images'"):
     stage.run(load_config('smoke'), workdir)
 
   # New samples (exact copies of training fields, and noisy ones, no meshes.npz): re-evaluated.
   import shutil
   shutil.rmtree(os.path.join(workdir, 'samples'))
-  samples_lib.write_fake_samples(workdir, [
+  protocol.write_fake_samples(workdir, [
       {'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'noise': 0.0},
       {'name': 'noisy', 'top_k': 5, 'temperature': 1.0, 'top_p': 1.0, 'noise': 0.3}], num_samples=8)
   ev = stage.run(_config(), workdir)
@@ -155,9 +156,9 @@ def _procedural(classes=4, per_class=3):
 
 def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_badly():
   from nfjax.data import procedural
-  from nfjax.evaluate import samples as samples_lib
+  from nfjax.io import samples as samples_lib
   from nfjax.evaluate import shape_metrics as sm
-  from nfjax.evaluate import shapes
+  from nfjax.modalities.shapes import evaluate as shapes
   from nfjax.fields import meshing
   meshes, labels = _procedural()                      # 12 shapes: 3 of each class
   weights = np.random.default_rng(0).normal(size=(12, 10)).astype(np.float32)
@@ -211,7 +212,7 @@ def test_evaluator_scores_the_references_themselves_perfectly_and_a_collapse_bad
 
 def test_evaluate_mesh_level_hyperdiffusion_option():
   from nfjax.errors import ConfigError
-  from nfjax.evaluate import shapes
+  from nfjax.modalities.shapes import evaluate as shapes
   from nfjax.fields import meshing, mlp
   spec = mlp.FieldSpec.from_dict(dict(load_config('parity_hd', SHAPES).field))
   meta = {'loss': 'bce', 'surface': {'level': 0.0, 'inside': 'above'}}

@@ -8,9 +8,11 @@ import pytest
 
 from conftest import load_config
 from nfjax import main as launcher
-from nfjax import tokenize, tokenizers
-from nfjax.data import tokens as token_data
-from nfjax.data import weights as wds
+from nfjax import tokenizers
+from nfjax.configs import checks
+from nfjax.stages import tokenize
+from nfjax.io import tokens as token_data
+from nfjax.io import fields as wds
 from nfjax.errors import ConfigError, DataError, NfjaxError
 
 SUMMARY_KEYS = ('vocab_size', 'codebook_size', 'weight_rmse', 'psnr_fields_mean', 'psnr_tokenized_mean',
@@ -119,15 +121,15 @@ def test_bad_inputs(tmp_path):
   with pytest.raises(DataError, match='run the fit stage first'):
     tokenize.run(load_config('smoke'), str(tmp_path))
   with pytest.raises(ConfigError, match="tokenize.specials.*'sos'"):
-    tokenize.validate(load_config('smoke', **{'tokenize.specials': ('pad',)}))
+    checks.validate(load_config('smoke', **{'tokenize.specials': ('pad',)}), ('tokenize',))
   with pytest.raises(ConfigError, match='tokenize.val_fraction'):
-    tokenize.validate(load_config('smoke', **{'tokenize.val_fraction': 1.0}))
+    checks.validate(load_config('smoke', **{'tokenize.val_fraction': 1.0}), ('tokenize',))
 
 
 def test_without_class_token_nefgpt_shapenet_layout(tmp_path, smoke_fields):
   """tokenize.class_token='no' (and 'auto' with one class): [SOS, w...], NeF-GPT ShapeNet's vocab
   of 127 codes + SOS = 128; the GPT then has no class conditioning."""
-  from nfjax import train
+  from nfjax.training import tasks
   workdir = _workdir(tmp_path, smoke_fields)
   config = load_config('smoke', **{'tokenize.num_codes': 127, 'tokenize.specials': ('sos',), 'tokenize.encoder': 'nearest',
                                    'tokenize.class_token': 'no'})
@@ -139,7 +141,7 @@ def test_without_class_token_nefgpt_shapenet_layout(tmp_path, smoke_fields):
   fields = wds.load(os.path.join(workdir, 'fields'))
   np.testing.assert_array_equal(ds.tokens[:, 1:], tok.encode(fields.weights[fields.good()]))
   assert ds.tokens.max() < 128
-  cfg = train.model_config(load_config('smoke', **{'model.class_embedding': True}), vocab_size=128,
+  cfg = tasks.model_config(load_config('smoke', **{'model.class_embedding': True}), vocab_size=128,
                            seq_len=ds.tokens.shape[1], num_classes=0, prefix=('sos',))
   assert cfg.cond_position == -1 and cfg.vocab_size == 128
   # 'auto': a class token exactly when there is more than one class; the shapes parity preset has one.
@@ -148,4 +150,4 @@ def test_without_class_token_nefgpt_shapenet_layout(tmp_path, smoke_fields):
   assert not tokenize.use_class_token(parity, 1)
   assert token_data.Vocab(parity.tokenize.num_codes, 0, tuple(parity.tokenize.specials)).vocab_size == 128
   with pytest.raises(ConfigError, match='class_token'):
-    tokenize.validate(load_config('smoke', **{'tokenize.class_token': 'maybe'}))
+    checks.validate(load_config('smoke', **{'tokenize.class_token': 'maybe'}), ('tokenize',))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nfjax import tokenizers
-from nfjax.data.tokens import TokenError, Vocab
+from nfjax.io.tokens import TokenError, Vocab
 from nfjax.errors import ConfigError, NfjaxError
 from nfjax.fields import mlp
 from nfjax.tokenizers import chunking, kmeans1d, refine
@@ -23,7 +23,7 @@ def _fit(w, init=None, spec=SPEC, **kw):
   kw.setdefault('num_codes', 16)
   kw.setdefault('kmeans_restarts', 2)
   return tokenizers.fit(tokenizers.Settings(**kw), w, spec.layout, init, seed=0, field=spec.to_dict(),
-                        image_shape=(8, 8))
+                        grid=(8, 8))
 
 
 def test_scalar_round_trip_and_idempotence():

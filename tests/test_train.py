@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from nfjax import checkpoint, main, train
-from nfjax.data import tokens as token_data
+from nfjax import checkpoint, main
+from nfjax.stages import train
+from nfjax.training import tasks
+from nfjax.training import trainer as trainer_lib
+from nfjax.io import tokens as token_data
 from nfjax.errors import ConfigError, DataError, NfjaxError
-from nfjax.utils import io
+from nfjax.io import files as io
 
 MESH_8 = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2}   # data, FSDP and model (heads/mlp/vocab) sharding
 MESH_1 = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.model': 1}   # the first device only
@@ -159,7 +162,7 @@ def test_params_only_loader_on_one_cpu_device(reference):
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, mdef.abstract_params)
   ds = token_data.load(os.path.join(wd, 'tokens'))
   val = jnp.asarray(ds.tokens[ds.val_idx])
-  loss = train.gpt_loss(ds.prefix_len, False)
+  loss = tasks.gpt_loss(ds.prefix_len, False)
   sums = jax.jit(lambda p, b: loss(mdef.bind(p), b, None))(params, {'tokens': val, 'weight': jnp.ones(len(val))})
   assert abs(float(sums['loss_sum'] / sums['count']) - s['eval_loss']) < 1e-5
 
@@ -177,7 +180,7 @@ def test_overfits_a_tiny_set(tmp_path):
 def _tiny_task(tmp_path, **kw):
   make_tokens(str(tmp_path))
   cfg = config(**kw)
-  return cfg, train.make_task(cfg, str(tmp_path))
+  return cfg, tasks.make_task(cfg, str(tmp_path))
 
 
 def test_train_step_compiles_once(reference):
@@ -199,7 +202,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
       sizes.add(batch['tokens'].shape[0])   # trace-time: the batch size the loss really sees
       return inner(module, batch, rng)
     task.loss = loss
-    trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+    trainer = trainer_lib.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
     runs.append([loss for _, loss in trainer.run()['loss_history']])
     seen.append(sizes)
   assert cfg.train.batch_size == 8 and len(runs[0]) == 3
@@ -219,21 +222,21 @@ def test_nan_loss_stops_with_the_step(tmp_path):
   values[17, 3] = np.nan
   cfg = config(**MESH_1, **{'train.steps': 20, 'train.eval_every': 1000})
   mdef = models.build(models.RegressionConfig(num_layers=1, num_heads=2, embed_dim=16, block_size=10))
-  task = train.Task('regression', mdef, train.regression_loss('l1'),
+  task = tasks.Task('regression', mdef, tasks.regression_loss('l1'),
                     {'values': values, 'labels': np.zeros(24, np.int32)}, {}, tokens_per_example=10)
-  trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+  trainer = trainer_lib.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
   first = next(s for s in range(20) if 17 in trainer.stream.indices(s)) + 1
-  with pytest.raises(train.TrainingDiverged, match=f'is nan at step {first}[^0-9]'):
+  with pytest.raises(trainer_lib.TrainingDiverged, match=f'is nan at step {first}[^0-9]'):
     trainer.run()
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step():
   arrays = {'x': np.arange(10)}
-  a, b = train.BatchStream(arrays, 4, seed=1), train.BatchStream(arrays, 4, seed=1)
+  a, b = trainer_lib.BatchStream(arrays, 4, seed=1), trainer_lib.BatchStream(arrays, 4, seed=1)
   seq = np.concatenate([a.indices(s) for s in range(5)])           # 20 examples = 2 epochs
   assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
   np.testing.assert_array_equal(b.indices(3), a.indices(3))        # a fresh stream, straight to step 3
-  assert not np.array_equal(train.BatchStream(arrays, 4, seed=2).indices(0), a.indices(0))
+  assert not np.array_equal(trainer_lib.BatchStream(arrays, 4, seed=2).indices(0), a.indices(0))
 
 
 def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
@@ -256,7 +259,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, monkeypatch):
 
 
 def _fake_fields(workdir, n=32, p=12, num_classes=2, seed=0):
-  from nfjax.data import weights as wds
+  from nfjax.io import fields as wds
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, n).astype(np.int32)
   base = np.linspace(-1, 1, p)[None, :] * (labels[:, None] + 1)
@@ -264,10 +267,7 @@ def _fake_fields(workdir, n=32, p=12, num_classes=2, seed=0):
   d = os.path.join(workdir, 'fields')
   arrays = {'weights': weights, 'labels': labels, 'source_index': np.arange(n), 'quality': np.full(n, 30.0, np.float32),
             'flags': np.zeros(n, np.uint8)}
-  for k, v in arrays.items():
-    io.write_npy(os.path.join(d, f'{k}.npy'), v)
-  io.write_json(os.path.join(d, 'meta.json'), {'format': wds.FORMAT, 'num_fields': n, 'params_per_field': p,
-                                               'num_classes': num_classes})
+  wds.write(d, arrays, {'modality': 'images', 'num_fields': n, 'params_per_field': p, 'num_classes': num_classes})
   io.write_json(os.path.join(d, 'summary.json'), {'num_fields': n})
 
 
@@ -290,7 +290,7 @@ def test_init_from_a_trained_checkpoint(reference, tmp_path):
   cfg, task = _tiny_task(tmp_path, **MESH_1, **{'train.steps': 3,
                                                'train.init_from': os.path.join(ref_wd, 'transformer', 'checkpoints')})
   task.val = {}
-  trainer = train.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
+  trainer = trainer_lib.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), seed=0, directory=None)
   step, loss = trainer.run()['loss_history'][0]
   scratch = logged(ref_wd)
   assert step == 1 and loss < scratch[1] - 0.1 and abs(loss - scratch[8]) < 0.1

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from nfjax.errors import DataError
-from nfjax.utils import config as cfg_utils
+from nfjax import config as cfg_utils
 
 SOURCES = ('offline', 'tfds')
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -64,8 +63,8 @@ from nfjax.data import meshes as mesh_io
 from nfjax.data import procedural
 from nfjax.data.images import select
 from nfjax.errors import ConfigError, DataError
-from nfjax.utils import config as cfg_utils
-from nfjax.utils import io
+from nfjax import config as cfg_utils
+from nfjax.io import files
 from nfjax.utils.logging import Progress, log
 
 SOURCES = ('procedural', 'meshes')
@@ -335,25 +334,25 @@ def fingerprint(config, src: _Source) -> dict:
 
 
 def _chunk_path(cache_dir: str, k: int) -> str:
-  return os.path.join(cache_dir, f"chunk_{k:05d}.npz")
+  return files.join(cache_dir, f"chunk_{k:05d}.npz")
 
 
 def _claim_cache(cache_dir: str, fp: dict, num_chunks: int) -> None:
   """Delete a cache built with other settings; write the manifest of this one."""
-  path = os.path.join(cache_dir, 'manifest.json')
-  if os.path.exists(path):
+  path = files.join(cache_dir, 'manifest.json')
+  if files.exists(path):
     try:
-      old = io.read_json(path).get('fingerprint')
+      old = files.read_json(path).get('fingerprint')
     except (OSError, ValueError):
       old = None
     if old == fp:
       return
     changes = '; '.join(cfg_utils.diff(old or {}, fp)[:6])
     log(STAGE, f"shape cache {cache_dir} was built with other settings ({changes}): rebuilding it")
-  stale = glob.glob(os.path.join(cache_dir, 'chunk_*.npz'))
+  stale = files.glob(files.join(cache_dir, 'chunk_*.npz'))
   for p in stale:
-    os.remove(p)
-  io.write_json(path, {'fingerprint': fp, 'num_chunks': num_chunks, 'format': __name__})
+    files.remove(p)
+  files.write_json(path, {'fingerprint': fp, 'num_chunks': num_chunks, 'format': __name__})
 
 
 CATALOG_KEYS = ('index', 'skipped_index', 'skipped_reason')   # the small arrays of a cache chunk
@@ -361,8 +360,7 @@ CATALOG_KEYS = ('index', 'skipped_index', 'skipped_reason')   # the small arrays
 
 def _read_npz(path: str, keys=None) -> dict:
   """The arrays `keys` (all by default) of an .npz file; np.load reads a key only when asked for it."""
-  with np.load(path, allow_pickle=False) as z:
-    return {k: z[k] for k in (z.files if keys is None else keys)}
+  return files.read_npz(path, keys)
 
 
 def _read_chunk(path: str) -> dict | None:
@@ -400,7 +398,7 @@ def load(config, cache_dir: str | None = None) -> ShapeSet:
   chunks: list[dict | None] = [None] * num_chunks
   if cache_dir:
     for k in range(num_chunks):
-      if os.path.exists(_chunk_path(cache_dir, k)):
+      if files.exists(_chunk_path(cache_dir, k)):
         chunks[k] = _read_chunk(_chunk_path(cache_dir, k))
     cached = sum(c is not None for c in chunks)
     if cached:
@@ -415,7 +413,7 @@ def load(config, cache_dir: str | None = None) -> ShapeSet:
         positions = list(range(k * chunk, min(total, (k + 1) * chunk)))
         chunks[k] = _process_chunk(src, d, seed, positions, pool)
         if cache_dir:
-          io.write_npz(_chunk_path(cache_dir, k), **chunks[k])
+          files.write_npz(_chunk_path(cache_dir, k), **chunks[k])
         done += len(positions)
         progress.update(done, f"chunk {k + 1}/{num_chunks}")
   return _assemble(config, src, chunks)
@@ -448,9 +446,9 @@ def _finished_chunks(config, cache_dir: str, keys: tuple[str, ...]) -> tuple[_So
   src, chunk, num_chunks = _plan(config)
   total = len(src.ids)
   hint = "; run the fit stage with this config first (it computes and caches the shapes)"
-  manifest = os.path.join(cache_dir, 'manifest.json')
+  manifest = files.join(cache_dir, 'manifest.json')
   try:
-    old = io.read_json(manifest).get('fingerprint')
+    old = files.read_json(manifest).get('fingerprint')
   except (OSError, ValueError, AttributeError):
     raise DataError(f"no finished shape cache in {cache_dir} (manifest.json missing or unreadable){hint}") from None
   fp = fingerprint(config, src)

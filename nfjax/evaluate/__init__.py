@@ -1,10 +1,11 @@
-"""Evaluation of generated neural fields (the evaluate stage and its metrics).
+"""Evaluation of generated neural fields: the protocol every modality shares, and metric libraries.
 
-  stage.py          the stage: samples/ + fields/ -> eval/ (run, validate); dispatches on fields' kind
-  shapes.py         the stage's shape branch: meshes, HyperDiffusion's protocol, novelty, context
-  shape_metrics.py  point clouds, squared Chamfer (JAX, tiled), MMD-CD / COV / 1-NNA, bootstrap
-  image_metrics.py  SSIM (pairwise, tiled), NeF-GPT's MMD / COV / 1-NNA, Fréchet distance
+  protocol.py       the frame: settings, the reference split, ceiling and baseline rows, per-sample
+                    files, headline (the modality's Evaluator plugs its metrics in)
+  image_metrics.py  SSIM (pairwise, tiled), NeF-GPT's MMD / COV / 1-NNA, Fréchet distance, PSNR
   classifier.py     nfjax's own small MNIST CNN (class consistency, FD features)
-  novelty.py        nearest training image / weight vector, histogram and neighbour PNGs
-  samples.py        the samples/ contract reader; perturbed training fields (baseline, fakes)
+  shape_metrics.py  point clouds, squared Chamfer (JAX, tiled), MMD-CD / COV / 1-NNA, bootstrap
+  pointnet2.py      HyperDiffusion's PointNet++ SSG in JAX (FPD features)
+  novelty.py        nearest training example / weight vector, histogram and neighbour PNGs
+The modalities' evaluators: nfjax/modalities/images/evaluate.py, nfjax/modalities/shapes/evaluate.py.
 """

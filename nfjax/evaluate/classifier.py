@@ -13,7 +13,6 @@ Saved as DIR/params.npz (one array per parameter, named by its path) + DIR/class
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nfjax.utils import io
+from nfjax.io import files
 
 FORMAT = 'nfjax.classifier/v1'
 
@@ -117,13 +116,13 @@ class Classifier:
     leaves = jax.tree_util.tree_flatten_with_path(self.params)[0]
     arrays = {f'p{i:03d}': np.asarray(v) for i, (_, v) in enumerate(leaves)}
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
-    io.write_npz(os.path.join(directory, 'params.npz'), **arrays)
-    io.write_json(os.path.join(directory, 'classifier.json'),
+    files.write_npz(files.join(directory, 'params.npz'), **arrays)
+    files.write_json(files.join(directory, 'classifier.json'),
                   {'format': FORMAT, 'arch': self.arch.to_dict(), 'param_names': names, **self.info})
 
   @classmethod
   def load(cls, directory: str) -> 'Classifier':
-    meta = io.read_json(os.path.join(directory, 'classifier.json'))
+    meta = files.read_json(files.join(directory, 'classifier.json'))
     if meta.get('format') != FORMAT:
       raise ValueError(f"{directory}/classifier.json has format {meta.get('format')!r}, expected {FORMAT!r}")
     arch = Arch.from_dict(meta['arch'])
@@ -132,8 +131,8 @@ class Classifier:
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
     if names != meta['param_names']:
       raise ValueError(f"{directory}: saved parameters do not match the classifier architecture")
-    with np.load(os.path.join(directory, 'params.npz')) as z:
-      values = [jnp.asarray(z[f'p{i:03d}']) for i in range(len(leaves))]
+    z = files.read_npz(files.join(directory, 'params.npz'))
+    values = [jnp.asarray(z[f'p{i:03d}']) for i in range(len(leaves))]
     params = jax.tree_util.tree_unflatten(treedef, values)
     info = {k: v for k, v in meta.items() if k not in ('format', 'arch', 'param_names')}
     return cls(arch, params, info)

@@ -243,3 +243,9 @@ def set_metrics(d_sr: np.ndarray, d_rr: np.ndarray, d_ss: np.ndarray) -> dict:
           'ssim_mmd_smp': mc['mmd_smp']}
 
 
+
+
+def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """Per-image PSNR in dB (float64) of [n, H, W] arrays in [0, 1] (mlp.psnr is the jitted one)."""
+  mse = np.mean((np.asarray(pred, np.float64) - target) ** 2, axis=(1, 2))
+  return -10.0 * np.log10(np.maximum(mse, 1e-12))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfjax.io import files
 from nfjax.utils import images as img_utils
 
 
@@ -85,12 +86,7 @@ def histogram_png(path: str, pixel: dict[str, np.ndarray], weight: dict[str, np.
     ax.set_ylabel('density')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  import io as _io
-  from nfjax.utils.io import write_bytes
-  buf = _io.BytesIO()
-  fig.savefig(buf, format='png', dpi=100)
-  plt.close(fig)
-  write_bytes(path, buf.getvalue())
+  files.write_figure(path, fig, dpi=100)
 
 
 def neighbours_png(path: str, samples: np.ndarray, cond: np.ndarray, pred: np.ndarray,

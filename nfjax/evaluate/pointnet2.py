@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax.errors import DataError
+from nfjax.utils import torch_checkpoint
 
 # (centres, radius, neighbours, MLP widths) per set-abstraction level; centres None = group all.
 SSG_LEVELS = ((512, 0.2, 32, (64, 64, 128)),
@@ -144,7 +145,6 @@ def load(path: str) -> Params:
     except (OSError, ValueError) as e:
       raise DataError(f"PointNet++ weights {path!r} are not a readable .npz: {e}") from None
   else:
-    from nfjax.utils import torch_checkpoint
     sd = torch_checkpoint.state_dict(torch_checkpoint.load(path))
   return params_from_state_dict(sd, f"PointNet++ weights {path!r}")
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from nfjax import geometry, sharding
 from nfjax.errors import NfjaxError
-from nfjax.evaluate import image_metrics
+from nfjax.evaluate import image_metrics, pointnet2
 
 NUM_POINTS = 2048
 GENERATED_MULT = 1.1
@@ -285,7 +285,6 @@ def fpd(gen_clouds: np.ndarray, ref_clouds: np.ndarray, pointnet_weights: str | 
   """
   if not pointnet_weights:
     return None, FPD_NOT_COMPUTED
-  from nfjax.evaluate import pointnet2
   params = pointnet2.load(pointnet_weights)
   gen, ref = _prepare(gen_clouds, ref_clouds, normalize, match_ref=False)
   return (fpd_from_features(pointnet2.features(params, gen, seed), pointnet2.features(params, ref, seed)),

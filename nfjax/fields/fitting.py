@@ -26,21 +26,20 @@ from jax.sharding import Mesh
 from nfjax import sharding
 from nfjax.errors import ConfigError
 from nfjax.fields import mlp
-from nfjax.utils import config as cfg_utils
+from nfjax import config as cfg_utils
 
 LOSSES = ('bce', 'mse', 'l1')
 SCHEDULES = ('cosine', 'constant')
 
 
-def validate(config, per_step_key: str = 'fit.pixels_per_step') -> None:
-  """Checks of the fit.* keys both field kinds read (images: fit.pixels_per_step, shapes:
-  fit.points_per_step as `per_step_key`)."""
+def validate(config) -> None:
+  """Checks of the fit.* keys every modality reads (its own, e.g. how many pixels or points a step
+  draws, it checks itself)."""
   cfg_utils.check_positive(config, 'fit.steps')
   cfg_utils.check_positive(config, 'fit.lr')
   cfg_utils.check_positive(config, 'fit.chunk_size')
   cfg_utils.check_positive(config, 'fit.warmup_steps', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.l2', allow_zero=True)
-  cfg_utils.check_positive(config, per_step_key, allow_minus_one=True)
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
@@ -119,33 +118,32 @@ def _fit_loop(spec, fit_cfg, steps, params, inputs, target, key, per_step: int, 
   return params, losses[-1]
 
 
-def fit_one(spec: mlp.FieldSpec, fit_cfg, steps: int, params, feats, target, key):
+def fit_one(spec: mlp.FieldSpec, fit_cfg, steps: int, params, feats, target, key, per_step: int = -1):
   """Fit one field. feats [n, E] encoded inputs, target [n, out]. Returns (params, final loss).
 
-  With fit.pixels_per_step > 0, each step uses a random subset of the n inputs drawn from
-  `fold_in(key, step)`; otherwise every step is full-batch (deterministic, and best for images).
+  With per_step > 0 (images: fit.pixels_per_step), each step uses a random subset of the n inputs
+  drawn from `fold_in(key, step)`; otherwise every step is full-batch (deterministic, and best for images).
   """
-  return _fit_loop(spec, fit_cfg, steps, params, feats, target, key, int(fit_cfg.pixels_per_step),
-                   lambda f: f)
+  return _fit_loop(spec, fit_cfg, steps, params, feats, target, key, int(per_step), lambda f: f)
 
 
-def fit_points(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key):
+def fit_points(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key, per_step: int = -1):
   """Fit one field to points: coords [n, in_dims] (any float dtype), values [n] or [n, out].
 
-  Each step draws fit.points_per_step points (with replacement) from `fold_in(key, step)` and
-  encodes only those; fit.points_per_step = -1 uses every point every step. Returns (params, loss).
+  Each step draws `per_step` points (shapes: fit.points_per_step; with replacement) from
+  `fold_in(key, step)` and encodes only those; -1 uses every point every step. Returns (params, loss).
   """
   if values.ndim == 1:
     values = values[:, None]
   prepare = lambda x: mlp.encode(spec, x.astype(jnp.float32))
-  return _fit_loop(spec, fit_cfg, steps, params, coords, values.astype(jnp.float32), key,
-                   int(fit_cfg.points_per_step), prepare)
+  return _fit_loop(spec, fit_cfg, steps, params, coords, values.astype(jnp.float32), key, int(per_step), prepare)
 
 
 def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
-                      score: Callable | None = None, points: bool = False):
+                      score: Callable | None = None, points: bool = False, per_step: int = -1):
   """jit(vmap(fit_one)) (or of `fit_points` with points=True) with the field axis sharded over `mesh`.
 
+  `per_step`: inputs drawn per step (-1 = all every step).
   Returns compile_for(params_stack, feats, targets, keys [F], *extra) -> compiled
   fn(params_stack, feats, targets, keys, *extra) -> (params_stack, loss [F], score [F]).
   Images: `feats` is either shared [n, E] (replicated) or per field [F, n, E]; targets [F, n, out].
@@ -158,7 +156,7 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
   fit_fn = fit_points if points else fit_one
 
   def one(p, f, t, k, *extra):
-    p, loss = fit_fn(spec, fit_cfg, steps, p, f, t, k)
+    p, loss = fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
     s = score(p, f, t, *extra) if score is not None else loss
     return p, loss, s
 

@@ -42,7 +42,7 @@ import numpy as np
 from nfjax import sharding
 from nfjax.errors import ConfigError, NfjaxError
 from nfjax.fields import mlp
-from nfjax.utils.io import write_bytes
+from nfjax.io.files import write_bytes
 
 HYPERDIFFUSION_TEST_LEVEL = 1.386     # logit of p = 0.8, as written in HyperDiffusion's test code
 HYPERDIFFUSION_TEST_RESOLUTION = 356

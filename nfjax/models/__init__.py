@@ -1,4 +1,4 @@
-"""Models that `nfjax.train` trains: the GPT (token sequences) and the regression transformer.
+"""Models that the train stage (nfjax/training/) trains: the GPT (token sequences) and the regression transformer.
 
 `ModelDef` is the functional view of an NNX model used on every hot path: parameters live in a
 plain nested dict of arrays (what Orbax saves and a user can open), and `bind(params)` rebuilds the
@@ -20,8 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nfjax import sharding
-from nfjax.models.gpt import GPT, GPTConfig
-from nfjax.models.layers import KVCache, TransformerConfig
+from nfjax.models.gpt import GPT, GPTConfig, KVCache, TransformerConfig
 from nfjax.models.regression import RegressionConfig, RegressionTransformer
 
 KINDS = {'gpt': (GPTConfig, GPT), 'regression': (RegressionConfig, RegressionTransformer)}

@@ -1,7 +1,7 @@
 """A decoder-only GPT over token sequences, with a KV cache for decoding.
 
 Architecture (nanoGPT family): token embedding + learned absolute position embedding (or RoPE),
-`num_layers` blocks (`nfjax.models.layers.Blocks`), final LayerNorm `ln_f`, output projection
+`num_layers` blocks (`Blocks` below), final LayerNorm `ln_f`, output projection
 (tied to the token embedding when `tie_embeddings`). `nef_gpt_parity=True` gives NeF-GPT's blocks:
 no LayerNorm inside the blocks, only `ln_f`.
 
@@ -19,19 +19,287 @@ to float rounding) to `model(full_sequence)` at those positions. `positions` is 
 a Python int, an int32 scalar or an int32 [B] array (one start per row). Slots must be filled in
 order from 0 (a token attends to every slot at a position <= its own), and
 positions + T <= max_len <= block_size (not checked inside jit; the sample stage sizes the cache).
+
+The file reads top to bottom: the config, parameter helpers, LayerNorm / dropout / RoPE,
+attention (full and cached), the KV cache, the stacked blocks, then the GPT itself. The
+regression transformer (nfjax/models/regression.py) reuses the blocks.
+
+Transformer building blocks shared by the GPT and the regression transformer.
+
+Parameters are `nnx.Param`s carrying a `logical` metadata tuple (logical axis names, see
+`nfjax.sharding.LOGICAL_RULES`); `nfjax.models.ModelDef` turns them into shardings. The blocks of a
+model are stored *stacked* (leading `layers` axis) and applied with one `lax.scan`, so compile
+time does not grow with depth; the KV cache is stacked the same way.
+
+Numerics: parameters are float32; `dtype` ('float32' | 'bfloat16') is the compute dtype of the
+matmuls. LayerNorm statistics, attention softmax and logits are always float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfjax.models import layers
-from nfjax.models.layers import KVCache, TransformerConfig, layer_norm, param
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+POSITIONS = ('learned', 'rope')
 
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """What every block stack needs. Frozen (hashable): it is static in the NNX graph."""
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  block_size: int             # the longest input sequence (positions 0 .. block_size-1)
+  mlp_ratio: int = 4
+  dropout: float = 0.0
+  block_norm: bool = True     # pre-LayerNorm blocks; False = NeF-GPT's blocks (no LayerNorm at all)
+  position: str = 'learned'   # learned absolute embeddings | rope (rotary, no position table)
+  rope_base: float = 10000.0
+  bias: bool = True
+  ln_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not a multiple of num_heads={self.num_heads}")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position={self.position!r} is not one of {POSITIONS}")
+    if self.position == 'rope' and self.head_dim % 2:
+      raise ValueError(f"rope needs an even head dimension, got {self.head_dim}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.mlp_ratio * self.embed_dim
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def param(value: jax.Array, *logical: str | None) -> nnx.Param:
+  if len(logical) != value.ndim:
+    raise ValueError(f"{len(logical)} logical axes for a {value.ndim}-d parameter")
+  return nnx.Param(value, logical=tuple(logical))
+
+
+def normal(key, shape, std: float) -> jax.Array:
+  return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+  """LayerNorm in float32, result in x's dtype."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding. x [B, T, H, K], positions [B, T] (int)."""
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * freqs          # [B, T, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+  """Causal attention by position: query at position p sees keys at positions <= p.
+
+  q [B, T, H, K]; k, v [B, S, H, K]; q_pos [B, T]; k_pos [S]. The same function serves the full
+  forward (S = T, k_pos = 0..T-1) and cached decoding (S = cache length; unwritten cache slots
+  have positions beyond every query, so they are masked), which is what makes the two agree.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  scores = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  mask = k_pos[None, None, None, :] <= q_pos[:, None, :, None]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bshk->bthk', probs, v)
+
+
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,
+                  q_pos: jax.Array) -> jax.Array:
+  """Attention of T new tokens over a read-only cache plus themselves (decoding).
+
+  q, k, v [B, T, H, K] of the new tokens at positions q_pos [B, T] (contiguous per row);
+  ck, cv [B, H, S, K] the cache, whose slots before q_pos[:, 0] hold the earlier tokens (later
+  slots are ignored). Equal to `attend` over the cache with the new keys written in, without
+  writing: the cache is only read here, and the caller writes the new keys once per step.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  dt = q.dtype
+  lo = jnp.finfo(jnp.float32).min
+  s_cache = jnp.einsum('bthk,bhsk->bhts', q, ck.astype(dt), preferred_element_type=jnp.float32) * scale
+  s_new = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  earlier = jnp.arange(ck.shape[2])[None, None, None, :] < q_pos[:, None, :1, None]
+  causal = q_pos[:, None, None, :] <= q_pos[:, None, :, None]
+  scores = jnp.concatenate([jnp.where(earlier, s_cache, lo), jnp.where(causal, s_new, lo)], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  s = ck.shape[2]
+  return (jnp.einsum('bhts,bhsk->bthk', probs[..., :s], cv.astype(dt))
+          + jnp.einsum('bhts,bshk->bthk', probs[..., s:], v))
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: k, v [num_layers, batch, num_heads, max_len, head_dim].
+
+  Slot j holds the token at absolute position j. Heads before positions, so attention reads the
+  cache in the layout its matmuls want (no transpose of the whole cache per step). A plain pytree: carry it through `lax.scan` /
+  `lax.fori_loop`, donate it to `jax.jit`.
+  """
+  k: jax.Array
+  v: jax.Array
+  cond: jax.Array | None = None   # [1, batch] conditioning token (GPTConfig.cond_position), else None
+
+
+  @property
+  def max_len(self) -> int:
+    return int(self.k.shape[3])
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.k.shape[1])
+
+
+class Blocks(nnx.Module):
+  """`num_layers` transformer blocks with stacked parameters, applied by one `lax.scan`.
+
+  Block (default, pre-LN):   x += attn(ln1(x));  x += mlp(ln2(x))
+  Block (block_norm=False):  x += attn(x);       x += mlp(x)        (NeF-GPT's blocks)
+  Attention: fused q/k/v projection, causal softmax attention, output projection; MLP: Linear ->
+  GELU (exact) -> Linear. Init as GPT-2/nanoGPT: N(0, init_std), output projections scaled by
+  1/sqrt(2 * num_layers), biases 0, LayerNorm scale 1.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    n, d, h, k, f = cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * n)
+    zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    if cfg.block_norm:
+      self.ln1_scale = param(ones(n, d), 'layers', 'norm')
+      self.ln1_bias = param(zeros(n, d), 'layers', 'norm') if cfg.bias else None
+      self.ln2_scale = param(ones(n, d), 'layers', 'norm')
+      self.ln2_bias = param(zeros(n, d), 'layers', 'norm') if cfg.bias else None
+    self.qkv_kernel = param(normal(rngs.params(), (n, 3, d, h, k), std), 'layers', None, 'embed', 'heads', 'kv')
+    self.out_kernel = param(normal(rngs.params(), (n, h, k, d), out_std), 'layers', 'heads', 'kv', 'embed')
+    self.mlp_in_kernel = param(normal(rngs.params(), (n, d, f), std), 'layers', 'embed', 'mlp')
+    self.mlp_out_kernel = param(normal(rngs.params(), (n, f, d), out_std), 'layers', 'mlp', 'embed')
+    if cfg.bias:
+      self.qkv_bias = param(zeros(n, 3, h, k), 'layers', None, 'heads', 'kv')
+      self.out_bias = param(zeros(n, d), 'layers', 'embed')
+      self.mlp_in_bias = param(zeros(n, f), 'layers', 'mlp')
+      self.mlp_out_bias = param(zeros(n, d), 'layers', 'embed')
+
+  NAMES = ('ln1_scale', 'ln1_bias', 'ln2_scale', 'ln2_bias', 'qkv_kernel', 'qkv_bias', 'out_kernel', 'out_bias',
+           'mlp_in_kernel', 'mlp_in_bias', 'mlp_out_kernel', 'mlp_out_bias')
+
+  def _stacked(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in self.NAMES if getattr(self, name, None) is not None}
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, rng: jax.Array | None = None,
+               cache: KVCache | None = None, start=None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] (compute dtype), positions [B, T] absolute positions of the T tokens.
+
+    Without a cache: causal self-attention over the T tokens (positions must be 0..T-1 in order).
+    With a cache: the T new keys/values are written into their slots (positions[:, 0] onwards,
+    contiguous) and each token attends to every cached slot at a position <= its own. `start`: the
+    first new position when it is the same for every row (a scalar: one in-place write per step
+    instead of one per row).
+    Returns (x, the updated cache or None).
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    params = self._stacked()
+    layer_ids = jnp.arange(cfg.num_layers)
+
+    def block(x, p, layer, ck, cv):
+      key = None if rng is None else jax.random.fold_in(rng, layer)
+      h = layer_norm(x, p['ln1_scale'], p.get('ln1_bias'), cfg.ln_eps) if cfg.block_norm else x
+      qkv = jnp.einsum('btd,cdhk->cbthk', h, p['qkv_kernel'].astype(dt))
+      if 'qkv_bias' in p:
+        qkv = qkv + p['qkv_bias'].astype(dt)[:, None, None]
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      if cfg.position == 'rope':
+        q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+      if ck is None:
+        a = attend(q, k, v, positions, jnp.arange(x.shape[1]))
+      else:
+        a = attend_cached(q, k, v, ck, cv, positions)
+      a = jnp.einsum('bthk,hkd->btd', a, p['out_kernel'].astype(dt))
+      if 'out_bias' in p:
+        a = a + p['out_bias'].astype(dt)
+      x = x + dropout(a, cfg.dropout, None if key is None else jax.random.fold_in(key, 0))
+      h = layer_norm(x, p['ln2_scale'], p.get('ln2_bias'), cfg.ln_eps) if cfg.block_norm else x
+      h = jnp.einsum('btd,df->btf', h, p['mlp_in_kernel'].astype(dt))
+      if 'mlp_in_bias' in p:
+        h = h + p['mlp_in_bias'].astype(dt)
+      h = jax.nn.gelu(h, approximate=False)
+      h = jnp.einsum('btf,fd->btd', h, p['mlp_out_kernel'].astype(dt))
+      if 'mlp_out_bias' in p:
+        h = h + p['mlp_out_bias'].astype(dt)
+      x = x + dropout(h, cfg.dropout, None if key is None else jax.random.fold_in(key, 1))
+      return x, k, v
+
+    if cache is None:
+      def body(x, xs):
+        p, layer = xs
+        x, _, _ = block(x, p, layer, None, None)
+        return x, None
+      x, _ = jax.lax.scan(body, x, (params, layer_ids))
+      return x, None
+
+    # The cache is read inside the layer scan; the new keys/values come out of it ([L, B, T, H, K])
+    # and are written once, after it.
+    def body_cached(x, xs):
+      p, layer, ck, cv = xs
+      x, k, v = block(x, p, layer, ck, cv)
+      return x, (k, v)
+    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v))
+    k = k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)       # [L, B, H, T, K]
+    v = v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
+    if start is not None:
+      at = (0, 0, 0, jnp.asarray(start, jnp.int32), 0)
+      return x, cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k, at), v=jax.lax.dynamic_update_slice(cache.v, v, at))
+    write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new, (0, 0, s, 0)), in_axes=(1, 1, 0),
+                     out_axes=1)
+    return x, cache._replace(k=write(cache.k, k, positions[:, 0]), v=write(cache.v, v, positions[:, 0]))
+
+
+def empty_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype) -> KVCache:
+  shape = (cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPT
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig(TransformerConfig):
@@ -57,18 +325,18 @@ class GPT(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, v = cfg.embed_dim, cfg.vocab_size
-    self.wte = param(layers.normal(rngs.params(), (v, d), cfg.init_std), 'vocab', 'embed')
+    self.wte = param(normal(rngs.params(), (v, d), cfg.init_std), 'vocab', 'embed')
     if cfg.position == 'learned':
-      self.wpe = param(layers.normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
+      self.wpe = param(normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
     if cfg.cond_position >= 0:
       self.wce = param(jnp.zeros((v, d), jnp.float32), 'vocab', 'embed')   # starts as no-op
       if cfg.cond_classes > 0:
         self.wcb = param(jnp.zeros((cfg.cond_classes, cfg.block_size, v), jnp.float32), None, None, 'vocab')
-    self.blocks = layers.Blocks(cfg, rngs=rngs)
+    self.blocks = Blocks(cfg, rngs=rngs)
     self.ln_f_scale = param(jnp.ones((d,), jnp.float32), 'norm')
     self.ln_f_bias = param(jnp.zeros((d,), jnp.float32), 'norm') if cfg.bias else None
     if not cfg.tie_embeddings:
-      self.lm_head = param(layers.normal(rngs.params(), (d, v), cfg.init_std), 'embed', 'vocab')
+      self.lm_head = param(normal(rngs.params(), (d, v), cfg.init_std), 'embed', 'vocab')
 
   def _embed(self, tokens: jax.Array, positions: jax.Array, rng, cond: jax.Array | None = None) -> jax.Array:
     """cond int [B]: the conditioning token of each row (cond_position >= 0), added from cond_position on."""
@@ -80,7 +348,7 @@ class GPT(nnx.Module):
       c = jnp.take(self.wce[...], cond, axis=0)[:, None, :]
       x = x + jnp.where((positions >= cfg.cond_position)[..., None], c, 0.0)
     x = x.astype(cfg.compute_dtype)
-    return layers.dropout(x, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1 << 20))
+    return dropout(x, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1 << 20))
 
   def _logits(self, x: jax.Array, positions: jax.Array, cond: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
@@ -117,7 +385,7 @@ class GPT(nnx.Module):
     max_len = self.cfg.block_size if max_len is None else int(max_len)
     if max_len > self.cfg.block_size:
       raise ValueError(f"max_len={max_len} exceeds the model's block_size={self.cfg.block_size}")
-    cache = layers.empty_cache(self.cfg, batch, max_len, dtype or self.cfg.compute_dtype)
+    cache = empty_cache(self.cfg, batch, max_len, dtype or self.cfg.compute_dtype)
     if self.cfg.cond_position >= 0:
       cache = cache._replace(cond=jnp.zeros((1, batch), jnp.int32))   # set when its position is decoded
     return cache

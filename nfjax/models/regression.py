@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfjax.models import layers
-from nfjax.models.layers import TransformerConfig, layer_norm, param
+from nfjax.models import gpt
+from nfjax.models.gpt import TransformerConfig, layer_norm, param
 
 LOSSES = ('l1', 'mse')
 
@@ -46,15 +46,15 @@ class RegressionTransformer(nnx.Module):
   def __init__(self, cfg: RegressionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.embed_dim
-    self.value_kernel = param(layers.normal(rngs.params(), (d,), 1.0), 'embed')
+    self.value_kernel = param(gpt.normal(rngs.params(), (d,), 1.0), 'embed')
     self.value_bias = param(jnp.zeros((d,), jnp.float32), 'embed')
-    self.start = param(layers.normal(rngs.params(), (max(1, cfg.num_classes), d), cfg.init_std), 'classes', 'embed')
+    self.start = param(gpt.normal(rngs.params(), (max(1, cfg.num_classes), d), cfg.init_std), 'classes', 'embed')
     if cfg.position == 'learned':
-      self.wpe = param(layers.normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
-    self.blocks = layers.Blocks(cfg, rngs=rngs)
+      self.wpe = param(gpt.normal(rngs.params(), (cfg.block_size, d), cfg.init_std), None, 'embed')
+    self.blocks = gpt.Blocks(cfg, rngs=rngs)
     self.ln_f_scale = param(jnp.ones((d,), jnp.float32), 'norm')
     self.ln_f_bias = param(jnp.zeros((d,), jnp.float32), 'norm') if cfg.bias else None
-    self.head = param(layers.normal(rngs.params(), (d,), cfg.init_std), 'embed')
+    self.head = param(gpt.normal(rngs.params(), (d,), cfg.init_std), 'embed')
 
   def __call__(self, values: jax.Array, labels: jax.Array | None = None, *,
                rng: jax.Array | None = None) -> jax.Array:
@@ -69,7 +69,7 @@ class RegressionTransformer(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(t + 1, dtype=jnp.int32), (b, t + 1))
     if cfg.position == 'learned':
       x = x + jnp.take(self.wpe[...], positions, axis=0)
-    x = layers.dropout(x.astype(cfg.compute_dtype), cfg.dropout,
+    x = gpt.dropout(x.astype(cfg.compute_dtype), cfg.dropout,
                        None if rng is None else jax.random.fold_in(rng, 1 << 20))
     x, _ = self.blocks(x, positions, rng=rng)
     x = layer_norm(x, self.ln_f_scale[...], None if self.ln_f_bias is None else self.ln_f_bias[...], cfg.ln_eps)

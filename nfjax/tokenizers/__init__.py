@@ -6,9 +6,12 @@
   weights_q = tok.decode(tokens)                  # [N, P]; special tokens in weight slots raise TokenError
   tok.save(path); tok = tokenizers.restore(path)  # one numpy-readable .npz (see codebook.py)
 
-The vocabulary around the codes (specials, class tokens) is `nfjax.data.tokens.Vocab`.
+The vocabulary around the codes (specials, class tokens) is `nfjax.io.tokens.Vocab`.
 """
 
+from nfjax.errors import ConfigError
+from nfjax.fields import mlp
+from nfjax.tokenizers import compensate
 from nfjax.tokenizers.build import ENCODERS, METHODS, NORMALIZE, Settings, fit
 from nfjax.tokenizers.chunking import CHUNKS, PER_LAYER, Chunking
 from nfjax.tokenizers.codebook import FORMAT, Tokenizer, TokenizerMismatch, describe_layout, restore
@@ -24,9 +27,6 @@ def encode(tok: Tokenizer, weights, encoder: str | None = None):
   if encoder == 'nearest':
     return tok.encode(weights)
   if encoder == 'compensated':
-    from nfjax.errors import ConfigError
-    from nfjax.fields import mlp
-    from nfjax.tokenizers import compensate
     if not tok.meta.get('field') or not tok.meta.get('image_shape'):
       raise ConfigError("tokenize.encoder='compensated' needs the field architecture and image shape "
                         "(image fields); use encoder='nearest'")

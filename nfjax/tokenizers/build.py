@@ -132,8 +132,10 @@ def _fit_scalar(values: np.ndarray, settings: Settings, seed: int) -> tuple[np.n
 
 
 def fit(settings: Settings, weights: np.ndarray, layout: list[dict], shared_init: np.ndarray | None = None,
-        seed: int = 0, field: dict | None = None, image_shape=None) -> Tokenizer:
-  """Fit a tokenizer on training weights [N, P] with this layout."""
+        seed: int = 0, field: dict | None = None, grid=None) -> Tokenizer:
+  """Fit a tokenizer on training weights [N, P] with this layout. `field` (the FieldSpec dict) and
+  `grid` (the (H, W) pixel grid of image fields, `Modality.compensation_grid`) are recorded for the
+  compensated encoder."""
   settings.validate()
   t0 = time.perf_counter()
   w = np.asarray(weights, np.float32)
@@ -196,7 +198,7 @@ def fit(settings: Settings, weights: np.ndarray, layout: list[dict], shared_init
       'params_per_field': p, 'residual': settings.residual, 'normalize': settings.normalize,
       'per_layer': settings.per_layer, 'chunk_size': settings.chunk_size, 'encoder': settings.encoder,
       'compensate_damp': settings.compensate_damp, 'field': field,
-      'image_shape': list(image_shape) if image_shape is not None else None,
+      'image_shape': list(grid) if grid is not None else None,
       'fitted_on_fields': int(len(w)), 'seed': int(seed), 'fit_info': info,
   }
   return Tokenizer(codebooks=codebooks, chunking=ch, center=center, scale=scale, meta=meta)

@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import io as _io
 import json
-import os
 
 import numpy as np
 
-from nfjax.data.tokens import TokenError, Vocab
+from nfjax.io import files
+from nfjax.io.tokens import TokenError, Vocab
 from nfjax.errors import NfjaxError
+from nfjax.tokenizers import kmeans
 from nfjax.tokenizers.chunking import Chunking
 
 FORMAT = 'nfjax.tokenizer/v1'
@@ -196,7 +197,6 @@ class Tokenizer:
       vals, order, mids = self._sorted_scalar()
       pos = np.searchsorted(mids[g, q], r[:, 0], side='left')
       return order[g, q][pos].astype(np.int32)
-    from nfjax.tokenizers import kmeans
     return kmeans.assign(r.astype(np.float32), self.codebooks[g, q], batch=batch)
 
   def decode(self, tokens, vocab: Vocab | None = None, where: str = 'weight slots') -> np.ndarray:
@@ -258,13 +258,12 @@ class Tokenizer:
   # Save / restore.
 
   def save(self, path: str) -> None:
-    from nfjax.utils import io
     meta = {**self.meta, 'format': FORMAT, 'group_names': list(self.chunking.group_names),
             'chunk': self.chunking.kind}
     buf = _io.BytesIO()
     np.savez(buf, codebooks=self.codebooks, index=self.chunking.index, group=self.chunking.group,
              center=self.center, scale=self.scale, meta=np.array(json.dumps(meta, sort_keys=True, default=_json)))
-    io.write_bytes(path, buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
 
 
 def _json(o):
@@ -279,12 +278,11 @@ def _json(o):
 
 def restore(path: str) -> Tokenizer:
   """Read a tokenizer file (or WORKDIR/tokenizer, the directory holding tokenizer.npz)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, 'tokenizer.npz')
-  if not os.path.exists(path):
+  if files.isdir(path):
+    path = files.join(path, 'tokenizer.npz')
+  if not files.exists(path):
     raise FileNotFoundError(f"no tokenizer at {path}: run the tokenize stage first")
-  with np.load(path, allow_pickle=False) as z:
-    arrays = {k: z[k] for k in z.files}
+  arrays = files.read_npz(path)
   meta = json.loads(str(arrays['meta']))
   if meta.get('format') != FORMAT:
     raise NfjaxError(f"{path} is not an nfjax tokenizer (format {meta.get('format')!r}, expected {FORMAT!r})")

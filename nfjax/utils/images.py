@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nfjax.io import files
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   return (np.clip(np.nan_to_num(np.asarray(images, np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -36,8 +38,4 @@ def grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] | None = None,
 
 
 def save_png(image: Image.Image, path: str) -> None:
-  import io
-  from nfjax.utils.io import write_bytes
-  buf = io.BytesIO()
-  image.save(buf, format='PNG')
-  write_bytes(path, buf.getvalue())
+  files.write_png(path, image)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
+
+from nfjax.io import files
 
 
 def is_main_process() -> bool:
@@ -68,14 +69,14 @@ class MetricsWriter:
 
   def __init__(self, directory: str, tensorboard: bool = True):
     self.enabled = is_main_process()
-    self.path = os.path.join(directory, 'metrics.jsonl')
+    self.path = files.join(directory, 'metrics.jsonl')
     self._tb = None
     if self.enabled:
-      os.makedirs(directory, exist_ok=True)
+      files.makedirs(directory)
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
+          self._tb = SummaryWriter(files.join(directory, 'tensorboard'))
         except ImportError:  # pragma: no cover
           self._tb = None
 
@@ -83,8 +84,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: (float(v) if hasattr(v, '__float__') else v) for k, v in metrics.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **clean}) + '\n')
+    files.append_text(self.path, json.dumps({'step': int(step), **clean}) + '\n')
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, float) and math.isfinite(v):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nfjax.utils import images as img_utils
-from nfjax.utils.io import write_bytes
+from nfjax.io.files import write_bytes
 
 Mesh = tuple  # (vertices [V, 3], faces [F, 3])
 

@@ -1,10 +1,10 @@
-"""The fit stage for 3D shapes: point sets with labels -> WORKDIR/fields (see nfjax/data/weights.py).
+"""The shapes modality: 3D occupancy (or SDF / +-1) fields of meshes, scored by held-out IoU.
 
-`nfjax.fit.run` hands the stage here when `data.kind == 'shape'`. Each shape is a set of
+The fit stage fits, per shape, a set of training points; each shape is a set of
 training points [n, 3] in [-0.5, 0.5]^3 with a label per point (`data.label`: 'occupancy' 0/1,
 'sdf', or 'pm1' = NeF-GPT's -1 inside / +1 outside), plus held-out uniform points with their
-occupancy, on which each fitted field's IoU is measured. Fitting is `nfjax.fit`'s machinery
-(chunks, resume, the shared init, refit, the weight-dataset files) with two differences:
+occupancy, on which each fitted field's IoU is measured. Fitting is the modality-free machinery of
+nfjax/fields/stack.py (chunks, resume, the shared init, refit) with two differences:
 
 * every step draws `fit.points_per_step` of a field's points (with replacement, from
   `fold_in(field key, step)`) and encodes only that batch; the raw coordinates [F, n, 3] travel to
@@ -20,36 +20,37 @@ Parity fields (configs in docs/shapes_fit.md): NeF-GPT's 3,712-parameter field (
 at 1, 2 -> 4 x 32 GELU -> tanh, no output bias; MSE against +-1 labels, 8,192 points per step)
 and HyperDiffusion's 36,737-parameter field (raw xyz + sin/cos at 1, 2, 4, 8 -> 3 x 128 ReLU ->
 1 logit; BCE against occupancy, 2,048 points per step).
+
+Pictures: fields/shapes.png (meshes of fitted fields), per sampling setting meshes.npz, PLY files
+and grid.png, samples/turntable.gif. Tokenize reports the held-out IoU before / after
+tokenization; evaluate follows HyperDiffusion's protocol (nfjax/modalities/shapes/evaluate.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfjax import fit as fit_stage
-from nfjax import sharding
-from nfjax.data import weights as wds
+from nfjax import config as cfg_utils
+from nfjax import modalities
+from nfjax.data import shapes as shape_data
 from nfjax.errors import ConfigError, DataError
-from nfjax.fields import fitting, mlp
-from nfjax.utils import config as cfg_utils
-from nfjax.utils import io
+from nfjax.fields import fitting, meshing, mlp
+from nfjax.fields.stack import StackFitter
+from nfjax.io import files
+from nfjax.io import samples as sample_io
+from nfjax.io.workdir import SHAPE_DATA
+from nfjax.modalities.base import FitData, Modality, Quality, SampleOutput
+from nfjax.modalities.shapes import evaluate as shape_eval
+from nfjax.utils import picks, render3d
 from nfjax.utils.logging import log
-from nfjax.utils.stage import StageDir
 
-STAGE = fit_stage.STAGE
-DIRNAME = fit_stage.DIRNAME
+STAGE = 'fit'
 LABELS = ('occupancy', 'sdf', 'pm1')
-IOU = fit_stage.Quality('iou', 'IoU', 'iou', 'fit.iou_floor', '', 3)
-FINGERPRINT_KEYS = ('seed', 'data', 'field', 'fit.steps', 'fit.lr', 'fit.schedule', 'fit.warmup_steps',
-                    'fit.end_lr_factor', 'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.sdf_clamp',
-                    'fit.points_per_step', 'fit.init', 'fit.shared_init_index', 'fit.shared_init_steps',
-                    'fit.shared_init_candidates', 'fit.shared_init_probe', 'fit.shared_init_l2',
-                    'fit.refit_below', 'fit.refit_steps_factor', 'fit.chunk_size', 'fit.iou_floor')
+IOU = Quality('iou', 'IoU', 'iou', 'fit.iou_floor', '', 3)
 IOU_CHUNK = 4096  # held-out points evaluated at a time per field
 
 
@@ -66,20 +67,13 @@ def surface(spec: mlp.FieldSpec, loss: str, label: str) -> tuple[float, bool]:
   return 0.0, False
 
 
-def validate(config) -> mlp.FieldSpec:
-  """Everything that can be checked before loading data or compiling."""
-  try:
-    from nfjax.data import shapes as shape_data
-  except ImportError:  # the shape data module is optional until it lands; run() says so
-    shape_data = None
-  if shape_data is not None and hasattr(shape_data, 'validate'):
-    shape_data.validate(config)
-  fitting.validate(config, per_step_key='fit.points_per_step')
+def _validate_fit(config) -> mlp.FieldSpec:
+  """The fit keys of shape fields (the shared ones: nfjax/configs/checks.py)."""
   label = cfg_utils.check_choice(config, 'data.label', LABELS)
   spec = mlp.FieldSpec.from_config(config.field)
   if spec.in_dims != 3:
     raise ConfigError(f"config key field.in_dims={spec.in_dims}: shape fields take 3-D coordinates "
-                      f"(data.kind='shape'); set field.in_dims=3")
+                      f"(data.modality='shapes'); set field.in_dims=3")
   if spec.out_dims != 1:
     raise ConfigError(f"config key field.out_dims={spec.out_dims}: shape fields have one output")
   loss = config.fit.loss
@@ -92,26 +86,21 @@ def validate(config) -> mlp.FieldSpec:
   floor = float(config.fit.iou_floor)
   if not 0.0 <= floor <= 1.0:
     raise ConfigError(f"config key fit.iou_floor={floor} must be in [0, 1]")
+  cfg_utils.check_positive(config, 'fit.points_per_step', allow_minus_one=True)
   cfg_utils.check_positive(config, 'fit.sdf_clamp', allow_zero=True)
-  cfg_utils.check_positive(config, 'fit.num_reconstructions', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.render_resolution')
   for key in ('fit.shared_init_l2', 'fit.refit_below', 'fit.refit_steps_factor'):
     cfg_utils.get(config, key)  # must exist: they are part of the stage's fingerprint
-  sharding.mesh_shape(config.mesh)
   return spec
 
 
 def shape_cache_dir(config, workdir: str) -> str:
   """Where the shapes' points are cached: data.cache_dir, or WORKDIR/shape_data."""
-  return config.data.get('cache_dir', '') or os.path.join(workdir, 'shape_data')
+  return config.data.get('cache_dir', '') or files.join(workdir, SHAPE_DATA)
 
 
 def load_data(config, workdir: str):
   """The ShapeSet to fit (nfjax.data.shapes.load), cached under shape_cache_dir(config, workdir)."""
-  try:
-    from nfjax.data import shapes as shape_data
-  except ImportError as e:
-    raise DataError("data.kind='shape' needs the shape data module nfjax/data/shapes.py") from e
   return shape_data.load(config, shape_cache_dir(config, workdir))
 
 
@@ -180,61 +169,6 @@ def _iou_score(spec: mlp.FieldSpec, level: float, inside_above: bool):
   return score
 
 
-def make_fitter(spec: mlp.FieldSpec, config, mesh) -> fit_stage.StackFitter:
-  """The fit stage's StackFitter for point fields, scoring each field by held-out IoU."""
-  level, above = surface(spec, config.fit.loss, config.data.label)
-  return fit_stage.StackFitter(spec, config, mesh, score=_iou_score(spec, level, above), points=True)
-
-
-def run(config, workdir: str, data=None) -> dict:
-  """The fit stage on shapes. `data` (a ShapeSet) replaces nfjax.data.shapes.load(config) when given."""
-  t_start = time.perf_counter()
-  spec = validate(config)
-  stage = StageDir(workdir, DIRNAME, config, FINGERPRINT_KEYS)
-  done = stage.finished()
-  if done is not None:
-    log(STAGE, f"already finished in {stage.path} ({done['num_fields']} fields, "
-               f"IoU mean {done['iou_mean']:.3f}); skipping")
-    return done
-
-  data = load_data(config, workdir) if data is None else data
-  rows = check_data(config, spec, data)
-  n, k = rows[0].shape[:2]
-  seed = int(config.seed)
-  mesh = sharding.make_mesh(config.mesh)
-  fitter = make_fitter(spec, config, mesh)
-  chunk = int(config.fit.chunk_size)
-  num_chunks = -(-n // chunk)
-  per_step = int(config.fit.points_per_step)
-  log(STAGE, f"{n} shapes from {data.source} ({k} points each, {rows[2].shape[1]} held out; labels "
-             f"{config.data.label}, loss {config.fit.loss}); field {spec.num_params} params; {num_chunks} chunk(s) "
-             f"of {min(chunk, n)} over {mesh.size} {jax.devices()[0].device_kind} device(s); {config.fit.steps} "
-             f"steps of {per_step if 0 < per_step < k else k} points per field; init={config.fit.init}")
-
-  shared = fit_stage.shared_init(stage, fitter, config, rows, seed, IOU)
-  fitted_now, fit_seconds = fit_stage.fit_chunks(stage, config, fitter, rows, np.asarray(data.labels),
-                                                 np.asarray(data.source_index), shared, seed, IOU)
-  refit = fit_stage._refit(stage, config, fitter, rows, shared, seed, num_chunks, chunk, IOU)
-  arrays = fit_stage.merge_chunks(stage, config, num_chunks, refit, IOU)
-  level, above = surface(spec, config.fit.loss, config.data.label)
-  meta = {
-      'format': wds.FORMAT, 'kind': 'shape', 'field': spec.to_dict(), 'layout': spec.layout,
-      'params_per_field': spec.num_params, 'num_fields': len(arrays['weights']),
-      'num_classes': int(data.num_classes), 'class_names': list(data.class_names), 'names': list(data.names),
-      'source': data.source, 'init': config.fit.init, 'quality_metric': IOU.metric,
-      'shared_init_index': int(config.fit.shared_init_index), 'fingerprint': stage.fingerprint,
-      'chunk_size': chunk, 'label': config.data.label, 'loss': config.fit.loss,
-      'surface': {'level': level, 'inside': 'above' if above else 'below', 'of': 'output'},
-      'points_per_shape': int(k), 'heldout_points_per_shape': int(rows[2].shape[1]),
-      'skipped': list(getattr(data, 'skipped', []) or []),
-  }
-  io.write_json(stage.file('meta.json'), meta)
-  _shapes_png(stage, config, spec, arrays, level, above, list(data.class_names), mesh)
-  extra = {'label': config.data.label, 'loss': config.fit.loss, 'points_per_step': per_step}
-  return fit_stage.finish(stage, config, spec, arrays, refit, fitted_now, fit_seconds, fitter.compile_seconds,
-                          time.perf_counter() - t_start, mesh, data.source, IOU, extra)
-
-
 def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, class_names: list[str],
                 mesh) -> None:
   """fields/shapes.png: marching-cubes meshes of up to fit.num_reconstructions fitted fields at
@@ -242,12 +176,6 @@ def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, c
   dataset is already written."""
   k = min(int(config.fit.num_reconstructions), len(arrays['weights']))
   if k <= 0:
-    return
-  try:
-    from nfjax.fields import meshing
-    from nfjax.utils import render3d
-  except ImportError:
-    log(STAGE, "shapes.png skipped: nfjax.fields.meshing / nfjax.utils.render3d are not available")
     return
   labels = np.asarray(arrays['labels'])
   classes = sorted(set(labels.tolist()))
@@ -275,7 +203,6 @@ def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray]
   each named weight set [len(rows), P] (e.g. fitted, tokenized); the data is read once from the cache."""
   spec = mlp.FieldSpec.from_dict(meta['field'])
   level, above = float(meta['surface']['level']), meta['surface']['inside'] == 'above'
-  from nfjax.data import shapes as shape_data
   hp, ho = shape_data.heldout(config, shape_cache_dir(config, workdir))   # not the training points
   score = jax.jit(jax.vmap(lambda p, x, o: fitting.occupancy_iou(spec, level, above, x, o, p, IOU_CHUNK)))
 
@@ -291,3 +218,152 @@ def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   return {name: one(w) for name, w in weights.items()}
+
+
+class Shapes(Modality):
+  name = 'shapes'
+  quality = IOU
+  fit_keys = ('fit.sdf_clamp', 'fit.points_per_step', 'fit.shared_init_l2', 'fit.iou_floor')
+  evaluate_keys = ('data.source', 'data.mesh_dir', 'data.synsets', 'data.split_file', 'data.normalize', 'evaluate')
+  headline_keys = shape_eval.HEADLINE_KEYS
+
+  def validate(self, config, stages):
+    spec = None
+    if stages & {'fit', 'tokenize', 'evaluate'}:
+      shape_data.validate(config)
+    if 'fit' in stages:
+      spec = _validate_fit(config)
+    if 'sample' in stages:
+      if int(cfg_utils.check_positive(config, 'sample.mesh_resolution')) < 2:
+        raise ConfigError(f"config key sample.mesh_resolution={config.sample.mesh_resolution} must be >= 2")
+      cfg_utils.check_positive(config, 'sample.mesh_files', allow_zero=True)
+      cfg_utils.get(config, 'sample.meshes_npz')
+    if 'evaluate' in stages:
+      shape_eval.validate(config)
+    return spec
+
+  # -- fit -----------------------------------------------------------------------------------------
+  def load(self, config, workdir):
+    spec = mlp.FieldSpec.from_config(config.field)
+    data = load_data(config, workdir)
+    rows = check_data(config, spec, data)
+    n, k = rows[0].shape[:2]
+    level, above = surface(spec, config.fit.loss, config.data.label)
+    per_step = int(config.fit.points_per_step)
+    meta = {'class_names': list(data.class_names), 'names': list(data.names), 'label': config.data.label,
+            'loss': config.fit.loss, 'surface': {'level': level, 'inside': 'above' if above else 'below', 'of': 'output'},
+            'points_per_shape': int(k), 'heldout_points_per_shape': int(rows[2].shape[1]),
+            'skipped': list(getattr(data, 'skipped', []) or [])}
+    return FitData(rows=rows, labels=np.asarray(data.labels), source_index=np.asarray(data.source_index),
+                   source=data.source, num_classes=int(data.num_classes), meta=meta, handle=data,
+                   description=(f"{n} shapes from {data.source} ({k} points each, {rows[2].shape[1]} held out; labels "
+                                f"{config.data.label}, loss {config.fit.loss}; {per_step if 0 < per_step < k else k} "
+                                f"points per step)"))
+
+  def make_fitter(self, spec, config, mesh, data):
+    level, above = surface(spec, config.fit.loss, config.data.label)
+    return StackFitter(spec, config, mesh, _iou_score(spec, level, above), points=True,
+                       per_step=int(config.fit.points_per_step))
+
+  def fit_summary(self, config):
+    return {'label': config.data.label, 'loss': config.fit.loss, 'points_per_step': int(config.fit.points_per_step)}
+
+  def fit_pictures(self, stage, config, spec, data, arrays, mesh):
+    s = data.meta['surface']
+    _shapes_png(stage, config, spec, arrays, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh)
+
+  # -- tokenize ------------------------------------------------------------------------------------
+  def tokenize_quality(self, config, workdir, fields, good, weights, labels, val_rows, stage):
+    iou = heldout_iou(config, workdir, fields.meta, weights, good)
+    out = {
+        'iou_fields_mean': float(iou['fitted'].mean()), 'iou_tokenized_mean': float(iou['tokenized'].mean()),
+        'iou_drop': float((iou['fitted'] - iou['tokenized']).mean()),
+        'uniform_iou_tokenized_mean': float(iou['uniform'].mean()),
+        'uniform_iou_drop': float((iou['fitted'] - iou['uniform']).mean()),
+    }
+    text = (f"IoU {out['iou_fields_mean']:.3f} -> {out['iou_tokenized_mean']:.3f} (uniform bins: "
+            f"{out['uniform_iou_tokenized_mean']:.3f})")
+    return out, text
+
+  # -- sample / evaluate ---------------------------------------------------------------------------
+  def sample_output(self, config, fields, spec):
+    return ShapeOutput(config, fields, spec)
+
+  def evaluator(self, config, workdir, fields, mesh):
+    return shape_eval.ShapeEval(config, workdir, fields, mesh)
+
+
+class ShapeOutput(SampleOutput):
+  """Shape fields: every sample meshed at sample.mesh_resolution at the fields' surface level;
+  meshes.npz (all), PLY files (the first sample.mesh_files), a grid PNG (rows = classes),
+  meshes.json (empty meshes counted); a turntable GIF of one sample."""
+
+  picture = 'turntable.gif'
+  PER_CLASS = 8
+
+  def __init__(self, config, fields, spec):
+    surface = fields.meta.get('surface')
+    if not surface or surface.get('inside') not in ('above', 'below'):
+      raise DataError("fields/meta.json of a shape dataset has no valid 'surface' {level, inside}: "
+                       "re-run the fit stage")
+    self.spec = spec
+    self.level, self.inside = float(surface['level']), str(surface['inside'])
+    self.resolution = int(config.sample.mesh_resolution)
+    self.num_files = int(config.sample.mesh_files)
+    self.npz = bool(config.sample.meshes_npz)
+    self.class_names = list(fields.meta.get('class_names') or [])
+
+  def _mesh(self, weights):
+    w = np.asarray(weights, np.float32)
+    # Non-finite weights (a failed decode) mesh as empty: marching cubes counts NaN as outside.
+    return meshing.mesh_fields(self.spec, w, self.resolution, self.level, self.inside)
+
+  def _name(self, c: int) -> str:
+    return str(self.class_names[c]) if c < len(self.class_names) else f"class {c}"
+
+  def write(self, d, weights, labels, num_classes) -> None:
+    t0 = time.perf_counter()
+    meshes = self._mesh(weights)
+    seconds = time.perf_counter() - t0
+    empty = [len(f) == 0 for _, f in meshes]
+    if self.npz:
+      files.write_npz(files.join(d, 'meshes.npz'), **sample_io.pack_meshes(
+          meshes, resolution=self.resolution, level=self.level, inside=self.inside))
+    for i, (v, f) in enumerate(meshes[:self.num_files]):
+      meshing.write_ply(files.join(d, 'meshes', f'sample_{i:05d}.ply'), v, f)
+    rows = picks.class_rows(labels, num_classes, self.PER_CLASS)
+    render3d.mesh_grid_png(files.join(d, 'grid.png'), [[meshes[i] for i in idx] for _, idx in rows],
+                           row_labels=[self._name(c) for c, _ in rows], size=96)
+    faces = np.array([len(f) for _, f in meshes if len(f)], np.float64)
+    files.write_json(files.join(d, 'meshes.json'), {
+        'num_meshes': len(meshes), 'num_empty': int(sum(empty)), 'resolution': self.resolution,
+        'level': self.level, 'inside': self.inside, 'faces_mean': float(faces.mean()) if len(faces) else 0.0,
+        'meshing_seconds': seconds, 'ply_files': min(self.num_files, len(meshes)), 'npz': self.npz})
+    log('sample', f"{files.basename(d)}: meshed {len(meshes)} samples at {self.resolution}^3 in {seconds:.1f}s, "
+               f"{sum(empty)} empty")
+
+  def summary(self, stage, settings) -> dict:
+    stats = {st['name']: files.read_json(stage.file(st['name'], 'meshes.json')) for st in settings}
+    return {'num_empty': {k: v['num_empty'] for k, v in stats.items()}, 'mesh_resolution': self.resolution,
+            'meshing_seconds': float(sum(v['meshing_seconds'] for v in stats.values())),
+            'surface': {'level': self.level, 'inside': self.inside}}
+
+  def animate(self, stage, settings, decode, fields, prefix, tries: int = 16) -> None:
+    """The first non-empty sample turning once (from meshes.npz, else the first `tries` samples of
+    each setting meshed again)."""
+    del decode, fields, prefix
+    for st in settings:
+      stored = sample_io.load_meshes(stage.workdir, st['name'])
+      if stored is not None:
+        meshes = stored[0]
+      else:
+        meshes = self._mesh(files.read_npy(stage.file(st['name'], 'weights.npy'))[:tries])
+      for i, (v, f) in enumerate(meshes):
+        if len(f):
+          render3d.turntable_gif(stage.file(self.picture), v, f, frames=24, size=128)
+          log('sample', f"{self.picture}: sample {i} of {st['name']}")
+          return
+    log('sample', f"{self.picture} not written: no sample of any setting has a non-empty mesh")
+
+
+modalities.register(Shapes())

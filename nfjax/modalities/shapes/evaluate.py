@@ -1,8 +1,6 @@
-"""The evaluate stage on shape fields (fields/meta.json `kind: 'shape'`; docs/shapes_eval.md).
-
-`nfjax.evaluate.stage.run` hands shape workdirs here after the steps every kind shares (loading
-fields/ and samples/, the StageDir fingerprint, skip / re-evaluate). For every sampling setting,
-and for two context rows measured the same way against the same references, it reports
+"""The shapes modality's metrics inside the evaluation protocol (nfjax/evaluate/protocol.py;
+docs/shapes_eval.md). For every sampling setting, and for the ceiling and baseline rows measured
+the same way against the same references, it reports
 
   HyperDiffusion's metrics  MMD-CD (x 10^2), COV-CD, 1-NNA-CD of 2048-point clouds
                             (evaluate.points_per_cloud) sampled from marching-cubes meshes, with
@@ -38,26 +36,27 @@ set metrics reward copies, so read them beside the novelty numbers.
 from __future__ import annotations
 
 import math
-import os
 import time
 
-import jax
 import numpy as np
+from PIL import ImageDraw
 
-from nfjax import sharding
+from nfjax import config as cfg_utils
+from nfjax.data import shapes as shape_data
 from nfjax.errors import ConfigError, DataError
-from nfjax.evaluate import novelty
-from nfjax.evaluate import samples as samples_lib
+from nfjax.evaluate import novelty, pointnet2
 from nfjax.evaluate import shape_metrics as sm
-from nfjax.fields import mlp
-from nfjax.utils import config as cfg_utils
-from nfjax.utils import io
+from nfjax.evaluate.protocol import Evaluator
+from nfjax.fields import meshing, mlp
+from nfjax.io import files
+from nfjax.io import samples as sample_io
+from nfjax.io.workdir import SHAPE_DATA
+from nfjax.utils import images as img_utils
+from nfjax.utils import picks, render3d
 from nfjax.utils.logging import log
 
 STAGE = 'evaluate'
 # Everything the numbers depend on besides fields/ and samples/ (tracked by the stage's `inputs`).
-FINGERPRINT_KEYS = ('seed', 'data.source', 'data.mesh_dir', 'data.synsets', 'data.split_file', 'data.normalize',
-                    'evaluate')
 HEADLINE_KEYS = ('mmd_cd_x100', 'cov', '1nna')
 COPY_PERCENTILE = 95
 PAIR_BLOCK = 8
@@ -72,25 +71,19 @@ REPORTED = {
 
 
 def validate(config) -> None:
-  cfg_utils.check_positive(config, 'evaluate.num_samples', allow_minus_one=True)
-  cfg_utils.check_positive(config, 'evaluate.num_reference', allow_minus_one=True)
+  """The shapes modality's evaluate keys (the frame's keys: nfjax/configs/checks.py)."""
   cfg_utils.check_positive(config, 'evaluate.points_per_cloud')
   if int(cfg_utils.check_positive(config, 'evaluate.mesh_resolution')) < 2:
     raise ConfigError(f"config key evaluate.mesh_resolution={config.evaluate.mesh_resolution} must be >= 2")
-  cfg_utils.check_positive(config, 'evaluate.baseline_noise', allow_zero=True)
-  cfg_utils.check_positive(config, 'evaluate.num_neighbours', allow_zero=True)
   cfg_utils.check_choice(config, 'evaluate.normalize', sm.NORMALIZATIONS)
   p = float(cfg_utils.get(config, 'evaluate.occupancy_level'))
   if not 0.0 < p < 1.0:
     raise ConfigError(f"config key evaluate.occupancy_level={p!r} must be a probability in (0, 1) "
                       f"(0.5: the fields' own surface; HyperDiffusion's test meshes: 0.8)")
-  for key in ('evaluate.bootstrap', 'evaluate.headline_top_k', 'evaluate.headline_temperature'):
-    cfg_utils.get(config, key)
+  cfg_utils.get(config, 'evaluate.bootstrap')
   weights = cfg_utils.get(config, 'evaluate.pointnet_weights')
   if weights:
-    from nfjax.evaluate import pointnet2
     pointnet2.load(weights)        # missing / unreadable / not PointNet++ SSG: one clear error, now
-  sharding.mesh_shape(config.mesh)
 
 
 def reference_count(num_samples: int, mult: float = sm.GENERATED_MULT) -> int:
@@ -109,7 +102,6 @@ def mesh_level(config, meta: dict, spec) -> tuple[float, str]:
   """(iso-level, inside) at which the evaluate stage meshes fields: the fields' own surface, or,
   for occupancy-logit fields, the level of probability evaluate.occupancy_level (HyperDiffusion's
   test meshes: 0.8, logit 1.386)."""
-  from nfjax.fields import meshing
   level, inside = surface(meta)
   p = float(config.evaluate.occupancy_level)
   if abs(p - 0.5) < 1e-12:
@@ -160,7 +152,6 @@ class ShapeEvaluator:
     self.d_rr = sm.chamfer_matrix(self.ref, None, mesh=mesh)
     self.pointnet, self.ref_features = pointnet, None
     if pointnet is not None:     # FPD: PointNet++ features of the references, once
-      from nfjax.evaluate import pointnet2
       self.ref_features = pointnet2.features(pointnet, self.ref, self.seed)
     self.reference_seconds = time.perf_counter() - t0
 
@@ -168,7 +159,6 @@ class ShapeEvaluator:
     """FPD of normalised clouds [n, p, 3] against the references (None without PointNet++)."""
     if self.pointnet is None or len(gen) < 2:
       return None
-    from nfjax.evaluate import pointnet2
     return _num(sm.fpd_from_features(pointnet2.features(self.pointnet, gen, self.seed), self.ref_features))
 
   def norm(self, clouds: np.ndarray) -> np.ndarray:
@@ -271,177 +261,139 @@ def _fmt(result: dict, key: str, pattern: str) -> str:
   return pattern.format(v) if v is not None else pattern.split(' ')[0] + ' -'
 
 
-def evaluate(config, workdir: str, stage, fields, settings: list[dict], inputs: dict, t_start: float) -> dict:
-  """The stage's work on a shape workdir (stage.run has claimed `stage` and found nothing to skip)."""
-  from nfjax import fit_shapes
-  from nfjax.evaluate import stage as stage_lib
-  from nfjax.fields import meshing
-  e = config.evaluate
-  seed = int(config.seed)
-  timings = {}
-  meta = fields.meta
-  spec = mlp.FieldSpec.from_dict(meta['field'])
-  level, inside = mesh_level(config, meta, spec)
-  resolution = int(e.mesh_resolution)
-  good = stage_lib._good_fields(fields)
-  loaded = stage_lib._load_samples(workdir, settings, fields.params_per_field, int(e.num_samples))
-  mesh = sharding.make_mesh(config.mesh)
+class ShapeEval(Evaluator):
+  """Shapes in the evaluation protocol: meshes -> point clouds, HyperDiffusion's set metrics,
+  class coverage, FPD, novelty against the training shapes."""
 
-  def mesh_weights(w):
-    return meshing.mesh_fields(spec, np.asarray(w, np.float32), resolution, level, inside, mesh=mesh)
+  data_distance = 'nn_shape_cd'
 
-  # --- the training shapes: source meshes -> clouds; reference / held-out split ----------------
-  t0 = time.perf_counter()
-  from nfjax.data import shapes as shape_data
-  data = shape_data.catalog(config, fit_shapes.shape_cache_dir(config, workdir), stage=STAGE)   # no points
-  if data.source != meta.get('source') or len(data) != len(fields) or \
-      not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):
-    raise DataError(f"fields/ was fitted on {len(fields)} shapes of {meta.get('source')!r} but the config's data "
-                    f"selects {len(data)} shapes of {data.source!r}: evaluate with the data config the fit "
-                    f"stage used")
-  class_names = list(meta.get('class_names') or data.class_names)
-  weights = np.asarray(fields.weights[good], np.float32)
-  labels = np.asarray(fields.labels[good], np.int32)
-  train_raw, kept = sm.sample_clouds([data.meshes[int(i)] for i in good], int(e.points_per_cloud), seed)
-  if len(kept) != len(good):
-    bad = [data.names[int(good[i])] for i in np.setdiff1d(np.arange(len(good)), kept)[:3]]
-    raise DataError(f"{len(good) - len(kept)} source mesh(es) of the fitted shapes have no surface to sample "
-                    f"(e.g. {', '.join(bad)})")
-  position = np.full(len(fields), -1, np.int64)
-  position[good] = np.arange(len(good))
-  timings['training_shapes'] = time.perf_counter() - t0
+  def __init__(self, config, workdir: str, fields, mesh):
+    self.config, self.workdir, self.fields, self.mesh = config, workdir, fields, mesh
+    e = config.evaluate
+    self.spec = mlp.FieldSpec.from_dict(fields.meta['field'])
+    self.level, self.inside = mesh_level(config, fields.meta, self.spec)
+    self.resolution = int(e.mesh_resolution)
+    self.pointnet = pointnet2.load(e.pointnet_weights) if e.pointnet_weights else None
 
-  n_eval = max(len(w) for w, _ in loaded.values())
-  n_ref = int(e.num_reference) if int(e.num_reference) > 0 else reference_count(n_eval)
-  n_ref = max(1, min(n_ref, len(good) // 2))
-  n_gen = sm.generated_count(n_ref)
-  n_held = min(n_gen, len(good) - n_ref)
-  perm = np.random.default_rng(seed + 0xE7A1).permutation(len(good))
-  ref_pos, held_pos = np.sort(perm[:n_ref]), np.sort(perm[n_ref:n_ref + n_held])
-  not_held = np.setdiff1d(np.arange(len(good)), held_pos)
-  all_pool = np.arange(len(good))
-  pointnet = None
-  if e.pointnet_weights:
-    from nfjax.evaluate import pointnet2
-    pointnet = pointnet2.load(e.pointnet_weights)
-  ev = ShapeEvaluator(train_raw, labels, weights, ref_pos, str(e.normalize), mesh, class_names, seed,
-                      int(e.points_per_cloud), bool(e.bootstrap), pointnet)
-  timings['reference_matrix'] = ev.reference_seconds
-  log(STAGE, f"{len(good)} good fields: {n_ref} reference shapes, {n_held} held-out fields; {len(settings)} "
-             f"setting(s), the first {n_gen} = int(1.1 x {n_ref}) samples of each; meshes at {resolution}^3, "
-             f"level {level:g} ({inside}), {e.points_per_cloud}-point clouds, normalize={e.normalize}")
+  def mesh_weights(self, w):
+    return meshing.mesh_fields(self.spec, np.asarray(w, np.float32), self.resolution, self.level, self.inside,
+                               mesh=self.mesh)
 
-  per_sample_files, nn_cd, nn_w, shown = {}, {}, {}, {}
-  k_png = int(e.num_neighbours)
-
-  # --- ceiling: held-out fields' own meshes ------------------------------------------------------
-  t0 = time.perf_counter()
-  held_meshes = mesh_weights(weights[held_pos])
-  held_raw, held_kept = ev.clouds(held_meshes)
-  recon_cd = _paired_cd(ev.norm(held_raw), ev.train[held_pos[held_kept]], mesh)
-  ev.copy_threshold = float(np.percentile(recon_cd, COPY_PERCENTILE)) if len(recon_cd) else None
-  reference, ps = ev.measure('reference (held-out fields)', held_meshes, labels[held_pos], weights[held_pos], not_held)
-  reference.update({
-      'what': 'meshes of held-out fitted fields vs the reference shapes (ceiling)',
-      'recon_cd_to_source': novelty.stats(recon_cd),
-      'iou_mean': float(np.nanmean(fields.quality[good])),
-  })
-  nn_cd['held-out fields'], nn_w['held-out fields'] = ps['nn_shape_cd'], ps['nn_weight_l2']
-  shown['reference'] = (held_meshes, labels[held_pos], ps)
-  timings['reference'] = time.perf_counter() - t0
-
-  # --- trivial baseline: noisy copies of training fields ----------------------------------------
-  t0 = time.perf_counter()
-  noise = float(e.baseline_noise)
-  bw, blab, _ = samples_lib.perturbed_fields(fields, n_gen, noise, seed + 0xBA5E)
-  b_meshes = mesh_weights(bw)
-  baseline, ps = ev.measure(f'baseline (fields + {noise:g} std noise)', b_meshes, blab, bw, all_pool)
-  baseline.update({'what': f"training fields + Gaussian noise of {noise:g} x each parameter's std (a memorizer)",
-                   'noise': noise})
-  nn_cd['baseline'], nn_w['baseline'] = ps['nn_shape_cd'], ps['nn_weight_l2']
-  shown['baseline'] = (b_meshes, blab, ps)
-  timings['baseline'] = time.perf_counter() - t0
-
-  # --- the sampled settings -----------------------------------------------------------------------
-  results = {}
-  for s in settings:
+  def load(self, fields, good):
+    e, seed = self.config.evaluate, int(self.config.seed)
     t0 = time.perf_counter()
-    name = s['name']
-    w, lab = loaded[name]
-    w, lab = w[:n_gen], lab[:n_gen]
-    meshes, how = _setting_meshes(workdir, name, len(w), resolution, level, inside)
-    if meshes is None:
-      meshes = mesh_weights(w)
-    res, ps = ev.measure(name, meshes, lab, w, all_pool)
-    res.update({k: s.get(k) for k in ('top_k', 'temperature', 'top_p')})
-    res['meshes'] = how
-    results[name] = res
-    nn_cd[name], nn_w[name] = ps['nn_shape_cd'], ps['nn_weight_l2']
-    path = stage.file('per_sample', f'{name}.npz')
-    io.write_npz(path, **ps, nn_shape_field=_field_ids(good, ps['nn_shape_position']),
-                 nn_weight_field=_field_ids(good, ps['nn_weight_position']), labels=lab)
-    per_sample_files[name] = os.path.relpath(path, stage.path)
-    shown[name] = (meshes, lab, ps)
-    timings[f'setting:{name}'] = time.perf_counter() - t0
+    cache = self.config.data.get('cache_dir', '') or files.join(self.workdir, SHAPE_DATA)
+    data = shape_data.catalog(self.config, cache, stage='evaluate')   # no points
+    meta = fields.meta
+    if data.source != meta.get('source') or len(data) != len(fields) or \
+        not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):
+      raise DataError(f"fields/ was fitted on {len(fields)} shapes of {meta.get('source')!r} but the config's data "
+                      f"selects {len(data)} shapes of {data.source!r}: evaluate with the data config the fit "
+                      f"stage used")
+    self.data, self.good = data, good
+    self.class_names = list(meta.get('class_names') or data.class_names)
+    self.weights = np.asarray(fields.weights[good], np.float32)
+    self.labels = np.asarray(fields.labels[good], np.int32)
+    self.train_raw, kept = sm.sample_clouds([data.meshes[int(i)] for i in good], int(e.points_per_cloud), seed)
+    if len(kept) != len(good):
+      bad = [data.names[int(good[i])] for i in np.setdiff1d(np.arange(len(good)), kept)[:3]]
+      raise DataError(f"{len(good) - len(kept)} source mesh(es) of the fitted shapes have no surface to sample "
+                      f"(e.g. {', '.join(bad)})")
+    return {'training_shapes': time.perf_counter() - t0}
 
-  # --- pictures -----------------------------------------------------------------------------------
-  t0 = time.perf_counter()
-  novelty.histogram_png(stage.file('novelty.png'), nn_cd, nn_w, recon_cd, ev.copy_threshold,
-                        data_title='squared Chamfer distance to the nearest training shape',
-                        recon_label='fields vs their own shape', fmt='.3g')
-  if k_png > 0:
-    for name, (meshes, lab, ps) in shown.items():
-      _neighbours_png(stage.file(f'neighbours_{name}.png'), ev, data, good, meshes, lab, ps, k_png, mesh_weights,
-                      stage_lib._spread_over_classes)
-  timings['pictures'] = time.perf_counter() - t0
+  def default_references(self, num_samples):
+    return reference_count(num_samples)
 
-  # --- summary ------------------------------------------------------------------------------------
-  head = stage_lib._headline(settings, e)
-  h = results[head]
-  fpd_note = sm.fpd_note(e.pointnet_weights) if pointnet is not None else sm.FPD_NOT_COMPUTED
-  if pointnet is not None and int(e.points_per_cloud) != sm.NUM_POINTS:
-    fpd_note += f"; {e.points_per_cloud}-point clouds (HyperDiffusion: {sm.NUM_POINTS})"
-  notes = [f"the references are {n_ref} training shapes (HyperDiffusion: its test split, 606 planes): the set "
-           f"metrics reward copies; read them beside the novelty numbers and the baseline row"]
-  if n_ref < 500:
-    notes.append(f"{n_ref} references (< 500): COV and 1-NNA are noisy and depend on the set sizes; compare "
-                 f"only with rows of the same size")
-  for name, r in [*results.items(), ('reference', reference), ('baseline', baseline)]:
-    if r['num_evaluated'] < n_ref:
-      notes.append(f"{name}: {r['num_empty']} of {r['num_samples']} meshes empty, only {r['num_evaluated']} "
-                   f"compared with {n_ref} references" + ('' if r['num_evaluated'] else ': no set metrics'))
-  if any(len(w) < n_gen for w, _ in loaded.values()):
-    notes.append(f"some settings have fewer than generated_count({n_ref}) = {n_gen} samples")
-  summary = {
-      'kind': 'shape', 'headline_setting': head,
-      'mmd_cd_x100': h['mmd_cd_x100'], 'cov': h['cov'], '1nna': h['1nna'], 'class_cov_mean': h['class_cov_mean'],
-      'num_empty': h['num_empty'], 'nn_shape_cd_median': _num(h['novelty']['nn_shape_cd']['median']),
-      'copy_fraction': h['novelty']['copy_fraction'],
-      'fpd': h.get('fpd'), 'fpd_note': fpd_note,
-      'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),
-      'num_heldout_fields': int(n_held), 'num_fields': int(len(good)),
-      'protocol': {'mesh_resolution': resolution, 'level': level, 'inside': inside,
-                   'occupancy_level': float(e.occupancy_level),
-                   'points_per_cloud': int(e.points_per_cloud), 'normalize': str(e.normalize),
-                   'chamfer': 'squared, mean both ways', 'generated_mult': sm.GENERATED_MULT,
-                   'bootstrap': bool(e.bootstrap)},
-      'settings': results, 'reference': reference, 'baseline': baseline,
-      'copy_threshold_cd': ev.copy_threshold, 'reported': REPORTED,
-      'per_sample_files': per_sample_files, 'notes': notes, 'inputs': inputs,
-      'timings': {k: float(v) for k, v in timings.items()},
-      'seconds': float(time.perf_counter() - t_start),
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': int(mesh.size),
-  }
-  stage.write_summary(summary)
-  summary = stage.summary  # as a re-run returns it (JSON types)
-  log(STAGE, f"done: {head}: {_fmt(h, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')} (ceiling "
-             f"{_fmt(reference, 'mmd_cd_x100', '{:.3f}')}, baseline {_fmt(baseline, 'mmd_cd_x100', '{:.3f}')}), "
-             f"{_fmt(h, 'cov', 'COV {:.3f}')} (ceiling {_fmt(reference, 'cov', '{:.3f}')}), "
-             f"{_fmt(h, '1nna', '1-NNA {:.3f}')} (ceiling {_fmt(reference, '1nna', '{:.3f}')}), "
-             f"{h['num_empty']}/{h['num_samples']} empty; "
-             f"{_fmt(h, 'fpd', 'FPD {:.3f}') if pointnet is not None else 'FPD not computed'}"
-             f"; {summary['seconds']:.1f}s -> {stage.path}")
-  return summary
+  def generated_count(self, num_references, num_samples):
+    return sm.generated_count(num_references)
+
+  def references(self, ref_pos):
+    e = self.config.evaluate
+    self.ev = ShapeEvaluator(self.train_raw, self.labels, self.weights, ref_pos, str(e.normalize), self.mesh,
+                             self.class_names, int(self.config.seed), int(e.points_per_cloud), bool(e.bootstrap),
+                             self.pointnet)
+
+  def describe(self):
+    e = self.config.evaluate
+    return (f"meshes at {self.resolution}^3, level {self.level:g} ({self.inside}), {e.points_per_cloud}-point "
+            f"clouds, normalize={e.normalize}")
+
+  def candidates(self, weights):
+    return self.mesh_weights(weights)
+
+  def setting_candidates(self, workdir, name, weights):
+    meshes, how = _setting_meshes(workdir, name, len(weights), self.resolution, self.level, self.inside)
+    return (self.mesh_weights(weights) if meshes is None else meshes), how
+
+  def ceiling(self, held_pos, pool):
+    ev = self.ev
+    held_meshes = self.mesh_weights(self.weights[held_pos])
+    held_raw, held_kept = ev.clouds(held_meshes)
+    self.recon_cd = _paired_cd(ev.norm(held_raw), ev.train[held_pos[held_kept]], self.mesh)
+    ev.copy_threshold = float(np.percentile(self.recon_cd, COPY_PERCENTILE)) if len(self.recon_cd) else None
+    result, ps = ev.measure('reference (held-out fields)', held_meshes, self.labels[held_pos],
+                            self.weights[held_pos], pool)
+    result.update({
+        'what': 'meshes of held-out fitted fields vs the reference shapes (ceiling)',
+        'recon_cd_to_source': novelty.stats(self.recon_cd),
+        'iou_mean': float(np.nanmean(self.fields.quality[self.good])),
+    })
+    return result, ps, held_meshes
+
+  def measure(self, name, candidates, labels, weights, pool):
+    return self.ev.measure(name, candidates, labels, weights, pool)
+
+  def per_sample_file(self, per_sample, good):
+    return {**per_sample, 'nn_shape_field': _field_ids(good, per_sample['nn_shape_position']),
+            'nn_weight_field': _field_ids(good, per_sample['nn_weight_position'])}
+
+  def pictures(self, stage, shown, nn_data, nn_weight, k):
+    novelty.histogram_png(stage.file('novelty.png'), nn_data, nn_weight, self.recon_cd, self.ev.copy_threshold,
+                          data_title='squared Chamfer distance to the nearest training shape',
+                          recon_label='fields vs their own shape', fmt='.3g')
+    if k > 0:
+      for name, (meshes, lab, ps) in shown.items():
+        _neighbours_png(stage.file(f'neighbours_{name}.png'), self.ev, self.data, self.good, meshes, lab, ps, k,
+                        self.mesh_weights)
+
+  def headline(self, h):
+    return {'mmd_cd_x100': h['mmd_cd_x100'], 'cov': h['cov'], '1nna': h['1nna'], 'class_cov_mean': h['class_cov_mean'],
+            'num_empty': h['num_empty'], 'nn_shape_cd_median': _num(h['novelty']['nn_shape_cd']['median']),
+            'copy_fraction': h['novelty']['copy_fraction'], 'fpd': h.get('fpd'), 'fpd_note': self._fpd_note()}
+
+  def _fpd_note(self):
+    e = self.config.evaluate
+    note = sm.fpd_note(e.pointnet_weights) if self.pointnet is not None else sm.FPD_NOT_COMPUTED
+    if self.pointnet is not None and int(e.points_per_cloud) != sm.NUM_POINTS:
+      note += f"; {e.points_per_cloud}-point clouds (HyperDiffusion: {sm.NUM_POINTS})"
+    return note
+
+  def summary(self):
+    e = self.config.evaluate
+    return {'protocol': {'mesh_resolution': self.resolution, 'level': self.level, 'inside': self.inside,
+                         'occupancy_level': float(e.occupancy_level), 'points_per_cloud': int(e.points_per_cloud),
+                         'normalize': str(e.normalize), 'chamfer': 'squared, mean both ways',
+                         'generated_mult': sm.GENERATED_MULT, 'bootstrap': bool(e.bootstrap)},
+            'copy_threshold_cd': self.ev.copy_threshold, 'reported': REPORTED}
+
+  def notes(self, results, reference, baseline, n_ref, n_gen):
+    notes = [f"the references are {n_ref} training shapes (HyperDiffusion: its test split, 606 planes): the set "
+             f"metrics reward copies; read them beside the novelty numbers and the baseline row"]
+    if n_ref < 500:
+      notes.append(f"{n_ref} references (< 500): COV and 1-NNA are noisy and depend on the set sizes; compare "
+                   f"only with rows of the same size")
+    for name, r in [*results.items(), ('reference', reference), ('baseline', baseline)]:
+      if r['num_evaluated'] < n_ref:
+        notes.append(f"{name}: {r['num_empty']} of {r['num_samples']} meshes empty, only {r['num_evaluated']} "
+                     f"compared with {n_ref} references" + ('' if r['num_evaluated'] else ': no set metrics'))
+    return notes
+
+  def done(self, head, h, reference, baseline):
+    return (f"{_fmt(h, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')} (ceiling {_fmt(reference, 'mmd_cd_x100', '{:.3f}')}, "
+            f"baseline {_fmt(baseline, 'mmd_cd_x100', '{:.3f}')}), {_fmt(h, 'cov', 'COV {:.3f}')} (ceiling "
+            f"{_fmt(reference, 'cov', '{:.3f}')}), {_fmt(h, '1nna', '1-NNA {:.3f}')} (ceiling "
+            f"{_fmt(reference, '1nna', '{:.3f}')}), {h['num_empty']}/{h['num_samples']} empty; "
+            f"{_fmt(h, 'fpd', 'FPD {:.3f}') if self.pointnet is not None else 'FPD not computed'}")
 
 
 def _field_ids(good: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -453,7 +405,7 @@ def _field_ids(good: np.ndarray, positions: np.ndarray) -> np.ndarray:
 def _setting_meshes(workdir: str, name: str, n: int, resolution: int, level: float, inside: str):
   """(the first n meshes of samples/<name>/meshes.npz, 'reused ...') when they were meshed as the
   evaluate stage would mesh them, else (None, 'meshed')."""
-  stored = samples_lib.load_meshes(workdir, name)
+  stored = sample_io.load_meshes(workdir, name)
   if stored is not None:
     meshes, info = stored
     if int(info.get('resolution', -1)) == resolution and str(info.get('inside')) == inside and \
@@ -462,12 +414,10 @@ def _setting_meshes(workdir: str, name: str, n: int, resolution: int, level: flo
   return None, f'meshed at {resolution}^3'
 
 
-def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k, mesh_weights, spread) -> None:
+def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k, mesh_weights) -> None:
   """Rows: samples (non-empty, spread over classes), their nearest training shape (source mesh,
   squared CD under it) and the mesh of their nearest training weights (L2 under it)."""
-  from PIL import ImageDraw
-  from nfjax.utils import render3d
-  show = spread(labels, np.nonzero(ps['nonempty'])[0], k)
+  show = picks.per_class(labels, k, candidates=np.nonzero(ps['nonempty'])[0], sort=False)
   if len(show) == 0:
     return
   shape_pos = ps['nn_shape_position'][show]
@@ -489,5 +439,4 @@ def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k,
     for row, text in ((1, f"cd {ps['nn_shape_cd'][i]:.4f} {ev.class_name(int(ev.train_labels[shape_pos[j]]))[:6]}"),
                       (2, f"l2 {ps['nn_weight_l2'][i]:.2f}")):
       draw.text((x + 2, top + pad + (row + 1) * (size + pad) - 13), text, fill=0)
-  from nfjax.utils import images as img_utils
   img_utils.save_png(img, path)

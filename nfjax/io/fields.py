@@ -2,10 +2,11 @@
 
 A directory (``WORKDIR/fields``) of plain files that numpy alone can read:
 
-  meta.json          format version, the field architecture (``field``), the layout of the flat
+  meta.json          format version, the modality (`modality`: images, shapes, ...), the field architecture (``field``), the layout of the flat
                      vector (``layout``: name, shape, offset, size of every tensor, PyTorch
-                     state_dict order), num_fields, params_per_field, data source, image shape,
-                     number of classes, init mode, the config fingerprint of the run.
+                     state_dict order), num_fields, params_per_field, data source, number of
+                     classes, init mode, the config fingerprint of the run, and what the
+                     modality adds (image_shape; class_names, surface, ...).
   weights.npy        float32 [N, P]   one fitted field per row
   labels.npy         int32   [N]      class of the source image
   source_index.npy   int64   [N]      index of the image in its source split
@@ -23,13 +24,13 @@ they are merged into the files above when the last chunk is done.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 
 import numpy as np
 
-FORMAT = 'nfjax.fields/v1'
+from nfjax.errors import DataError
+from nfjax.io import files
+
+FORMAT = 'nfjax.fields/v2'   # v2: meta.json names its `modality` (v1: `kind`)
 FLAG_NONFINITE = 1
 FLAG_LOW_QUALITY = 2
 ARRAYS = ('weights', 'labels', 'source_index', 'quality', 'flags')
@@ -61,44 +62,60 @@ class FieldDataset:
     return np.nonzero(self.flags == 0)[0]
 
 
+  @property
+  def modality(self) -> str:
+    return str(self.meta['modality'])
+
+
 def chunk_path(directory: str, chunk: int) -> str:
-  return os.path.join(directory, 'chunks', f'chunk_{chunk:05d}.npz')
+  return files.join(directory, 'chunks', f'chunk_{chunk:05d}.npz')
 
 
 def finished_chunks(directory: str) -> set[int]:
-  out = set()
-  for p in glob.glob(os.path.join(directory, 'chunks', 'chunk_*.npz')):
-    out.add(int(os.path.basename(p)[len('chunk_'):-len('.npz')]))
-  return out
+  return {int(files.basename(p)[len('chunk_'):-len('.npz')])
+          for p in files.glob(files.join(directory, 'chunks', 'chunk_*.npz'))}
+
+
+def write_chunk(directory: str, chunk: int, **arrays: np.ndarray) -> None:
+  files.write_npz(chunk_path(directory, chunk), **arrays)
 
 
 def read_chunk(directory: str, chunk: int) -> dict[str, np.ndarray]:
-  with np.load(chunk_path(directory, chunk)) as z:
-    return {k: z[k] for k in z.files}
+  return files.read_npz(chunk_path(directory, chunk))
+
+
+def remove_chunks(directory: str) -> None:
+  files.remove(files.join(directory, 'chunks'))
+
+
+def write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+  """The dataset's .npy files and meta.json (the stage writes summary.json last)."""
+  for k in ARRAYS:
+    files.write_npy(files.join(directory, f'{k}.npy'), arrays[k])
+  files.write_json(files.join(directory, 'meta.json'), {'format': FORMAT, **meta})
 
 
 def is_complete(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, 'summary.json'))
+  return files.exists(files.join(directory, 'summary.json'))
 
 
 def load(directory: str, mmap: bool = False) -> FieldDataset:
-  """Read a finished weight dataset (numpy only)."""
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no weight dataset at {directory}: run the fit stage first")
+  """Read a finished weight dataset (numpy only). DataError when it is missing or incomplete."""
+  if not files.isdir(directory):
+    raise DataError(f"no weight dataset at {directory}: run the fit stage first")
   if not is_complete(directory):
-    raise FileNotFoundError(
+    raise DataError(
         f"the weight dataset at {directory} is incomplete (no summary.json): the fit stage was "
         f"interrupted; re-run it with the same command to finish it")
-  with open(os.path.join(directory, 'meta.json')) as f:
-    meta = json.load(f)
-  if meta.get('format') != FORMAT:
-    raise ValueError(f"{directory}/meta.json has format {meta.get('format')!r}, expected {FORMAT!r}")
-  mode = 'r' if mmap else None
-  arrays = {k: np.load(os.path.join(directory, f'{k}.npy'), mmap_mode=mode) for k in ARRAYS}
-  init_path = os.path.join(directory, 'shared_init.npy')
-  shared = np.load(init_path) if os.path.exists(init_path) else None
+  meta = files.read_json(files.join(directory, 'meta.json'))
+  if meta.get('format') != FORMAT or 'modality' not in meta:
+    raise DataError(f"{directory}/meta.json has format {meta.get('format')!r} (expected {FORMAT!r} with a "
+                    f"'modality'): it was written by an older nfjax; fit again into a new --workdir")
+  arrays = {k: files.read_npy(files.join(directory, f'{k}.npy'), mmap=mmap) for k in ARRAYS}
+  init_path = files.join(directory, 'shared_init.npy')
+  shared = files.read_npy(init_path) if files.exists(init_path) else None
   n, p = arrays['weights'].shape
   if p != meta['params_per_field'] or n != meta['num_fields']:
-    raise ValueError(f"{directory}: weights.npy is [{n}, {p}] but meta.json says "
-                     f"[{meta['num_fields']}, {meta['params_per_field']}]")
+    raise DataError(f"{directory}: weights.npy is [{n}, {p}] but meta.json says "
+                    f"[{meta['num_fields']}, {meta['params_per_field']}]")
   return FieldDataset(meta=meta, shared_init=shared, **arrays)

@@ -6,74 +6,49 @@
 4. Tokenizes every good field once: sequences [SOS, class, t_0 ... t_{T-1}], T = tokens_per_field
    (= P for scalar tokenizers; chunks x quantizers for vector / residual VQ, described in
    tokens/vocab.json).
-5. Measures what tokenization costs: weight RMSE, PSNR of the fields as fitted vs after
-   decode(encode(w)) against the source images, the same for uniform bins with the same
-   vocabulary, codebook usage and perplexity; draws tokenizer/reconstructions.png and
-   tokenizer/histogram.png.
+5. Measures what tokenization costs: weight RMSE, codebook usage and perplexity, and the
+   modality's quality of the fields as fitted vs after decode(encode(w)) vs uniform bins with the
+   same vocabulary (images: PSNR against the source images and tokenizer/reconstructions.png;
+   shapes: held-out IoU); draws tokenizer/histogram.png.
 
 Files (docs/tokenize.md):
   tokenizer/tokenizer.npz   the tokenizer (numpy-readable, nfjax.tokenizers.restore)
   tokenizer/uniform.npz     the uniform-bins baseline with the same vocabulary
   tokenizer/summary.json    headline figures (written after tokens/ is complete except its summary)
-  tokens/...                nfjax.data.tokens format; tokens/summary.json is written last
-A finished stage (both summaries) with the same config is skipped; a workdir made with another
-config is refused (StageDir). The stage takes seconds, so an interrupted run simply redoes the
-missing part (a saved tokenizer.npz is reused).
+  tokens/...                nfjax.io.tokens format; tokens/summary.json is written last
+A finished stage (both summaries) with the same config and fields is skipped; a workdir made with
+another config is refused and one made from other fields is redone (nfjax/io/workdir.py). The
+stage takes seconds, so an interrupted run simply redoes the missing part (a saved tokenizer.npz
+is reused).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
 
-from nfjax import fit as fit_stage
-from nfjax import tokenizers
-from nfjax.data import images as image_data
-from nfjax.data import tokens as token_data
-from nfjax.data import weights as wds
-from nfjax.errors import ConfigError, DataError
-from nfjax.fields import mlp
-from nfjax.utils import config as cfg_utils
-from nfjax.utils import images as img_utils
+from nfjax import modalities, tokenizers
+from nfjax.configs import checks
+from nfjax.errors import DataError
+from nfjax.io import fields as field_io
+from nfjax.io import files
+from nfjax.io import tokens as token_data
+from nfjax.io import workdir as wd
 from nfjax.utils.logging import log
-from nfjax.utils.stage import StageDir
 
 STAGE = 'tokenize'
-CLASS_TOKEN = ('auto', 'yes', 'no')
-DIRNAME = 'tokenizer'
-TOKENS_DIRNAME = 'tokens'
-TOKENIZE_KEYS = ('method', 'num_codes', 'residual', 'normalize', 'per_layer', 'chunk', 'chunk_size',
-                 'num_quantizers', 'kmeans_restarts', 'kmeans_iters', 'kmeans_sample', 'pin_atoms', 'refine_steps',
-                 'refine_lr', 'refine_batch', 'dead_code_threshold', 'encoder', 'compensate_damp', 'specials',
-                 'val_fraction')
-# The tokens depend on the fields they were made from: the fit stage's keys are part of the fingerprint.
-FINGERPRINT_KEYS = tuple(fit_stage.FINGERPRINT_KEYS) + tuple(f'tokenize.{k}' for k in TOKENIZE_KEYS)
-
-
-def fingerprint_keys(config) -> tuple[str, ...]:
-  """The fit keys of this config's field kind (image or shape) + the tokenize keys."""
-  return tuple(fit_stage.fingerprint_keys(config)) + tuple(f'tokenize.{k}' for k in TOKENIZE_KEYS)
+# The tokenize.* keys the tokens depend on (num_examples only changes a picture); what they are
+# made from is tracked by the fields/ digest (nfjax/io/workdir.py).
+KEYS = ('seed',) + tuple(f'tokenize.{k}' for k in (
+    'method', 'num_codes', 'residual', 'normalize', 'per_layer', 'chunk', 'chunk_size', 'num_quantizers',
+    'kmeans_restarts', 'kmeans_iters', 'kmeans_sample', 'pin_atoms', 'refine_steps', 'refine_lr', 'refine_batch',
+    'dead_code_threshold', 'encoder', 'compensate_damp', 'specials', 'class_token', 'val_fraction'))
 SPLIT_STREAM = 0x70CE
-
-
-def validate(config) -> tokenizers.Settings:
-  if 'tokenize' not in config:
-    raise ConfigError("the config has no 'tokenize' section (see configs/mnist.py)")
-  settings = tokenizers.Settings.from_config(config.tokenize).validate()
-  specials = tuple(config.tokenize.specials)
-  if 'sos' not in specials:
-    raise ConfigError(f"config key tokenize.specials={specials!r} must contain 'sos' (sequences start with it)")
-  if len(set(specials)) != len(specials):
-    raise ConfigError(f"config key tokenize.specials={specials!r} has duplicates")
-  vf = float(config.tokenize.val_fraction)
-  if not 0.0 <= vf < 1.0:
-    raise ConfigError(f"config key tokenize.val_fraction={vf!r} must be in [0, 1)")
-  cfg_utils.check_positive(config, 'tokenize.num_examples', allow_zero=True)
-  cfg_utils.check_choice(config, 'tokenize.class_token', CLASS_TOKEN)
-  return settings
+# Headline figures (../DESIGN.md) every tokenize summary has; NaN where the modality measures no PSNR.
+HEADLINE_NAN = ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db', 'uniform_psnr_tokenized_mean',
+                'uniform_psnr_drop_db')
 
 
 def use_class_token(config, num_classes: int) -> bool:
@@ -101,31 +76,6 @@ def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarra
   return train.astype(np.int64), val.astype(np.int64)
 
 
-def _load_fields(workdir: str) -> wds.FieldDataset:
-  path = os.path.join(workdir, fit_stage.DIRNAME)
-  try:
-    return wds.load(path)
-  except FileNotFoundError as e:
-    raise DataError(f"{e} (the tokenize stage reads it: run --stages=fit,tokenize)") from e
-
-
-def _source_images(config, fields: wds.FieldDataset, rows: np.ndarray) -> np.ndarray | None:
-  """The images the fields at `rows` were fitted to, or None for non-image fields."""
-  if fields.meta.get('kind') != 'image':
-    return None
-  data = image_data.load(config)
-  if len(data.images) != len(fields) or not np.array_equal(data.source_index, fields.source_index):
-    raise DataError(f"the images selected by the config ({len(data.images)} from {data.source}) are not the ones "
-                    f"the fields in WORKDIR/fields were fitted to ({len(fields)} fields from "
-                    f"{fields.meta.get('source')}); run tokenize with the config the fit stage used")
-  return data.images[rows]
-
-
-def _psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-  mse = np.mean((pred.astype(np.float64) - target) ** 2, axis=(1, 2))
-  return -10.0 * np.log10(np.maximum(mse, 1e-12))
-
-
 def _usage(tok: tokenizers.Tokenizer, tokens: np.ndarray) -> tuple[float, float, np.ndarray]:
   """(fraction of codebook entries used, perplexity of the token ids, counts per (group, q, code))."""
   g = np.broadcast_to(tok.token_groups()[None], tokens.shape)
@@ -139,26 +89,27 @@ def _usage(tok: tokenizers.Tokenizer, tokens: np.ndarray) -> tuple[float, float,
 
 def run(config, workdir: str) -> dict:
   t_start = time.perf_counter()
-  settings = validate(config)
-  keys = fingerprint_keys(config)
-  stage = StageDir(workdir, DIRNAME, config, keys)
-  tstage = StageDir(workdir, TOKENS_DIRNAME, config, keys)
+  checks.validate(config, (STAGE,))
+  settings = tokenizers.Settings.from_config(config.tokenize)
+  stage = wd.StageDir(workdir, wd.TOKENIZER, config, KEYS, consumes=(wd.FIELDS,), stage=STAGE)
+  tstage = wd.StageDir(workdir, wd.TOKENS, config, KEYS, consumes=(wd.FIELDS,), stage=STAGE)
+  wd.require(workdir, wd.FIELDS, STAGE)
   done, tdone = stage.finished(), tstage.finished()
   if done is not None and tdone is not None:
-    log(STAGE, f"already finished in {stage.path} (vocab {done['vocab_size']}, PSNR drop "
-               f"{done['psnr_drop_db']:.2f} dB); skipping")
+    log(STAGE, f"already finished in {stage.path} (vocab {done['vocab_size']}); skipping")
     return done
 
-  fields = _load_fields(workdir)
+  fields_dir = wd.path(workdir, wd.FIELDS)
+  fields = field_io.load(fields_dir)
+  modality = modalities.for_fields(fields, config)
   good = fields.good()
   if len(good) == 0:
-    raise DataError(f"every field in {os.path.join(workdir, fit_stage.DIRNAME)} is flagged: nothing to tokenize")
+    raise DataError(f"every field in {fields_dir} is flagged: nothing to tokenize")
   w = np.asarray(fields.weights[good], np.float32)
   labels = np.asarray(fields.labels[good], np.int32)
   num_classes = int(fields.meta.get('num_classes', int(labels.max()) + 1))
   seed = int(config.seed)
   train_rows, val_rows = split(labels, float(config.tokenize.val_fraction), seed)
-  image_shape = fields.meta.get('image_shape')
   log(STAGE, f"{len(good)} good fields ({len(fields) - len(good)} flagged left out), {fields.params_per_field} "
              f"params each; split {len(train_rows)} train / {len(val_rows)} val (seed {seed}); tokenizer "
              f"{settings.method}, {settings.num_codes} codes, residual={settings.residual}, "
@@ -167,15 +118,15 @@ def run(config, workdir: str) -> dict:
   # Fit (or reuse the tokenizer of an interrupted run with the same fingerprint).
   tok_path = stage.file('tokenizer.npz')
   t0 = time.perf_counter()
-  if os.path.exists(tok_path):
+  if files.exists(tok_path):
     tok = tokenizers.restore(tok_path)
     log(STAGE, f"reusing {tok_path}")
   else:
     tok = tokenizers.fit(settings, w[train_rows], fields.layout, fields.shared_init, seed=seed,
-                         field=fields.meta.get('field'), image_shape=image_shape)
+                         field=fields.meta.get('field'), grid=modality.compensation_grid(fields.meta))
     tok.save(tok_path)
   fit_seconds = time.perf_counter() - t0
-  tok.check_layout(fields.layout, fields.params_per_field, where=os.path.join(workdir, fit_stage.DIRNAME))
+  tok.check_layout(fields.layout, fields.params_per_field, where=fields_dir)
 
   t0 = time.perf_counter()
   codes = tokenizers.encode(tok, w)
@@ -212,48 +163,19 @@ def run(config, workdir: str) -> dict:
       'uniform_weight_rmse': rmse(wu), 'codebook_usage': usage, 'perplexity': perplexity,
       'fit_seconds': fit_seconds, 'encode_seconds': encode_seconds,
       'tokenize_seconds': fit_seconds + encode_seconds,
+      **{k: float('nan') for k in HEADLINE_NAN},
   }
-
-  images = _source_images(config, fields, good)
-  recon = {}
-  if images is not None:
-    spec = mlp.FieldSpec.from_dict(fields.meta['field'])
-    h, wd = images.shape[1:]
-    recon = {'fitted': mlp.render_weights(spec, w, h, wd), 'tokenized': mlp.render_weights(spec, wq, h, wd),
-             'uniform': mlp.render_weights(spec, wu, h, wd)}
-    psnr = {k: _psnr(v, images) for k, v in recon.items()}
-    drop = psnr['fitted'] - psnr['tokenized']
-    summary.update({
-        'psnr_fields_mean': float(psnr['fitted'].mean()), 'psnr_tokenized_mean': float(psnr['tokenized'].mean()),
-        'psnr_drop_db': float(drop.mean()), 'psnr_drop_db_p90': float(np.percentile(drop, 90)),
-        'psnr_drop_db_max': float(drop.max()),
-        'psnr_drop_db_val': float(drop[val_rows].mean()) if len(val_rows) else float('nan'),
-        'psnr_tokenized_vs_fields_mean': float(_psnr(recon['tokenized'], recon['fitted']).mean()),
-        'uniform_psnr_tokenized_mean': float(psnr['uniform'].mean()),
-        'uniform_psnr_drop_db': float((psnr['fitted'] - psnr['uniform']).mean()),
-    })
-    _reconstructions_png(stage, config, images, recon, psnr, labels, val_rows if len(val_rows) else train_rows)
-  elif fields.meta.get('kind') == 'shape':
-    from nfjax import fit_shapes
-    iou = fit_shapes.heldout_iou(config, workdir, fields.meta, {'fitted': w, 'tokenized': wq, 'uniform': wu}, good)
-    summary.update({
-        'iou_fields_mean': float(iou['fitted'].mean()), 'iou_tokenized_mean': float(iou['tokenized'].mean()),
-        'iou_drop': float((iou['fitted'] - iou['tokenized']).mean()),
-        'uniform_iou_tokenized_mean': float(iou['uniform'].mean()),
-        'uniform_iou_drop': float((iou['fitted'] - iou['uniform']).mean()),
-    })
-    summary.update({k: float('nan') for k in ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db',
-                                              'uniform_psnr_tokenized_mean', 'uniform_psnr_drop_db')})
-  else:
-    summary.update({k: float('nan') for k in ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db',
-                                              'uniform_psnr_tokenized_mean', 'uniform_psnr_drop_db')})
+  measured, quality_text = modality.tokenize_quality(config, workdir, fields, good,
+                                                     {'fitted': w, 'tokenized': wq, 'uniform': wu}, labels, val_rows,
+                                                     stage)
+  summary.update(measured)
   _histogram_png(stage, tok, w[train_rows], counts)
 
   token_data.write(tstage.path, seqs, field_index=good, labels=labels, train_idx=train_rows, val_idx=val_rows,
                    vocab=vocab, prefix_len=len(prefix),
                    extra_meta={**tok.sequence_meta(), 'prefix': prefix, 'split_seed': seed,
                                'val_fraction': float(config.tokenize.val_fraction),
-                               'tokenizer': f'../{DIRNAME}/tokenizer.npz'})
+                               'tokenizer': f'../{wd.TOKENIZER}/tokenizer.npz'})
   summary['seconds'] = time.perf_counter() - t_start
   summary['info'] = {'fit': tok.meta.get('fit_info', {}).get('refine', {}), 'kmeans_seconds':
                      tok.meta.get('fit_info', {}).get('kmeans_seconds')}
@@ -261,43 +183,18 @@ def run(config, workdir: str) -> dict:
   tstage.write_summary({'num_sequences': int(len(seqs)), 'seq_len': int(seqs.shape[1]), 'prefix_len': len(prefix),
                         'vocab_size': vocab.vocab_size, 'num_train': int(len(train_rows)),
                         'num_val': int(len(val_rows)), 'split_seed': seed, 'tokenizer': settings.method})
-  quality = (f"IoU {summary['iou_fields_mean']:.3f} -> {summary['iou_tokenized_mean']:.3f} (uniform bins: "
-             f"{summary['uniform_iou_tokenized_mean']:.3f})" if 'iou_drop' in summary else
-             f"PSNR {summary['psnr_fields_mean']:.2f} -> {summary['psnr_tokenized_mean']:.2f} dB (drop "
-             f"{summary['psnr_drop_db']:.2f} dB; uniform bins: {summary['uniform_psnr_drop_db']:.2f} dB)")
   log(STAGE, f"done: vocab {vocab.vocab_size} ({tok.num_codes} codes + {len(vocab.specials)} specials + "
-             f"{vocab.num_classes} class tokens), weight RMSE {summary['weight_rmse']:.4f}, {quality}, usage {usage:.0%}, perplexity {perplexity:.1f}, "
+             f"{vocab.num_classes} class tokens), weight RMSE {summary['weight_rmse']:.4f}"
+             + (f", {quality_text}" if quality_text else '') + f", usage {usage:.0%}, perplexity {perplexity:.1f}, "
              f"{summary['seconds']:.1f}s -> {stage.path}, {tstage.path}")
   return summary
 
 
-def _reconstructions_png(stage, config, images, recon, psnr, labels, rows) -> None:
-  k = min(int(config.tokenize.num_examples), len(rows))
-  if k <= 0:
-    return
-  per_class = [list(rows[labels[rows] == c]) for c in np.unique(labels[rows])]
-  pick = []
-  while len(pick) < k and any(per_class):
-    for lst in per_class:
-      if lst and len(pick) < k:
-        pick.append(lst.pop(0))
-  idx = np.array(sorted(pick))
-  cols = [f"{labels[i]}: {psnr['fitted'][i]:.1f}>{psnr['tokenized'][i]:.1f}" for i in idx]
-  img = img_utils.grid([images[idx], recon['fitted'][idx], recon['tokenized'][idx], recon['uniform'][idx]],
-                       row_labels=['image', 'field', 'tokenized', 'uniform bins'], col_labels=cols, scale=4)
-  img_utils.save_png(img, stage.file('reconstructions.png'))
-
-
 def _histogram_png(stage, tok: tokenizers.Tokenizer, w_train: np.ndarray, counts: np.ndarray) -> None:
   """Histogram of the coded values (coding space) of each codebook with its codes marked."""
-  import io
-
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-
-  from nfjax.utils.io import write_bytes
-
   groups = list(range(min(tok.num_groups, 4)))
   fig, axes = plt.subplots(len(groups) + 1, 1, figsize=(10, 2.6 * (len(groups) + 1)))
   z = tok.chunking.gather(tok.to_code_space(w_train))
@@ -325,7 +222,4 @@ def _histogram_png(stage, tok: tokenizers.Tokenizer, w_train: np.ndarray, counts
   ax.set_title(f"code usage over all fields, sorted ({int((c > 0).sum())}/{len(c)} codebook entries used)", fontsize=9)
   ax.tick_params(labelsize=8)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=90)
-  plt.close(fig)
-  write_bytes(stage.file('histogram.png'), buf.getvalue())
+  files.write_figure(stage.file('histogram.png'), fig)

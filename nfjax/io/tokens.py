@@ -36,10 +36,11 @@ TokenError (NeF-GPT clamped it to the last code).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
+
+from nfjax.errors import DataError
+from nfjax.io import files
 
 
 class TokenError(ValueError):
@@ -143,7 +144,6 @@ ARRAYS = ('tokens', 'field_index', 'labels', 'train_idx', 'val_idx')
 def write(directory: str, tokens, field_index, labels, train_idx, val_idx, vocab: Vocab, prefix_len: int,
           extra_meta: dict | None = None) -> None:
   """Write every file but summary.json (the stage writes that last)."""
-  from nfjax.utils import io
   tokens = np.asarray(tokens, np.int32)
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [N, L], got shape {tokens.shape}")
@@ -152,16 +152,15 @@ def write(directory: str, tokens, field_index, labels, train_idx, val_idx, vocab
   arrays = dict(tokens=tokens, field_index=np.asarray(field_index, np.int64), labels=np.asarray(labels, np.int32),
                 train_idx=np.asarray(train_idx, np.int64), val_idx=np.asarray(val_idx, np.int64))
   for k, v in arrays.items():
-    io.write_npy(os.path.join(directory, f'{k}.npy'), v)
+    files.write_npy(files.join(directory, f'{k}.npy'), v)
   meta = {**vocab.to_dict(), 'seq_len': int(tokens.shape[1]), 'prefix_len': int(prefix_len),
           'num_sequences': int(tokens.shape[0]), **(extra_meta or {})}
-  io.write_json(os.path.join(directory, 'vocab.json'), meta)
+  files.write_json(files.join(directory, 'vocab.json'), meta)
 
 
 def load(directory: str) -> TokenDataset:
-  if not os.path.exists(os.path.join(directory, 'summary.json')):
-    raise FileNotFoundError(f"no finished token dataset at {directory}: run the tokenize stage first")
-  with open(os.path.join(directory, 'vocab.json')) as f:
-    meta = json.load(f)
-  arrays = {k: np.load(os.path.join(directory, f'{k}.npy')) for k in ARRAYS}
+  if not files.exists(files.join(directory, 'summary.json')):
+    raise DataError(f"no finished token dataset at {directory}: run the tokenize stage first")
+  meta = files.read_json(files.join(directory, 'vocab.json'))
+  arrays = {k: files.read_npy(files.join(directory, f'{k}.npy')) for k in ARRAYS}
   return TokenDataset(vocab=Vocab.from_dict(meta), meta=meta, **arrays)

@@ -1,8 +1,8 @@
-"""Config helpers: validation with messages that name the key, stage fingerprints."""
+"""Config key helpers: checks whose messages name the key, fingerprints of config sections (the checks
+themselves: nfjax/configs/checks.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Iterable
 
@@ -55,10 +55,6 @@ def fingerprint(config, keys: Iterable[str]) -> dict:
   return json.loads(json.dumps(out, sort_keys=True, default=list))
 
 
-def fingerprint_hash(fp: dict) -> str:
-  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
   """Human-readable differences between two nested dicts."""
   out = []
@@ -69,3 +65,8 @@ def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
     elif a != b:
       out.append(f"{prefix}{k}: {a!r} -> {b!r}")
   return out
+
+
+def to_json(config) -> str:
+  """The whole config as canonical JSON (a key for 'same config')."""
+  return json.dumps(to_dict(config), sort_keys=True, default=list)

@@ -1,6 +1,5 @@
-"""The samples/ directory as the evaluate stage reads it, and perturbed training fields.
+"""The samples/ directory: what the sample stage writes and the evaluate stage reads.
 
-Contract (written by the sample stage):
 
   WORKDIR/samples/settings.json   {"settings": [{"name": "topk3_t0.8", "top_k": 3,
                                                  "temperature": 0.8, "top_p": 1.0}, ...]}
@@ -13,41 +12,51 @@ Contract (written by the sample stage):
                                        when it meshes at the same resolution and level
   WORKDIR/samples/summary.json         written last: marks samples/ complete
 
-`perturbed_fields` is the trivial baseline (training fields plus Gaussian noise scaled by each
-parameter's spread over the dataset); `write_fake_samples` writes a samples/ directory from it, so
-the evaluate stage can run, be tested and be calibrated without a trained model.
+A setting is finished when its weights.npy exists (`write_setting` writes it last).
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from nfjax.data import weights as wds
 from nfjax.errors import DataError
-from nfjax.utils import io
-
-DIRNAME = 'samples'
+from nfjax.io import files
+from nfjax.io.workdir import SAMPLES
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(workdir, DIRNAME)
+  return files.join(workdir, SAMPLES)
+
+
+def write_settings(workdir: str, settings: list[dict]) -> None:
+  files.write_json(files.join(directory(workdir), 'settings.json'), {'settings': settings})
+
+
+def setting_done(workdir: str, name: str) -> bool:
+  return files.exists(files.join(directory(workdir), name, 'weights.npy'))
+
+
+def write_setting(workdir: str, name: str, tokens: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> None:
+  """One setting's arrays; weights.npy is written last and marks the setting done."""
+  d = files.join(directory(workdir), name)
+  files.write_npy(files.join(d, 'tokens.npy'), np.asarray(tokens, np.int32))
+  files.write_npy(files.join(d, 'labels.npy'), np.asarray(labels, np.int32))
+  files.write_npy(files.join(d, 'weights.npy'), np.asarray(weights, np.float32))
 
 
 def load_settings(workdir: str) -> list[dict]:
   """The sampling settings of a finished sample stage; DataError when samples/ is missing/incomplete."""
   d = directory(workdir)
-  if not os.path.isdir(d):
+  if not files.isdir(d):
     raise DataError(f"no samples at {d}: the evaluate stage needs the sample stage's output; run "
                     f"the sample stage first (--stages=sample) or include it in --stages")
-  if not os.path.exists(os.path.join(d, 'summary.json')):
+  if not files.exists(files.join(d, 'summary.json')):
     raise DataError(f"the samples at {d} are incomplete (no summary.json): the sample stage was "
                     f"interrupted; re-run it with the same command to finish it")
-  path = os.path.join(d, 'settings.json')
-  if not os.path.exists(path):
+  path = files.join(d, 'settings.json')
+  if not files.exists(path):
     raise DataError(f"{path} is missing: samples/ must list its sampling settings there")
-  settings = io.read_json(path).get('settings')
+  settings = files.read_json(path).get('settings')
   if not settings:
     raise DataError(f"{path} lists no sampling settings")
   names = [s.get('name') for s in settings]
@@ -58,12 +67,12 @@ def load_settings(workdir: str) -> list[dict]:
 
 def load_setting(workdir: str, name: str, params_per_field: int) -> tuple[np.ndarray, np.ndarray]:
   """(weights float32 [S, P], labels int32 [S]) of one setting, checked against the field layout."""
-  d = os.path.join(directory(workdir), name)
+  d = files.join(directory(workdir), name)
   try:
-    weights = np.load(os.path.join(d, 'weights.npy'))
-    labels = np.load(os.path.join(d, 'labels.npy'))
+    weights = files.read_npy(files.join(d, 'weights.npy'))
+    labels = files.read_npy(files.join(d, 'labels.npy'))
   except FileNotFoundError as e:
-    raise DataError(f"samples/{name} is missing {os.path.basename(e.filename or '?')}: expected "
+    raise DataError(f"samples/{name} is missing {files.basename(e.filename or '?')}: expected "
                     f"weights.npy [S, P] and labels.npy [S] in {d}") from e
   if weights.ndim != 2 or weights.shape[1] != params_per_field:
     raise DataError(f"samples/{name}/weights.npy has shape {weights.shape}; the fields have "
@@ -108,55 +117,11 @@ def unpack_meshes(arrays) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
 
 def load_meshes(workdir: str, name: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict] | None:
   """(meshes, info) from samples/<name>/meshes.npz, or None when the setting has none."""
-  path = os.path.join(directory(workdir), name, 'meshes.npz')
-  if not os.path.exists(path):
+  path = files.join(directory(workdir), name, 'meshes.npz')
+  if not files.exists(path):
     return None
-  with np.load(path, allow_pickle=False) as z:
-    return unpack_meshes(z)
+  return unpack_meshes(files.read_npz(path))
 
 
-def perturbed_fields(fields: wds.FieldDataset, n: int, noise: float, seed: int,
-                     pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """n training fields (drawn without replacement when possible) + N(0, (noise * std_j)^2) per
-  parameter j, std_j the spread of parameter j over the good fields.
-
-  Returns (weights [n, P] float32, labels [n], source field ids [n]).
-  """
-  pool = fields.good() if pool is None else np.asarray(pool)
-  if len(pool) == 0:
-    raise DataError("no good fields to draw the baseline from")
-  rng = np.random.default_rng(seed)
-  ids = rng.choice(pool, size=n, replace=n > len(pool))
-  w = np.asarray(fields.weights[np.sort(pool)], np.float64)
-  std = w.std(0)
-  eps = rng.standard_normal((n, w.shape[1]))
-  out = (np.asarray(fields.weights[ids], np.float64) + noise * std * eps).astype(np.float32)
-  return out, np.asarray(fields.labels[ids], np.int32), ids.astype(np.int64)
-
-
-def write_fake_samples(workdir: str, settings: list[dict] | None = None, num_samples: int = 64,
-                       seed: int = 0, nonfinite: int = 0) -> str:
-  """A samples/ directory from perturbed training fields (for tests and calibration).
-
-  settings: [{'name', 'top_k', 'temperature', 'top_p', 'noise'}]; the 'noise' of each setting is
-  the baseline noise scale used for it (default 0.1). `nonfinite` rows of every setting are set to
-  NaN / inf, as a failed decode would leave them.
-  """
-  fields = wds.load(os.path.join(workdir, 'fields'))
-  if settings is None:
-    settings = [{'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'noise': 0.05},
-                {'name': 'topk5_t1.0', 'top_k': 5, 'temperature': 1.0, 'top_p': 1.0, 'noise': 0.2}]
-  d = directory(workdir)
-  for i, s in enumerate(settings):
-    w, labels, _ = perturbed_fields(fields, num_samples, float(s.get('noise', 0.1)), seed + 101 * (i + 1))
-    for k in range(min(nonfinite, num_samples)):
-      w[k, k % w.shape[1]] = np.nan if k % 2 == 0 else np.inf
-    io.write_npy(os.path.join(d, s['name'], 'weights.npy'), w)
-    io.write_npy(os.path.join(d, s['name'], 'labels.npy'), labels)
-    io.write_npy(os.path.join(d, s['name'], 'tokens.npy'), np.zeros((num_samples, 1), np.int32))
-  io.write_json(os.path.join(d, 'settings.json'),
-                {'settings': [{k: s[k] for k in ('name', 'top_k', 'temperature', 'top_p') if k in s}
-                              for s in settings]})
-  io.write_json(os.path.join(d, 'summary.json'), {'num_samples': num_samples, 'fake': True,
-                                                  'settings': [s['name'] for s in settings]})
-  return d
+def write_meshes(workdir: str, name: str, meshes, **info) -> None:
+  files.write_npz(files.join(directory(workdir), name, 'meshes.npz'), **pack_meshes(meshes, **info))

@@ -1,0 +1,1 @@
+"""Configs shipped in the package: common.py (the shared sections) and checks.py (validation)."""

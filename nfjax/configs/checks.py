@@ -1,0 +1,142 @@
+"""Config validation: every check that needs neither data nor compilation, once per launch.
+
+`validate(config, stages)` runs the checks of the shared sections (mesh, fit, tokenize, model,
+train, sample, evaluate) for the selected stages and the modality's own checks (its data, field
+and metric keys: `Modality.validate`). The pipeline runner calls it before any stage reads data;
+each stage's `run` calls it too, which is free inside the launch that already did (`launch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from nfjax import config as config_lib
+from nfjax import modalities, sharding, tokenizers
+from nfjax.errors import ConfigError
+from nfjax.fields import fitting, mlp
+from nfjax.models import gpt as gpt_lib
+from nfjax.models.regression import LOSSES
+
+STAGES = ('fit', 'tokenize', 'train', 'sample', 'evaluate')
+MODEL_KINDS = ('gpt', 'regression')
+CLASS_TOKEN = ('auto', 'yes', 'no')
+# (config JSON, stage) pairs validated by the launch in progress (`launch`); empty between launches.
+_launch: set[tuple[str, str]] = set()
+
+
+def validate(config, stages=STAGES) -> mlp.FieldSpec | None:
+  """Check the config for `stages` (names); ConfigError naming the key. Returns the field spec
+  when 'fit' is among the stages (else None). Inside `launch(config, stages)` the stages it
+  covers are not checked again."""
+  key = config_lib.to_json(config)
+  todo = frozenset(s for s in stages if (key, s) not in _launch)
+  if todo:
+    sharding.mesh_shape(config.mesh)
+    spec = modalities.for_config(config).validate(config, todo)
+    for stage in STAGES:
+      if stage in todo:
+        _CHECKS[stage](config)
+    if spec is not None or 'fit' not in stages:
+      return spec
+  return mlp.FieldSpec.from_config(config.field) if 'fit' in stages else None
+
+
+@contextlib.contextmanager
+def launch(config, stages):
+  """Validate once for the whole launch: every stage's own `validate` call inside is free."""
+  validate(config, stages)
+  key = config_lib.to_json(config)
+  added = {(key, s) for s in stages} - _launch
+  _launch.update(added)
+  try:
+    yield
+  finally:
+    _launch.difference_update(added)
+
+
+def _fit(config) -> None:
+  fitting.validate(config)
+  config_lib.check_positive(config, 'fit.num_reconstructions', allow_zero=True)
+
+
+def _tokenize(config) -> None:
+  if 'tokenize' not in config:
+    raise ConfigError("the config has no 'tokenize' section (see nfjax/configs/common.py)")
+  tokenizers.Settings.from_config(config.tokenize).validate()
+  specials = tuple(config.tokenize.specials)
+  if 'sos' not in specials:
+    raise ConfigError(f"config key tokenize.specials={specials!r} must contain 'sos' (sequences start with it)")
+  if len(set(specials)) != len(specials):
+    raise ConfigError(f"config key tokenize.specials={specials!r} has duplicates")
+  vf = float(config.tokenize.val_fraction)
+  if not 0.0 <= vf < 1.0:
+    raise ConfigError(f"config key tokenize.val_fraction={vf!r} must be in [0, 1)")
+  config_lib.check_positive(config, 'tokenize.num_examples', allow_zero=True)
+  config_lib.check_choice(config, 'tokenize.class_token', CLASS_TOKEN)
+
+
+def _train(config) -> None:
+  m, t = config.model, config.train
+  config_lib.check_choice(config, 'model.kind', MODEL_KINDS)
+  for key in ('model.num_layers', 'model.num_heads', 'model.embed_dim', 'model.mlp_ratio'):
+    config_lib.check_positive(config, key)
+  for key in ('model.vocab_size', 'model.block_size'):
+    config_lib.check_positive(config, key, allow_minus_one=True)
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"config key model.dropout={m.dropout!r} must be in [0, 1)")
+  if m.embed_dim % m.num_heads:
+    raise ConfigError(f"config key model.embed_dim={m.embed_dim} is not a multiple of model.num_heads={m.num_heads}")
+  config_lib.check_choice(config, 'model.position', gpt_lib.POSITIONS)
+  if m.position == 'rope' and (m.embed_dim // m.num_heads) % 2:
+    raise ConfigError(f"model.position='rope' needs an even head dimension; embed_dim/num_heads = "
+                      f"{m.embed_dim // m.num_heads}")
+  config_lib.check_choice(config, 'model.dtype', tuple(gpt_lib.DTYPES))
+  config_lib.check_choice(config, 'model.regression_loss', LOSSES)
+  for key in ('train.steps', 'train.batch_size', 'train.lr', 'train.grad_accum', 'train.eval_every',
+              'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints'):
+    config_lib.check_positive(config, key)
+  for key in ('train.warmup_steps', 'train.end_lr', 'train.weight_decay', 'train.grad_clip', 'train.eps'):
+    config_lib.check_positive(config, key, allow_zero=True)
+  config_lib.check_positive(config, 'train.decay_steps', allow_minus_one=True)
+  config_lib.check_positive(config, 'train.eval_batches', allow_minus_one=True)
+  for key in ('train.b1', 'train.b2'):
+    if not 0.0 <= config_lib.get(config, key) < 1.0:
+      raise ConfigError(f"config key {key}={config_lib.get(config, key)!r} must be in [0, 1)")
+  decay = t.steps if t.decay_steps == -1 else t.decay_steps
+  if decay <= t.warmup_steps:
+    raise ConfigError(f"train.decay_steps ({decay}, -1 = train.steps) must exceed train.warmup_steps "
+                      f"({t.warmup_steps})")
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}")
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh)))
+  shards = shape['data'] * shape['fsdp']
+  micro = t.batch_size // t.grad_accum
+  if micro % shards:
+    raise ConfigError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be a multiple of the "
+                      f"{shards} batch shards of mesh {shape} (data x fsdp)")
+
+
+def _sample(config) -> None:
+  config_lib.check_positive(config, 'sample.num_samples')
+  config_lib.check_positive(config, 'sample.batch_size')
+  settings = config_lib.get(config, 'sample.settings')
+  if not settings:
+    raise ConfigError("config key sample.settings is empty: give (top_k, temperature, top_p) triples")
+  for s in settings:
+    if len(s) != 3:
+      raise ConfigError(f"config key sample.settings: {s!r} is not a (top_k, temperature, top_p) triple")
+    k, t, p = s
+    if int(k) < 0 or float(t) < 0 or not 0 < float(p) <= 1:
+      raise ConfigError(f"config key sample.settings: {s!r} needs top_k >= 0, temperature >= 0, 0 < top_p <= 1")
+
+
+def _evaluate(config) -> None:
+  config_lib.check_positive(config, 'evaluate.num_samples', allow_minus_one=True)
+  config_lib.check_positive(config, 'evaluate.num_reference', allow_minus_one=True)
+  config_lib.check_positive(config, 'evaluate.baseline_noise', allow_zero=True)
+  config_lib.check_positive(config, 'evaluate.num_neighbours', allow_zero=True)
+  for key in ('evaluate.headline_top_k', 'evaluate.headline_temperature'):
+    config_lib.get(config, key)
+
+
+_CHECKS = {'fit': _fit, 'tokenize': _tokenize, 'train': _train, 'sample': _sample, 'evaluate': _evaluate}

@@ -1,0 +1,296 @@
+"""Fitting a whole dataset of fields: a compiled, sharded stack fitter and the chunked, resumable run.
+
+`StackFitter` fits stacks of fields on the mesh (one compiled jit(vmap(fit)) per stack shape, the
+field axis sharded over every device). `fit_dataset` is what the fit stage does with it, for any
+modality:
+
+1. the shared init (`fit.init='shared'`): candidate inits fitted on one field from different seeds,
+   the one whose probe fits are best is kept (fields/shared_init.npy);
+2. every chunk of `fit.chunk_size` fields not on disk yet is fitted and written atomically
+   (fields/chunks/), so a killed run resumes where it stopped and ends with the same dataset;
+3. fields under `fit.refit_below` get a second, longer fit (the better result is kept);
+4. the chunks are merged into the dataset's arrays.
+Every field's randomness is `fold_in(key(seed), field_id)`: results do not depend on chunking.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfjax import config as config_lib
+from nfjax import sharding
+from nfjax.fields import fitting, mlp
+from nfjax.io import fields as field_io
+from nfjax.io import files
+from nfjax.modalities.base import Quality
+from nfjax.utils.logging import MetricsWriter, Progress, log
+
+STAGE = 'fit'
+
+
+def field_keys(seed: int, ids: np.ndarray, stream: int = 0xF17) -> jax.Array:
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids, jnp.uint32))
+
+
+def _initial_params(spec, shared: np.ndarray | None, keys: jax.Array):
+  """The shared init broadcast to every field, or a per-field random init from its key."""
+  if shared is not None:
+    if shared.ndim == 2:  # one init per field
+      return mlp.unflatten(spec, jnp.asarray(shared))
+    return mlp.stack(mlp.unflatten(spec, jnp.asarray(shared)), keys.shape[0])
+  return jax.vmap(lambda k: mlp.init(spec, jax.random.fold_in(k, 1)))(keys)
+
+
+def take(targets, idx):
+  """Rows `idx` of per-field data: an array, or a tuple of arrays with a common leading axis."""
+  if isinstance(targets, tuple):
+    return tuple(np.asarray(t)[idx] for t in targets)
+  return targets[idx]
+
+
+def _num_rows(targets) -> int:
+  return len(targets[0]) if isinstance(targets, tuple) else len(targets)
+
+
+class StackFitter:
+  """Fits stacks of fields on the mesh; pads each stack to a multiple of the field-axis shards and
+  compiles once per (steps, padded size, data shapes, l2 override).
+
+  Grid fields (`points=False`): `feats` are encoded coordinates shared by every field (e.g. the
+  pixel grid) and the per-field data are the targets [n, k, out]; `score(params, feats, targets)`.
+  Point fields (`points=True`, e.g. 3D shapes): no shared features; the per-field data are a tuple
+  (coords [n, k, d], values [n, k], *extra) where `extra` (e.g. held-out points and occupancy) is
+  read only by `score(params, coords, values, *extra)`. `per_step`: inputs (pixels, points) drawn
+  per step, -1 = every one every step.
+  """
+
+  def __init__(self, spec, config, mesh, score, feats=None, points: bool = False, per_step: int = -1):
+    self.spec, self.config, self.mesh = spec, config, mesh
+    self.points, self.per_step = points, int(per_step)
+    self.shards = sharding.axis_size(mesh, 'fields')
+    self.feats = None if feats is None else jax.device_put(feats, sharding.replicated(mesh))
+    self.score = score
+    self._compiled = {}
+    self.compile_seconds = 0.0
+
+  def padded_size(self, n: int) -> int:
+    return -(-n // self.shards) * self.shards
+
+  def _split(self, rows: tuple):
+    """Per-field rows -> (feats, targets, extra) in the compiled function's argument order."""
+    if self.points:
+      return rows[0], rows[1], tuple(rows[2:])
+    return self.feats, rows[0], ()
+
+  def fit_config(self, l2: float | None = None):
+    if l2 is None or float(l2) == float(self.config.fit.l2):
+      return self.config.fit
+    cfg = self.config.fit.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.l2 = float(l2)
+    return cfg
+
+  def compile(self, steps: int, count: int, like, l2: float | None = None):
+    """The compiled fitter for `count` fields whose per-field data look like `like` (any leading size)."""
+    rows = like if isinstance(like, tuple) else (like,)
+    shapes = tuple((tuple(r.shape[1:]), str(r.dtype)) for r in rows)
+    l2 = None if l2 is None or float(l2) == float(self.config.fit.l2) else float(l2)
+    key = (steps, count, shapes, l2)
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      keys = field_keys(0, np.arange(count))
+      params = jax.eval_shape(jax.vmap(lambda k: mlp.init(self.spec, k)), keys)
+      abstract = tuple(jax.ShapeDtypeStruct((count,) + s, d) for s, d in shapes)
+      feats, targets, extra = self._split(abstract)
+      compile_for = fitting.make_stack_fitter(self.spec, self.fit_config(l2), steps, self.mesh,
+                                              score=self.score, points=self.points, per_step=self.per_step)
+      self._compiled[key] = compile_for(params, feats, targets, keys, *extra)
+      self.compile_seconds += time.perf_counter() - t0
+    return self._compiled[key]
+
+  def fit(self, steps: int, targets, keys: jax.Array, shared: np.ndarray | None,
+          pad_to: int | None = None, l2: float | None = None):
+    """Per-field data (images: targets [n, pixels, 1]; points: a tuple, see the class), keys [n]
+    -> (weights [n, P], loss [n], quality [n]) as numpy. `l2` overrides fit.l2 for this call."""
+    rows = targets if isinstance(targets, tuple) else (targets,)
+    n = len(rows[0])
+    padded = max(self.padded_size(n), pad_to or 0)
+    sel = np.concatenate([np.arange(n), np.full(padded - n, n - 1)])
+    keys = keys[sel]
+    rows = tuple(np.asarray(r)[sel] for r in rows)
+    init = shared[sel] if shared is not None and shared.ndim == 2 else shared
+    params = _initial_params(self.spec, init, keys)
+    compiled = self.compile(steps, padded, rows, l2)
+    mesh = self.mesh
+    params = jax.device_put(params, sharding.leading_axis_sharding(mesh, params))
+    rows = tuple(jax.device_put(r, sharding.named(mesh, 'fields', *([None] * (r.ndim - 1)))) for r in rows)
+    keys = jax.device_put(keys, sharding.named(mesh, 'fields'))
+    feats, tgt, extra = self._split(rows)
+    params, loss, score = compiled(params, feats, tgt, keys, *extra)
+    w = np.asarray(mlp.flatten(self.spec, params), np.float32)[:n]
+    return w, np.asarray(loss)[:n], np.asarray(score, np.float32)[:n]
+
+
+def search_shared_init(fitter: StackFitter, config, targets, seed: int,
+                        quality: Quality) -> tuple[np.ndarray, dict]:
+  """Fit candidate inits on one field from different seeds; keep the one whose probe fits are best.
+
+  The candidates are fitted with fit.shared_init_l2 when the config has it and it is >= 0 (NeF-GPT
+  penalises only its init field), else with fit.l2.
+  """
+  fit_cfg = config.fit
+  k = max(1, int(fit_cfg.shared_init_candidates))
+  field = int(fit_cfg.shared_init_index)
+  init_l2 = float(fit_cfg.get('shared_init_l2', -1.0))
+  init_l2 = None if init_l2 < 0 else init_l2
+  q_name = quality.name
+  cand_keys = field_keys(seed, np.arange(k), stream=0x1417)
+  w, _, init_q = fitter.fit(int(fit_cfg.shared_init_steps), take(targets, np.full(k, field)), cand_keys, None,
+                            l2=init_l2)
+  info = {'field': field, 'candidates': k, f'candidate_{q_name}': init_q.tolist()}
+  if k == 1:
+    best = 0
+  else:
+    n = _num_rows(targets)
+    rng = np.random.default_rng(seed + 1)
+    probe = np.sort(rng.choice(n, min(int(fit_cfg.shared_init_probe), n), replace=False))
+    m = len(probe)
+    probe_keys = field_keys(seed, probe)
+    inits = np.repeat(w, m, axis=0)  # candidate-major: [k*m, P]
+    _, _, q = fitter.fit(int(fit_cfg.steps), take(targets, np.tile(probe, k)), jnp.tile(probe_keys, (k, 1)), inits)
+    probe_mean = np.nan_to_num(q.reshape(k, m), nan=-np.inf).mean(1)
+    best = int(np.argmax(probe_mean))
+    info.update({'probe_fields': probe.tolist(), f'probe_{q_name}_mean': probe_mean.tolist()})
+  info['chosen'] = best
+  upper = quality.label
+  log(STAGE, f"shared init: {k} candidate(s) fitted on field {field} ({fit_cfg.shared_init_steps} steps, {upper} "
+             f"{', '.join(quality.fmt(x) for x in init_q)}"
+             + (f", l2 {init_l2:g}" if init_l2 is not None else '') + ")"
+             + (f"; probe mean {upper} {', '.join(quality.fmt(x) for x in info[f'probe_{q_name}_mean'])} "
+                f"on {m} fields" if k > 1 else '') + f"; chose candidate {best}")
+  return w[best], info
+
+
+def shared_init(stage, fitter: StackFitter, config, targets, seed: int,
+                quality: Quality) -> np.ndarray | None:
+  """fields/shared_init.npy: read back when a previous run wrote it, else searched and written."""
+  if config.fit.init != 'shared':
+    return None
+  init_path = stage.file('shared_init.npy')
+  if files.exists(init_path):
+    return files.read_npy(init_path)
+  shared, info = search_shared_init(fitter, config, targets, seed, quality)
+  files.write_json(stage.file('shared_init.json'), info)
+  files.write_npy(init_path, shared)
+  return shared
+
+
+def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
+               source_index: np.ndarray, shared: np.ndarray | None, seed: int,
+               quality: Quality) -> tuple[int, float]:
+  """Fit every chunk not on disk yet, writing each atomically. Returns (fields fitted, seconds)."""
+  n = _num_rows(targets)
+  chunk = int(config.fit.chunk_size)
+  num_chunks = -(-n // chunk)
+  have = {c for c in field_io.finished_chunks(stage.path) if c < num_chunks}
+  fields_done = sum(min(chunk, n - c * chunk) for c in have)
+  if have:
+    log(STAGE, f"resuming: {len(have)}/{num_chunks} chunks already fitted ({fields_done} fields)")
+  metrics = MetricsWriter(stage.path)
+  progress = Progress(STAGE, n, 'fields')
+  fitted_now = 0
+  fit_seconds = 0.0
+  pad_to = fitter.padded_size(min(chunk, n))
+  q_name = quality.name
+  for c in range(num_chunks):
+    if c in have:
+      continue
+    lo, hi = c * chunk, min(n, (c + 1) * chunk)
+    if progress.t0 is None:  # compile before the clock starts: rates and ETA exclude compilation
+      fitter.compile(int(config.fit.steps), pad_to, take(targets, np.arange(lo, lo + 1)))
+      progress.start(fields_done)
+    w, loss, q = fitter.fit(int(config.fit.steps), take(targets, np.arange(lo, hi)),
+                            field_keys(seed, np.arange(lo, hi)), shared, pad_to=pad_to)
+    flags = quality_flags(config, w, loss, q, quality)
+    field_io.write_chunk(stage.path, c, weights=w, labels=labels[lo:hi], source_index=source_index[lo:hi],
+                         quality=q, flags=flags)
+    fields_done += hi - lo
+    fitted_now += hi - lo
+    finite = q[np.isfinite(q)]
+    mean, low = (float(finite.mean()), float(finite.min())) if len(finite) else (float('nan'), float('nan'))
+    rate = progress.update(fields_done, f"chunk {c + 1}/{num_chunks} {quality.label} "
+                                        f"mean {mean:.{quality.digits}f} min {quality.fmt(low)}"
+                                        + (f"  {int((flags > 0).sum())} flagged" if flags.any() else ''))
+    metrics.write(fields_done, **{f'{q_name}_mean': mean, f'{q_name}_min': low}, fields_per_sec=rate,
+                  flagged=int((flags > 0).sum()))
+    fit_seconds = progress.elapsed
+  metrics.close()
+  return fitted_now, fit_seconds
+
+
+
+def quality_flags(config, w, loss, q, quality: Quality) -> np.ndarray:
+  flags = np.zeros(len(w), np.uint8)
+  flags[~(np.isfinite(loss) & np.isfinite(w).all(1))] |= field_io.FLAG_NONFINITE
+  flags[~(q >= float(config_lib.get(config, quality.floor_key)))] |= field_io.FLAG_LOW_QUALITY
+  return flags
+
+
+def refit(stage, config, fitter, targets, shared, seed, num_chunks, chunk,
+           quality: Quality) -> dict | None:
+  """Second chance for the fields under fit.refit_below: longer fit, keep the better result."""
+  threshold = float(config.fit.get('refit_below', 0.0))
+  if threshold <= 0:
+    return None
+  path = stage.file('chunks', 'refit.npz')
+  if files.exists(path):
+    return files.read_npz(path)
+  q = np.concatenate([field_io.read_chunk(stage.path, c)['quality'] for c in range(num_chunks)])
+  ids = np.nonzero(~(q >= threshold))[0]
+  steps = int(config.fit.steps) * int(config.fit.refit_steps_factor)
+  out = {'ids': ids, 'weights': np.zeros((0, fitter.spec.num_params), np.float32),
+         'quality': np.zeros((0,), np.float32), 'loss': np.zeros((0,), np.float32)}
+  if len(ids):
+    t0 = time.perf_counter()
+    keys = field_keys(seed, ids, stream=0x2EF17)
+    w, loss, new_q = fitter.fit(steps, take(targets, ids), keys, shared)
+    before = q[ids]
+    better = np.nan_to_num(new_q, nan=-np.inf) > np.nan_to_num(before, nan=-np.inf)
+    name = quality.label
+    log(STAGE, f"refit {len(ids)} field(s) under {quality.fmt(threshold)} with {steps} steps in "
+               f"{time.perf_counter() - t0:.1f}s: mean {name} {np.nanmean(before):.{quality.digits}f} -> "
+               f"{quality.fmt(np.nanmean(np.where(better, new_q, before)))} ({int(better.sum())} improved)")
+    out = {'ids': ids[better], 'weights': w[better], 'quality': new_q[better], 'loss': loss[better]}
+  files.write_npz(path, **out)
+  return out
+
+
+def merge_chunks(stage, config, num_chunks, refit, quality: Quality) -> dict[str, np.ndarray]:
+  """The finished chunks (and refits) -> the dataset's arrays."""
+  parts = [field_io.read_chunk(stage.path, c) for c in range(num_chunks)]
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in field_io.ARRAYS}
+  if refit is not None and len(refit['ids']):
+    ids = refit['ids']
+    arrays['weights'][ids] = refit['weights']
+    arrays['quality'][ids] = refit['quality']
+    arrays['flags'][ids] = quality_flags(config, refit['weights'], refit['loss'], refit['quality'], quality)
+  return arrays
+
+
+def fit_dataset(stage, config, fitter: StackFitter, rows: tuple, labels: np.ndarray, source_index: np.ndarray,
+                quality: Quality) -> tuple[dict[str, np.ndarray], dict | None, int, float]:
+  """Shared init, every missing chunk, refits, merge: (arrays, refit, fields fitted now, fit seconds)."""
+  n = _num_rows(rows)
+  seed = int(config.seed)
+  chunk = int(config.fit.chunk_size)
+  num_chunks = -(-n // chunk)
+  shared = shared_init(stage, fitter, config, rows, seed, quality)
+  fitted_now, fit_seconds = fit_chunks(stage, config, fitter, rows, labels, source_index, shared, seed, quality)
+  redo = refit(stage, config, fitter, rows, shared, seed, num_chunks, chunk, quality)
+  return merge_chunks(stage, config, num_chunks, redo, quality), redo, fitted_now, fit_seconds
+

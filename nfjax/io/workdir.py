@@ -1,0 +1,134 @@
+"""The workdir: one directory per stage, its config fingerprint and the upstream artifacts it consumed.
+
+  WORKDIR/config.json          the resolved config of the last launch
+  WORKDIR/<dir>/fingerprint.json   the config keys the directory's artifacts depend on
+  WORKDIR/<dir>/inputs.json        {upstream dir: digest of its summary.json} when the stage ran
+  WORKDIR/<dir>/summary.json       written last: the stage is finished
+
+One mechanism for every stage (`StageDir`):
+* a directory made with a different config (its own keys) is never reused silently: `claim()`
+  raises with the differing keys;
+* a directory whose upstream artifacts changed since it was made (another `summary.json` digest
+  in `inputs.json`) is stale: `claim()` clears it and the stage runs again.
+A stage's own keys are only its section(s) of the config; what it reads from upstream is tracked
+by the digests, so no stage needs another stage's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from nfjax import config as config_lib
+from nfjax.errors import DataError, NfjaxError
+from nfjax.io import files
+from nfjax.utils.logging import log
+
+# The stage directories (the artifact contract: docs/architecture.md).
+FIELDS = 'fields'
+TOKENIZER = 'tokenizer'
+TOKENS = 'tokens'
+TRANSFORMER = 'transformer'
+SAMPLES = 'samples'
+EVAL = 'eval'
+SHAPE_DATA = 'shape_data'   # the shapes modality's point cache (data.cache_dir = '')
+
+# stage -> (directories it writes, directories it reads), in pipeline order.
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    'fit': ((FIELDS,), ()),
+    'tokenize': ((TOKENIZER, TOKENS), (FIELDS,)),
+    'train': ((TRANSFORMER,), (FIELDS, TOKENS)),
+    'sample': ((SAMPLES,), (FIELDS, TOKENIZER, TOKENS, TRANSFORMER)),
+    'evaluate': ((EVAL,), (FIELDS, SAMPLES)),
+}
+MARKERS = ('fingerprint.json', 'inputs.json')
+
+
+def path(workdir: str, *parts: str) -> str:
+  return files.join(workdir, *parts)
+
+
+def writes(stage: str) -> tuple[str, ...]:
+  return STAGES[stage][0]
+
+
+def finished(workdir: str, directory: str) -> bool:
+  return files.exists(path(workdir, directory, 'summary.json'))
+
+
+def digest(workdir: str, directory: str) -> str | None:
+  """A digest of WORKDIR/<directory>/summary.json (None while that stage is not finished)."""
+  p = path(workdir, directory, 'summary.json')
+  return hashlib.sha256(files.read_bytes(p)).hexdigest()[:16] if files.exists(p) else None
+
+
+def require(workdir: str, directory: str, stage: str) -> None:
+  """Raise a clear error when the upstream directory `directory` is not finished."""
+  if finished(workdir, directory):
+    return
+  producer = next(s for s, (out, _) in STAGES.items() if directory in out)
+  what = 'is incomplete (no summary.json): its stage was interrupted' if files.isdir(
+      path(workdir, directory)) else 'does not exist'
+  raise DataError(f"{path(workdir, directory)} {what}; the {stage} stage reads it: run the {producer} stage "
+                   f"first (--stages={producer},{stage}), or re-run the same command to finish it")
+
+
+class StageDir:
+  """WORKDIR/<name>: its config fingerprint, the upstream digests it was made from, its summary.
+
+  `keys`: the config keys this directory's artifacts depend on; `consumes`: the upstream
+  directories it reads (their summary digests are recorded). `keep`: entries that survive when
+  stale results are cleared (e.g. a cache that depends only on the config).
+  """
+
+  def __init__(self, workdir: str, name: str, config, keys, consumes: tuple[str, ...] = (),
+               keep: tuple[str, ...] = (), stage: str | None = None):
+    self.workdir, self.name = workdir, name
+    self.stage = stage or name
+    self.path = path(workdir, name)
+    self.fingerprint = config_lib.fingerprint(config, keys)
+    self.consumes, self.keep = tuple(consumes), tuple(keep)
+
+  def file(self, *parts: str) -> str:
+    return files.join(self.path, *parts)
+
+  def exists(self, *parts: str) -> bool:
+    return files.exists(self.file(*parts))
+
+  @property
+  def summary(self) -> dict | None:
+    p = self.file('summary.json')
+    return files.read_json(p) if files.exists(p) else None
+
+  def inputs(self) -> dict:
+    return {d: digest(self.workdir, d) for d in self.consumes}
+
+  def claim(self) -> None:
+    """Refuse another config's directory; clear a stale one; record fingerprint and inputs."""
+    fp_path = self.file('fingerprint.json')
+    if files.exists(fp_path):
+      old = files.read_json(fp_path)
+      if old != self.fingerprint:
+        changes = '; '.join(config_lib.diff(old, self.fingerprint)[:8])
+        raise NfjaxError(
+            f"{self.path} holds the {self.name} stage of a run with a different config ({changes}). "
+            f"Use a new --workdir, or delete {self.path} to redo this stage.")
+    files.makedirs(self.path)
+    files.write_json(fp_path, self.fingerprint)
+    inputs = self.inputs()
+    in_path = self.file('inputs.json')
+    if files.exists(in_path) and files.read_json(in_path) != inputs:
+      changed = [d for d in inputs if files.read_json(in_path).get(d) != inputs[d]]
+      log(self.stage, f"{', '.join(changed)} changed since {self.path} was written: clearing it and running "
+                      f"the {self.stage} stage again")
+      for entry in files.listdir(self.path):
+        if entry not in MARKERS + self.keep:
+          files.remove(self.file(entry))
+    files.write_json(in_path, inputs)
+
+  def finished(self) -> dict | None:
+    """The summary if this stage already finished with the same config and inputs, else None."""
+    self.claim()
+    return self.summary
+
+  def write_summary(self, summary: dict) -> None:
+    files.write_json(self.file('summary.json'), summary)

@@ -1,0 +1,140 @@
+"""The sample stage: trained GPT + tokenizer -> WORKDIR/samples (new fields, shown by the modality).
+
+For every setting of the grid `sample.settings` ((top_k, temperature, top_p) triples; NeF-GPT's
+grid is top-k {3, 5} x T {0.8, 1.0}) it generates `sample.num_samples` sequences conditioned on
+[SOS, class] (classes cycle 0, 1, 2, ...), with the jitted KV-cache sampler of nfjax/sampling.py:
+all settings share one compiled program (settings are per-row arrays), per-sample keys make a
+sample independent of its batch, and special tokens are masked wherever a weight comes next.
+
+Tokens and weights are the same for every modality; how samples are shown is the modality's
+(`Modality.sample_output`: image grids and a generation GIF, or meshes, grids and a turntable).
+
+WORKDIR/samples/ (nfjax/io/samples.py):
+  settings.json                 {"settings": [{name, top_k, temperature, top_p}, ...]}
+  <name>/tokens.npy             int32 [S, L]   full sequences (prompt + generated)
+  <name>/weights.npy            float32 [S, P] decoded weight vectors (layout of fields/meta.json)
+  <name>/labels.npy             int32 [S]      conditioning class
+  <name>/...                    the modality's pictures (grid.png, meshes)
+  summary.json                  num_samples, tokens_per_sec, seconds, settings (written last)
+Finished settings are written atomically and skipped on resume; new tokens, tokenizer or
+transformer (another digest of their summaries) clear samples/ and sample again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfjax import modalities, sampling
+from nfjax.configs import checks
+from nfjax.errors import ConfigError, NfjaxError
+from nfjax.fields import mlp
+from nfjax.io import fields as field_io
+from nfjax.io import samples as sample_io
+from nfjax.io import workdir as wd
+from nfjax.utils.logging import Progress, log
+
+STAGE = 'sample'
+KEYS = ('seed', 'sample')
+
+
+def setting_name(top_k: int, temperature: float, top_p: float) -> str:
+  name = f"topk{int(top_k)}_t{float(temperature):g}"
+  return name + (f"_p{float(top_p):g}" if float(top_p) < 1.0 else '')
+
+
+def run(config, workdir: str) -> dict:
+  t_start = time.perf_counter()
+  checks.validate(config, (STAGE,))
+  for d in (wd.TOKENIZER, wd.TRANSFORMER):
+    wd.require(workdir, d, STAGE)
+  stage = wd.StageDir(workdir, wd.SAMPLES, config, KEYS, consumes=wd.STAGES[STAGE][1], stage=STAGE)
+  done = stage.finished()
+  if done is not None:
+    log(STAGE, f"already finished in {stage.path} ({done['num_samples']} samples); skipping")
+    return done
+
+  model, tokens, tokenizer, _ = sampling.load_generator(workdir)
+  fields = field_io.load(wd.path(workdir, wd.FIELDS), mmap=True)
+  spec = mlp.FieldSpec.from_dict(fields.meta['field'])
+  output = modalities.for_fields(fields, config).sample_output(config, fields, spec)
+  vocab = tokens.vocab
+  prefix, seq_len = tokens.prefix_len, tokens.seq_len
+  num_new = seq_len - prefix
+  block = model.cfg.block_size
+  if seq_len - 1 > block:
+    raise NfjaxError(f"the model's context ({block}) is shorter than the token sequences need ({seq_len - 1})")
+  num_classes = max(1, vocab.num_classes)
+  s = config.sample
+  settings = [dict(name=setting_name(*t), top_k=int(t[0]), temperature=float(t[1]), top_p=float(t[2]))
+              for t in s.settings]
+  beam = int(s.beam_width)
+  if beam > 0:
+    settings.append(dict(name=f'beam{beam}', top_k=0, temperature=0.0, top_p=1.0, beam_width=beam))
+  if len({x['name'] for x in settings}) != len(settings):
+    raise ConfigError("config key sample.settings has duplicate settings")
+  sample_io.write_settings(workdir, settings)
+  n = int(s.num_samples)
+  batch = int(s.batch_size)
+  allowed = sampling.code_mask(vocab, num_new)
+  gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))
+
+  def finish_setting(st, out, labels):
+    weights = tokenizer.decode(out[:, prefix:], vocab)
+    output.write(stage.file(st['name']), weights, labels, num_classes)
+    sample_io.write_setting(workdir, st['name'], out, weights, labels)   # weights last: the setting is done
+
+  log(STAGE, f"{len(settings)} setting(s) x {n} samples, {num_new} tokens each, batch {batch}, "
+             f"{'KV cache' if s.use_cache else 'no cache'}")
+  todo = [(i, st) for i, st in enumerate(settings) if not sample_io.setting_done(workdir, st['name'])]
+  if beam > 0 and todo and 'beam_width' in todo[-1][1]:   # the most likely field of each class
+    st = todo.pop()[1]
+    t0 = time.perf_counter()
+    labels = np.arange(num_classes, dtype=np.int32)
+    prompt = sampling.prompts(vocab, labels, prefix)
+    toks, logp = sampling.make_beam_search(model, beam, num_new)(jnp.asarray(prompt), allowed)
+    finish_setting(st, np.concatenate([prompt, np.asarray(toks)], 1), labels)
+    log(STAGE, f"beam search (width {beam}): {num_classes} fields in {time.perf_counter() - t0:.1f}s, "
+               f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
+  progress = Progress(STAGE, len(todo) * n, 'samples')
+  gen_tokens, gen_seconds = 0, 0.0
+  compiled = None
+  for si, st in todo:
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    out = np.zeros((n, seq_len), np.int32)
+    for lo in range(0, n, batch):
+      hi = min(n, lo + batch)
+      ids = np.arange(lo, lo + batch)
+      prompt = sampling.prompts(vocab, labels[np.minimum(ids, n - 1)], prefix)
+      args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
+              jnp.full((batch,), st['temperature'], jnp.float32), jnp.full((batch,), st['top_k'], jnp.int32),
+              jnp.full((batch,), st['top_p'], jnp.float32), allowed)
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = gen.compile(*args)   # one executable for every setting and batch
+        log(STAGE, f"compiled the sampler in {time.perf_counter() - t0:.1f}s")
+        progress.start()
+      t0 = time.perf_counter()
+      new = np.asarray(compiled(*args))
+      gen_seconds += time.perf_counter() - t0
+      gen_tokens += (hi - lo) * num_new
+      out[lo:hi, :prefix] = prompt[:hi - lo]
+      out[lo:hi, prefix:] = new[:hi - lo]
+      progress.update(progress.done + hi - lo, st['name'])
+    finish_setting(st, out, labels)
+  if output.picture and not stage.exists(output.picture) and settings:
+    output.animate(stage, settings, tokenizer.decode, fields, prefix)
+  summary = {
+      'num_samples': n * (len(settings) - (beam > 0)) + (num_classes if beam > 0 else 0),
+      'samples_per_setting': n,
+      'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
+      'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),
+      'tokens_per_sample': num_new, 'device_kind': jax.devices()[0].device_kind,
+      **output.summary(stage, settings),
+  }
+  stage.write_summary(summary)
+  log(STAGE, f"done: {summary['num_samples']} samples, {summary['tokens_per_sec']:.0f} tokens/s -> {stage.path}")
+  return summary

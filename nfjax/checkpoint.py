@@ -19,7 +19,7 @@ mesh, an optimizer or the training config: what the sample stage and notebooks u
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +27,7 @@ from jax.sharding import SingleDeviceSharding
 
 from nfjax import models
 from nfjax.errors import NfjaxError
+from nfjax.utils.logging import log
 
 ITEMS = ('params', 'opt_state', 'meta')
 
@@ -81,8 +82,25 @@ class Checkpointer:
     self._mngr.close()
 
 
+def newest_intact(steps: list[int], restore: Callable[[int], Any], directory: str, what: str = 'checkpoint'):
+  """restore(step) for the newest step that restores; a damaged newer step is skipped with a
+  warning (an older intact one is used). NfjaxError naming the directory when none restores."""
+  errors = []
+  for step in sorted(steps, reverse=True):
+    try:
+      out = restore(step)
+    except Exception as e:  # noqa: BLE001 - Orbax / tensorstore raise many kinds for a damaged step
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+      log('checkpoint', f"WARNING: the {what} at step {step} in {directory} cannot be restored ({errors[-1]}); "
+                        f"trying an older one")
+      continue
+    return step, out
+  raise NfjaxError(f"no {what} in {directory} can be restored ({'; '.join(errors)[:400]}); delete {directory} "
+                   f"and run the train stage again (--redo=train)")
+
+
 def load_params(directory: str, step: int | None = None, device: jax.Device | None = None) -> tuple[dict, dict]:
-  """(params, meta) of a checkpoint directory's `step` (default: the latest) on one device.
+  """(params, meta) of a checkpoint directory's `step` (default: the newest intact one) on one device.
 
   device defaults to the first CPU device, so this works on any machine, whatever mesh the
   checkpoint was written from. `meta['model']` is the model config dict: rebuild the model with
@@ -94,16 +112,19 @@ def load_params(directory: str, step: int | None = None, device: jax.Device | No
   mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
                                options=ocp.CheckpointManagerOptions(create=False))
   try:
-    step = mngr.latest_step() if step is None else int(step)
-    if step is None or step not in mngr.all_steps():
+    steps = list(mngr.all_steps())
+    if not steps or (step is not None and int(step) not in steps):
       raise NfjaxError(f"no finished checkpoint {'' if step is None else f'for step {step} '}in {directory}")
-    tree = mngr.item_metadata(step)['params']
-    tree = getattr(tree, 'tree', tree)
     target_sharding = SingleDeviceSharding(device or jax.devices('cpu')[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target_sharding), tree)
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
-                                                     meta=ocp.args.JsonRestore()))
-    return out['params'], dict(out['meta'])
+
+    def restore(s):
+      tree = mngr.item_metadata(s)['params']
+      tree = getattr(tree, 'tree', tree)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=target_sharding), tree)
+      out = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
+                                                    meta=ocp.args.JsonRestore()))
+      return out['params'], dict(out['meta'])
+    return newest_intact([int(step)] if step is not None else steps, restore, directory)[1]
   finally:
     mngr.close()
 

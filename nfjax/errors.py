@@ -11,3 +11,12 @@ class ConfigError(NfjaxError):
 
 class DataError(NfjaxError):
   """Input data is missing, unreachable or malformed."""
+
+
+class ArtifactError(DataError):
+  """A file nfjax wrote (or should have written) is missing, truncated or damaged. `path` names it;
+  the pipeline adds which stage made it and how to redo that stage."""
+
+  def __init__(self, message: str, path: str):
+    super().__init__(message)
+    self.path = path

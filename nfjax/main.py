@@ -16,6 +16,7 @@ workdir must be one directory that every process sees (a single host, or a share
 
 from __future__ import annotations
 
+import re
 import sys
 
 import jax
@@ -33,6 +34,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/mnist.py:quick.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every stage\'s artifacts.')
 _STAGES = flags.DEFINE_string('stages', 'all', 'Comma-separated stages to run (fit,tokenize,train,sample,evaluate) or "all".')
+_REDO = flags.DEFINE_string('redo', '', 'Comma-separated stages to do again from scratch (their directories are cleared '
+                            'first; the stages after them see new inputs and redo themselves when they run).')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU/GPU; set by launch/ scripts).')
 _COORDINATOR = flags.DEFINE_string(
@@ -50,10 +53,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this
 MULTI_PROCESS_STAGES = ('tokenize', 'train')
 
 
-def run(config, workdir: str, stages: str | None = 'all') -> dict:
+def run(config, workdir: str, stages: str | None = 'all', redo: str | None = '') -> dict:
   """Run stages (nfjax/pipeline.py); returns {stage: summary}. What the launcher, notebooks and tests call."""
-  _check_multi_process(pipeline.parse(stages), workdir)
-  return pipeline.run_stages(config, workdir, stages)
+  _check_multi_process(pipeline.parse(stages, redo), workdir)
+  return pipeline.run_stages(config, workdir, stages, redo)
 
 
 def _check_multi_process(names: list[str], workdir: str) -> None:
@@ -79,6 +82,40 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         f"{local[0].device_kind} device(s) of {jax.device_count()}", flush=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every user mistake (a config file that does not exist or does not
+  load, a misspelled or ill-typed override, an unknown flag) as one line and exit code 2."""
+  try:
+    args = flags.FLAGS(argv)
+    if flags.FLAGS['config'].present:
+      flags.FLAGS.config.to_dict()     # the config file loads lazily: fail here, not in the middle of a run
+    return args
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if any(ln.startswith('Traceback') for ln in lines):   # the config file raised: its own message is last
+      lines = [lines[0].split(':', 1)[0] + ':', lines[-1]]
+    _fail(' '.join(lines) or type(e).__name__, usage=True)
+  except (KeyError, AttributeError) as e:   # an override of a key the config does not have
+    text = str(e)
+    key = re.search(r"'(\w+)\\*'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    key = key.group(1) if key else '?'
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
+                 key in a.split('=')[0].split('.')[1:]), '--config.*')
+    _fail(f"{flag}: {key!r} is not a key of the config" + (f"; did you mean {hint.group(1)!r}?" if hint else ''))
+  except (TypeError, ValueError, OSError, SyntaxError) as e:   # the config file is missing or does not load
+    cause = e.__cause__ or e
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    detail = next((ln for ln in reversed(lines) if 'Errno' in ln), None) or (lines[-1] if lines else type(e).__name__)
+    _fail(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {detail}")
+
+
+def _fail(message: str, usage: bool = False) -> None:
+  print(f"nfjax: error: {message}" + ("\n  (python -m nfjax.main --helpfull lists the flags)" if usage else ''),
+        file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -98,10 +135,9 @@ def main(argv):
       raise app.UsageError(f"--distributed: {e} JAX detects Cloud TPU VMs, SLURM, Open MPI and Kubernetes; "
                            "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
   try:
-    summaries = run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+    summaries = run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _REDO.value)
   except NfjaxError as e:
-    print(f"nfjax: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(str(e))
   for name in summaries:
     for d in wd.writes(name):
       directory = wd.path(_WORKDIR.value, d)
@@ -112,4 +148,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -7,12 +7,14 @@ runs the stages in pipeline order. What each stage reads and writes: nfjax/io/wo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import time
 
 from nfjax.configs import checks
-from nfjax.errors import NfjaxError
-from nfjax.io import files
+from nfjax.errors import ArtifactError, NfjaxError
+from nfjax.io import files, lock
 from nfjax.io import workdir as wd
 from nfjax.utils.logging import fmt_seconds, is_main_process, log
 
@@ -27,14 +29,19 @@ PIPELINE: dict[str, str] = {
 assert tuple(PIPELINE) == tuple(wd.STAGES) == checks.STAGES
 
 
-def parse(stages: str | None) -> list[str]:
-  """'fit,tokenize' -> ['fit', 'tokenize'] in pipeline order; None / '' / 'all' -> every stage."""
-  if not stages or stages == 'all':
-    return list(PIPELINE)
-  names = [s.strip() for s in stages.split(',') if s.strip()]
+def _names(stages: str | None, flag: str) -> list[str]:
+  names = [s.strip() for s in (stages or '').split(',') if s.strip()]
   for s in names:
     if s not in PIPELINE:
-      raise NfjaxError(f"unknown stage {s!r} in --stages; stages are: {', '.join(PIPELINE)}")
+      raise NfjaxError(f"unknown stage {s!r} in --{flag}; stages are: {', '.join(PIPELINE)}")
+  return names
+
+
+def parse(stages: str | None, redo: str | None = '') -> list[str]:
+  """'fit,tokenize' -> ['fit', 'tokenize'] in pipeline order; None / '' / 'all' -> every stage.
+  Stages in `redo` are run too."""
+  names = list(PIPELINE) if not stages or stages == 'all' else _names(stages, 'stages')
+  names += _names(redo, 'redo')
   return [s for s in PIPELINE if s in names]
 
 
@@ -42,17 +49,43 @@ def get(name: str):
   return importlib.import_module(PIPELINE[name])
 
 
-def run_stages(config, workdir: str, stages: str | None = "all") -> dict:
-  """Run stages; returns {stage: summary}."""
-  names = parse(stages)
+def run_stages(config, workdir: str, stages: str | None = "all", redo: str | None = '') -> dict:
+  """Run stages (and redo those in `redo` from scratch); returns {stage: summary}.
+
+  The config is checked for every selected stage first, then the workdir's lock is taken (one
+  writer per workdir, nfjax/io/lock.py; process 0 of a multi-process run), config.json written and
+  the stages run in order. A damaged artifact met on the way is reported with the stage that made
+  it and the command that redoes it."""
+  names = parse(stages, redo)
   with checks.launch(config, names):   # every selected stage's checks, before any data is read
-    files.makedirs(workdir)
-    if is_main_process():
-      files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
-    out = {}
-    for name in names:
-      t0 = time.perf_counter()
-      log('main', f"stage {name} -> {workdir}")
-      out[name] = get(name).run(config, workdir)
-      log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
+    with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
+      if is_main_process():
+        files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
+        for name in _names(redo, 'redo'):
+          for d in wd.writes(name):
+            log('main', f"--redo={name}: clearing {wd.path(workdir, d)}")
+            files.remove(wd.path(workdir, d))
+      out = {}
+      for name in names:
+        t0 = time.perf_counter()
+        log('main', f"stage {name} -> {workdir}")
+        try:
+          out[name] = get(name).run(config, workdir)
+        except ArtifactError as e:
+          raise ArtifactError(_advice(e, workdir, name), e.path) from None
+        log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
   return out
+
+
+def _advice(e: ArtifactError, workdir: str, stage: str) -> str:
+  """The error, plus the stage that wrote the file and how to redo it (unless it says so already)."""
+  message = str(e)
+  rel = os.path.relpath(os.path.abspath(e.path), os.path.abspath(workdir))
+  top = rel.split(os.sep)[0]
+  if 'written by the' in message or top.startswith('..') or top not in {d for out, _ in wd.STAGES.values() for d in out}:
+    return message
+  made_by = wd.producer(top)
+  if made_by == stage:
+    return f"{message}; it was written by the {made_by} stage: redo it with --redo={made_by}"
+  return (f"{message}; it was written by the {made_by} stage: run it again (--stages={made_by},{stage}), or redo "
+          f"it from scratch with --redo={made_by}")

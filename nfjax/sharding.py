@@ -17,8 +17,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nfjax.errors import ConfigError
+from nfjax.utils.logging import log
 
 MESH_AXES = ('data', 'fsdp', 'model')
+_WARNED: set = set()
 
 # logical axis -> mesh axes (None = replicated).
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -59,6 +61,10 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
   used = devices[:math.prod(shape)]
+  if len(used) < len(devices) and (shape, len(devices)) not in _WARNED:
+    _WARNED.add((shape, len(devices)))
+    log('main', f"WARNING: mesh {dict(zip(MESH_AXES, shape))} uses {len(used)} of the {len(devices)} devices; "
+                f"{len(devices) - len(used)} stay idle (set one mesh axis to -1 to use them all)")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=used)
 
 

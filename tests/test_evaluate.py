@@ -15,6 +15,7 @@ from nfjax.io import fields as wds
 from nfjax.errors import DataError, NfjaxError
 from nfjax.evaluate import classifier, image_metrics as im, novelty, protocol
 from nfjax.io import samples
+from nfjax.io import workdir as workdir_lib
 from nfjax.modalities.images import evaluate as image_eval
 from nfjax.stages import evaluate as stage
 
@@ -283,6 +284,9 @@ def test_missing_or_bad_inputs_give_clear_errors(smoke_fields, tmp_path):
     stage.run(config, wd)
   protocol.write_fake_samples(wd, SETTINGS[1:], num_samples=8)
   np.save(os.path.join(wd, 'samples', 'topk3_t0.8', 'weights.npy'), np.zeros((8, 100), np.float32))
+  with pytest.raises(DataError, match=r'weights.npy has .* bytes.*written by the sample stage'):
+    stage.run(config, wd)                              # a file changed after its stage finished
+  workdir_lib.write_summary(os.path.join(wd, 'samples'), {'num_samples': 8})   # as if the stage wrote it so
   with pytest.raises(DataError, match='561'):
     stage.run(config, wd)
   with pytest.raises(NfjaxError, match='heldout_fraction'):

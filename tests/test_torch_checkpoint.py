@@ -7,6 +7,7 @@ torch); these tests never import torch.
 from __future__ import annotations
 
 import os
+import collections
 import pickle
 import struct
 import zipfile
@@ -130,6 +131,29 @@ def test_forbidden_global_is_refused_not_run(tmp_path, kind):
     torch_checkpoint.load(path)
   assert str(path) in str(e.value)
   assert not marker.exists()
+
+
+def test_shared_allow_list_objects_cannot_be_changed(tmp_path):
+  """BUILD on an allow-listed object (shared by every load) is refused: a crafted file must not
+  change how a later, legitimate file decodes. Here: torch.float32 renamed to int8."""
+  # GLOBAL torch.float32, EMPTY_DICT, 'name' -> 'int8' SETITEM, BUILD, STOP.
+  evil = b'\x80\x02ctorch\nfloat32\n}X\x04\x00\x00\x00nameX\x04\x00\x00\x00int8sb.'
+  path = tmp_path / 'evil.pth'
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('evil/data.pkl', evil)
+    z.writestr('evil/byteorder', 'little')
+  with pytest.raises(DataError, match='shared object'):
+    torch_checkpoint.load(path)
+  assert torch_checkpoint._ALLOWED[('torch', 'float32')].name == 'float32'
+  with pytest.raises(TypeError):
+    torch_checkpoint._ALLOWED[('os', 'system')] = print   # the allow-list itself is read-only
+  # A legitimate BUILD on a fresh object (an OrderedDict's _metadata, as torch writes) still works.
+  ok = b'\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01s}X\x09\x00\x00\x00_metadataK\x02s\x86b.'
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('ok/data.pkl', ok)
+    z.writestr('ok/byteorder', 'little')
+  out = torch_checkpoint.load(path)
+  assert isinstance(out, collections.OrderedDict) and out.a == 1 and out._metadata == 2
 
 
 def test_pickled_module_is_refused(tmp_path):

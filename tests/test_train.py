@@ -19,6 +19,7 @@ from nfjax.training import trainer as trainer_lib
 from nfjax.io import tokens as token_data
 from nfjax.errors import ConfigError, DataError, NfjaxError
 from nfjax.io import files as io
+from nfjax.io import workdir as wd
 
 MESH_8 = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2}   # data, FSDP and model (heads/mlp/vocab) sharding
 MESH_1 = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.model': 1}   # the first device only
@@ -44,7 +45,7 @@ def make_tokens(workdir, n=40, num_codes=13, num_classes=3, num_weights=18, nois
   directory = os.path.join(workdir, 'tokens')
   token_data.write(directory, tokens, np.arange(n), labels, np.sort(perm[n_val:]), np.sort(perm[:n_val]), vocab,
                    prefix_len=2)
-  io.write_json(os.path.join(directory, 'summary.json'), {'vocab_size': vocab.vocab_size})
+  wd.write_summary(directory, {'vocab_size': vocab.vocab_size})
   return tokens
 
 
@@ -268,7 +269,7 @@ def _fake_fields(workdir, n=32, p=12, num_classes=2, seed=0):
   arrays = {'weights': weights, 'labels': labels, 'source_index': np.arange(n), 'quality': np.full(n, 30.0, np.float32),
             'flags': np.zeros(n, np.uint8)}
   wds.write(d, arrays, {'modality': 'images', 'num_fields': n, 'params_per_field': p, 'num_classes': num_classes})
-  io.write_json(os.path.join(d, 'summary.json'), {'num_fields': n})
+  wd.write_summary(d, {'num_fields': n})
 
 
 def test_regression_transformer_stage(tmp_path):

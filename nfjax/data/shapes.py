@@ -162,6 +162,9 @@ def validate(config) -> None:
                         "generates exactly data.num_fields shapes")
     if d.split_file:
       raise ConfigError("config key data.split_file only applies to data.source='meshes'")
+    if mesh_dir:
+      raise ConfigError(f"config key data.mesh_dir={mesh_dir!r} is set but data.source='procedural' does not read "
+                        f"it; add --config.data.source=meshes to fit those meshes, or leave data.mesh_dir empty")
   elif not mesh_dir:
     raise ConfigError("config key data.mesh_dir must name a directory of meshes when data.source='meshes'")
 
@@ -343,7 +346,7 @@ def _claim_cache(cache_dir: str, fp: dict, num_chunks: int) -> None:
   if files.exists(path):
     try:
       old = files.read_json(path).get('fingerprint')
-    except (OSError, ValueError):
+    except (DataError, AttributeError):
       old = None
     if old == fp:
       return
@@ -366,7 +369,7 @@ def _read_npz(path: str, keys=None) -> dict:
 def _read_chunk(path: str) -> dict | None:
   try:
     return _read_npz(path)
-  except (OSError, ValueError, KeyError) as e:  # a damaged file is recomputed, not trusted
+  except DataError as e:  # a damaged file is recomputed, not trusted
     log(STAGE, f"shape cache file {path} is unreadable ({type(e).__name__}); recomputing it")
     return None
 
@@ -449,7 +452,7 @@ def _finished_chunks(config, cache_dir: str, keys: tuple[str, ...]) -> tuple[_So
   manifest = files.join(cache_dir, 'manifest.json')
   try:
     old = files.read_json(manifest).get('fingerprint')
-  except (OSError, ValueError, AttributeError):
+  except (DataError, AttributeError):
     raise DataError(f"no finished shape cache in {cache_dir} (manifest.json missing or unreadable){hint}") from None
   fp = fingerprint(config, src)
   if old != fp:
@@ -460,7 +463,7 @@ def _finished_chunks(config, cache_dir: str, keys: tuple[str, ...]) -> tuple[_So
     path = _chunk_path(cache_dir, k)
     try:
       c = _read_npz(path, keys)
-    except (OSError, ValueError, KeyError) as e:
+    except DataError as e:
       raise DataError(f"shape cache {cache_dir} is incomplete: {os.path.basename(path)} is missing or unreadable "
                       f"({type(e).__name__}){hint}") from None
     positions = list(range(k * chunk, min(total, (k + 1) * chunk)))

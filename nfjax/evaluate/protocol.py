@@ -177,7 +177,7 @@ def write_fake_samples(workdir: str, settings: list[dict] | None = None, num_sam
     sample_io.write_setting(workdir, s['name'], np.zeros((num_samples, 1), np.int32), w, labels)
   sample_io.write_settings(workdir, [{k: s[k] for k in ('name', 'top_k', 'temperature', 'top_p') if k in s}
                                      for s in settings])
-  files.write_json(files.join(sample_io.directory(workdir), 'summary.json'),
+  wd.write_summary(sample_io.directory(workdir),
                    {'num_samples': num_samples, 'fake': True, 'settings': [s['name'] for s in settings]})
   return sample_io.directory(workdir)
 

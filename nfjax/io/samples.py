@@ -68,12 +68,8 @@ def load_settings(workdir: str) -> list[dict]:
 def load_setting(workdir: str, name: str, params_per_field: int) -> tuple[np.ndarray, np.ndarray]:
   """(weights float32 [S, P], labels int32 [S]) of one setting, checked against the field layout."""
   d = files.join(directory(workdir), name)
-  try:
-    weights = files.read_npy(files.join(d, 'weights.npy'))
-    labels = files.read_npy(files.join(d, 'labels.npy'))
-  except FileNotFoundError as e:
-    raise DataError(f"samples/{name} is missing {files.basename(e.filename or '?')}: expected "
-                    f"weights.npy [S, P] and labels.npy [S] in {d}") from e
+  weights = files.read_npy(files.join(d, 'weights.npy'))
+  labels = files.read_npy(files.join(d, 'labels.npy'))
   if weights.ndim != 2 or weights.shape[1] != params_per_field:
     raise DataError(f"samples/{name}/weights.npy has shape {weights.shape}; the fields have "
                     f"{params_per_field} parameters, so it must be [S, {params_per_field}]")

@@ -39,7 +39,7 @@ import dataclasses
 
 import numpy as np
 
-from nfjax.errors import DataError
+from nfjax.errors import ArtifactError, DataError
 from nfjax.io import files
 
 
@@ -159,8 +159,37 @@ def write(directory: str, tokens, field_index, labels, train_idx, val_idx, vocab
 
 
 def load(directory: str) -> TokenDataset:
+  """Read a finished token dataset, checked: integer token ids inside the vocabulary of vocab.json
+  (never negative), one label and field index per sequence, split indices in range."""
   if not files.exists(files.join(directory, 'summary.json')):
     raise DataError(f"no finished token dataset at {directory}: run the tokenize stage first")
-  meta = files.read_json(files.join(directory, 'vocab.json'))
+  meta_path = files.join(directory, 'vocab.json')
+  meta = files.read_json(meta_path)
+  try:
+    vocab = Vocab.from_dict(meta)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ArtifactError(f"{meta_path} is not a vocabulary ({type(e).__name__}: {e})", meta_path) from None
   arrays = {k: files.read_npy(files.join(directory, f'{k}.npy')) for k in ARRAYS}
-  return TokenDataset(vocab=Vocab.from_dict(meta), meta=meta, **arrays)
+  _check(directory, arrays, vocab)
+  return TokenDataset(vocab=vocab, meta=meta, **arrays)
+
+
+def _check(directory: str, arrays: dict, vocab: Vocab) -> None:
+  tokens = arrays['tokens']
+  where = files.join(directory, 'tokens.npy')
+  if tokens.dtype.kind not in 'iu' or tokens.ndim != 2:
+    raise ArtifactError(f"{where} holds {tokens.dtype} {list(tokens.shape)}, not integer sequences [N, L]", where)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab.vocab_size):
+    bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+    raise ArtifactError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab.vocab_size}) of "
+                        f"{files.join(directory, 'vocab.json')}", where)
+  n = len(tokens)
+  for k in ('labels', 'field_index'):
+    if arrays[k].shape != (n,):
+      p = files.join(directory, f'{k}.npy')
+      raise ArtifactError(f"{p} has shape {list(arrays[k].shape)}, expected [{n}] (one per sequence)", p)
+  for k in ('train_idx', 'val_idx'):
+    idx = arrays[k]
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+      p = files.join(directory, f'{k}.npy')
+      raise ArtifactError(f"{p} holds rows outside the {n} sequences of tokens.npy", p)

@@ -3,13 +3,20 @@
   WORKDIR/config.json          the resolved config of the last launch
   WORKDIR/<dir>/fingerprint.json   the config keys the directory's artifacts depend on
   WORKDIR/<dir>/inputs.json        {upstream dir: digest of its summary.json} when the stage ran
+  WORKDIR/<dir>/manifest.json      every file the stage wrote: bytes, sha256, and shape/dtype of .npy
   WORKDIR/<dir>/summary.json       written last: the stage is finished
 
 One mechanism for every stage (`StageDir`):
 * a directory made with a different config (its own keys) is never reused silently: `claim()`
   raises with the differing keys;
 * a directory whose upstream artifacts changed since it was made (another `summary.json` digest
-  in `inputs.json`) is stale: `claim()` clears it and the stage runs again.
+  in `inputs.json`) is stale: `claim()` clears it and the stage runs again;
+* a finished directory is finished only while its files match its manifest: one that fails
+  verification (a file missing, truncated or changed) loses its summary and the failing files, and
+  its stage runs again, resuming from what is intact. A consumer (`require`) verifies before it
+  reads and names the file, the stage that made it and the command that redoes it.
+Checkpoints (Orbax restores them and falls back to an older intact step) and TensorBoard events
+are not in the manifest.
 A stage's own keys are only its section(s) of the config; what it reads from upstream is tracked
 by the digests, so no stage needs another stage's keys.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 import hashlib
 
 from nfjax import config as config_lib
-from nfjax.errors import DataError, NfjaxError
+from nfjax.errors import ArtifactError, DataError, NfjaxError
 from nfjax.io import files
 from nfjax.utils.logging import log
 
@@ -41,6 +48,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     'evaluate': ((EVAL,), (FIELDS, SAMPLES)),
 }
 MARKERS = ('fingerprint.json', 'inputs.json')
+MANIFEST = 'manifest.json'
+NOT_IN_MANIFEST = ('checkpoints', 'tensorboard', 'chunks')   # Orbax's own; event files; fit's scratch
 
 
 def path(workdir: str, *parts: str) -> str:
@@ -61,15 +70,63 @@ def digest(workdir: str, directory: str) -> str | None:
   return hashlib.sha256(files.read_bytes(p)).hexdigest()[:16] if files.exists(p) else None
 
 
+def producer(directory: str) -> str:
+  """The stage that writes WORKDIR/<directory>."""
+  return next(s for s, (out, _) in STAGES.items() if directory in out)
+
+
+def manifest(directory: str) -> dict:
+  """{relative path: {bytes, sha256[, shape, dtype]}} of every file the stage wrote in `directory`."""
+  out = {}
+  for rel in files.walk(directory, skip=NOT_IN_MANIFEST):
+    if rel in MARKERS + (MANIFEST, 'summary.json'):
+      continue
+    p = files.join(directory, rel)
+    entry = {'bytes': files.size(p), 'sha256': files.checksum(p)}
+    if rel.endswith('.npy'):
+      header = files.npy_header(p)
+      if header is not None:
+        entry['shape'], entry['dtype'] = header
+    out[rel] = entry
+  return out
+
+
+def verify(directory: str) -> list[tuple[str, str]]:
+  """[(file, what is wrong)] of a finished stage directory against its manifest ([] = intact)."""
+  mpath = files.join(directory, MANIFEST)
+  if not files.exists(mpath):
+    return [(MANIFEST, 'is missing (written by an older nfjax, or the stage was interrupted)')]
+  try:
+    entries = files.read_json(mpath)['files']
+  except (DataError, KeyError, TypeError):
+    return [(MANIFEST, 'is damaged')]
+  problems = []
+  for rel, want in entries.items():
+    p = files.join(directory, rel)
+    if not files.exists(p):
+      problems.append((rel, 'is missing'))
+    elif files.size(p) != want['bytes']:
+      problems.append((rel, f"has {files.size(p)} bytes, {want['bytes']} were written (truncated or changed)"))
+    elif files.checksum(p) != want['sha256']:
+      problems.append((rel, 'has changed since it was written (checksum differs)'))
+  return problems
+
+
 def require(workdir: str, directory: str, stage: str) -> None:
-  """Raise a clear error when the upstream directory `directory` is not finished."""
-  if finished(workdir, directory):
-    return
-  producer = next(s for s, (out, _) in STAGES.items() if directory in out)
-  what = 'is incomplete (no summary.json): its stage was interrupted' if files.isdir(
-      path(workdir, directory)) else 'does not exist'
-  raise DataError(f"{path(workdir, directory)} {what}; the {stage} stage reads it: run the {producer} stage "
-                   f"first (--stages={producer},{stage}), or re-run the same command to finish it")
+  """Raise a clear error when the upstream directory `directory` is not finished or not intact."""
+  made_by = producer(directory)
+  if not finished(workdir, directory):
+    what = 'is incomplete (no summary.json): its stage was interrupted' if files.isdir(
+        path(workdir, directory)) else 'does not exist'
+    raise DataError(f"{path(workdir, directory)} {what}; the {stage} stage reads it: run the {made_by} stage "
+                    f"first (--stages={made_by},{stage}), or re-run the same command to finish it")
+  problems = verify(path(workdir, directory))
+  if problems:
+    rel, what = problems[0]
+    more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ''
+    raise ArtifactError(f"{path(workdir, directory, rel)} {what}{more}; it was written by the {made_by} stage: run "
+                        f"it again (--stages={made_by},{stage}), it redoes a stage whose files fail verification",
+                        path(workdir, directory, rel))
 
 
 class StageDir:
@@ -126,9 +183,28 @@ class StageDir:
     files.write_json(in_path, inputs)
 
   def finished(self) -> dict | None:
-    """The summary if this stage already finished with the same config and inputs, else None."""
+    """The summary if this stage already finished with the same config and inputs and its files
+    are intact, else None (a directory that fails verification is made unfinished, see above)."""
     self.claim()
-    return self.summary
+    summary = self.summary
+    if summary is None:
+      return None
+    problems = verify(self.path)
+    if problems:
+      log(self.stage, f"WARNING: {self.path} fails verification ({', '.join(f'{f} {w}' for f, w in problems[:3])}"
+                      f"{' ...' if len(problems) > 3 else ''}): running the {self.stage} stage again")
+      for rel, _ in problems:
+        files.remove(self.file(rel))
+      files.remove(self.file('summary.json'))
+      files.remove(self.file(MANIFEST))
+      return None
+    return summary
 
   def write_summary(self, summary: dict) -> None:
-    files.write_json(self.file('summary.json'), summary)
+    write_summary(self.path, summary)
+
+
+def write_summary(directory: str, summary: dict) -> None:
+  """manifest.json (every file the stage wrote), then summary.json: the stage is finished."""
+  files.write_json(files.join(directory, MANIFEST), {'files': manifest(directory)})
+  files.write_json(files.join(directory, 'summary.json'), summary)

@@ -28,6 +28,7 @@ def run(config, workdir: str) -> dict:
   wd.require(workdir, wd.FIELDS, STAGE)
   fields = field_io.load(wd.path(workdir, wd.FIELDS))
   modality = modalities.for_fields(fields, config)
+  wd.require(workdir, wd.SAMPLES, STAGE)
   settings = sample_io.load_settings(workdir)
   stage = wd.StageDir(workdir, wd.EVAL, config, ('seed',) + modality.evaluate_keys,
                       consumes=wd.STAGES[STAGE][1], keep=modality.evaluate_keep, stage=STAGE)

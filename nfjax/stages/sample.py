@@ -49,7 +49,7 @@ def setting_name(top_k: int, temperature: float, top_p: float) -> str:
 def run(config, workdir: str) -> dict:
   t_start = time.perf_counter()
   checks.validate(config, (STAGE,))
-  for d in (wd.TOKENIZER, wd.TRANSFORMER):
+  for d in wd.STAGES[STAGE][1]:
     wd.require(workdir, d, STAGE)
   stage = wd.StageDir(workdir, wd.SAMPLES, config, KEYS, consumes=wd.STAGES[STAGE][1], stage=STAGE)
   done = stage.finished()

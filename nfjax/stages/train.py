@@ -49,6 +49,7 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
 
   # Data and model checks come before the directory is claimed (a config rejected here leaves
   # nothing behind) and before anything is compiled.
+  wd.require(workdir, wd.TOKENS if config.model.kind == 'gpt' else wd.FIELDS, STAGE)
   task = tasks.make_task(config, workdir)
   stage.claim()
   mdef = task.model

@@ -133,14 +133,11 @@ def gpt_task(config, workdir: str) -> Task:
   n, seq_len = ds.tokens.shape
   if seq_len < 2:
     raise DataError(f"token sequences in {directory} have length {seq_len}; need at least 2")
-  used = int(ds.tokens.max()) + 1 if ds.tokens.size else 0
-  vocab_size = max(ds.vocab.vocab_size, used)
   num_classes = ds.vocab.num_classes
-  cfg = model_config(config, vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes,
+  # The vocabulary comes from tokens/vocab.json alone (token_data.load checked every id against it).
+  cfg = model_config(config, vocab_size=ds.vocab.vocab_size, seq_len=seq_len, num_classes=num_classes,
                      prefix=tuple(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len])),
                      class_token0=ds.vocab.class_token(0) if num_classes else -1)
-  if used > cfg.vocab_size:
-    raise NfjaxError(f"token id {used - 1} in {directory} does not fit model.vocab_size={cfg.vocab_size}")
   mdef = models.build(cfg)
   tokens = np.asarray(ds.tokens, np.int32)
   train = {'tokens': tokens[ds.train_idx]}

@@ -148,6 +148,9 @@ class Trainer:
          'params': self.mdef.abstract_params, 'opt_state': abstract_opt}, self.state_shardings)
 
     self.stream = BatchStream(task.train, self.batch_size, self.seed)
+    if self.batch_size > self.stream.n:
+      log(STAGE, f"WARNING: train.batch_size={self.batch_size} is larger than the {self.stream.n} training "
+                 f"examples: every step repeats examples; lower train.batch_size or fit more fields")
     sample = self.stream.batch(0)
     self.batch_shardings = {k: sharding.named(mesh, 'batch', *([None] * (v.ndim - 1))) for k, v in sample.items()}
     self.abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
@@ -258,15 +261,21 @@ class Trainer:
 
   # -- the loop ----------------------------------------------------------------------------------
 
-  def _meta(self, step: int, rng) -> dict:
+  def _meta(self, step: int, rng, window: list[dict] | None = None) -> dict:
+    """A checkpoint's meta; `log_window`: the step metrics since the last regular log, so that a
+    resumed run logs (and reports as train_loss) the same averages as an uninterrupted one."""
     return {'step': int(step), 'rng': [int(x) for x in np.asarray(jax.device_get(rng))],
             'data_position': int(step) * self.batch_size, 'seed': self.seed, 'batch_size': self.batch_size,
-            'model': self.model_meta, 'task': self.task.name, 'data_hash': self.task.info.get('data_hash')}
+            'model': self.model_meta, 'task': self.task.name, 'data_hash': self.task.info.get('data_hash'),
+            'log_window': list(window or [])}
 
   def _restore_or_init(self, ckpt: ckpt_lib.Checkpointer | None):
-    latest = ckpt.latest_step() if ckpt is not None else None
-    if latest is not None:
-      params, opt_state, meta = ckpt.restore(latest, self.abstract_state['params'], self.abstract_state['opt_state'])
+    self._window0 = []
+    steps = ckpt.all_steps() if ckpt is not None else []
+    if steps:   # the newest intact checkpoint (a damaged newer one is skipped with a warning)
+      latest, (params, opt_state, meta) = ckpt_lib.newest_intact(
+          steps, lambda s: ckpt.restore(s, self.abstract_state['params'], self.abstract_state['opt_state']),
+          ckpt.directory)
       ours = self._meta(0, np.zeros(2, np.uint32))
       for key in ('seed', 'batch_size', 'data_hash'):
         if meta.get(key) != ours[key]:
@@ -277,6 +286,7 @@ class Trainer:
       state = {'step': jax.device_put(jnp.asarray(meta['step'], jnp.int32), rep),
                'rng': jax.device_put(jnp.asarray(meta['rng'], jnp.uint32), rep),
                'params': params, 'opt_state': opt_state}
+      self._window0 = [dict(w) for w in meta.get('log_window', [])]
       return state, int(meta['step'])
     state = self.init_state()
     init_from = str(getattr(self.t, 'init_from', '') or '')
@@ -324,7 +334,7 @@ class Trainer:
     progress = Progress(STAGE, total, 'steps')
     progress.start(start)
     excluded = 0.0  # eval + checkpoint seconds, not counted in tokens/s
-    window: list[dict] = []
+    window: list[dict] = list(self._window0)   # step metrics since the last regular log (resumed too)
     last = {'train_loss': None, 'eval': {}}
     loss_history: list[tuple[int, float]] = []
 
@@ -341,7 +351,8 @@ class Trainer:
             f"the last checkpoint ({ckpt.latest_step() if ckpt is not None else None}) with the same command.")
       window.append(m)
       loss_history.append((done, m['loss']))
-      if done <= start + 3 or done % t.log_every == 0 or done == total:
+      regular = done % t.log_every == 0 or done == total
+      if regular or done <= start + 3:   # the first steps of a run are shown at once, without closing the window
         avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
         avg['lr'] = m['lr']
         tps = tokens_per_sec(done)
@@ -351,7 +362,8 @@ class Trainer:
         if writer is not None:
           writer.write(done, **avg, tokens_per_sec=tps)
         last['train_loss'] = avg['loss']
-        window.clear()
+        if regular:
+          window.clear()
 
     pending = None
     for step in range(start, total):
@@ -375,7 +387,7 @@ class Trainer:
           if writer is not None:
             writer.write(done, **last['eval'])
         if do_ckpt:
-          ckpt.save(done, state['params'], state['opt_state'], self._meta(done, state['rng']))
+          ckpt.save(done, state['params'], state['opt_state'], self._meta(done, state['rng'], window))
         excluded += time.perf_counter() - t0
     if pending is not None:
       consume(*pending)

@@ -49,6 +49,7 @@ import io
 import os
 import pickle
 import struct
+import types
 import zipfile
 from typing import Any, Callable, Mapping
 
@@ -230,7 +231,7 @@ def _codecs_encode(obj, encoding='utf-8', errors='strict'):
   return obj.encode(encoding, errors)
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
+_ALLOWED: Mapping[tuple[str, str], Any] = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
@@ -259,8 +260,23 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
-  """Resolves only `_ALLOWED` globals; persistent ids (storages) go to `storage`."""
+_ALLOWED = types.MappingProxyType(_ALLOWED)   # immutable: the allow-list is the same for every load
+_SHARED = frozenset(id(v) for v in _ALLOWED.values())
+
+
+class _Unpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler: its BUILD can be guarded
+  """Resolves only `_ALLOWED` globals; persistent ids (storages) go to `storage`. BUILD (setting an
+  object's state) is refused on the allow-listed objects themselves: they are shared by every load,
+  and a crafted file must not change how a later, legitimate file decodes (e.g. a dtype's name)."""
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+
+  def load_build(self):
+    if id(self.stack[-2]) in _SHARED:
+      raise _Malformed(f'the checkpoint tries to change the state of the shared object {self.stack[-2]!r:.80}')
+    return pickle._Unpickler.load_build(self)  # noqa: SLF001
+
+  dispatch[pickle.BUILD[0]] = load_build
 
   def __init__(self, file: io.BytesIO, path: str,
                storage: Callable[[tuple], _Storage] | None = None):

@@ -198,3 +198,17 @@ def test_an_unknown_modality_is_one_clear_error(tmp_path):
   with pytest.raises(ConfigError, match=r'evaluate.ssim_tile=0'):
     main.run(load_config('smoke', **{'evaluate.ssim_tile': 0}), str(tmp_path), 'fit,evaluate')
   assert os.listdir(str(tmp_path)) == []
+
+
+def test_the_readme_layout_names_every_module():
+  """README's layout section lists every module of the package (by its file's stem) and every package."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  layout = text[text.index('## Layout'):text.index('## ', text.index('## Layout') + 3)]
+  missing = []
+  for m, p in _modules().items():
+    stem = os.path.basename(p)[:-3]
+    name = m.rsplit('.', 1)[-1] + '/' if stem == '__init__' else stem
+    if name not in layout and m != 'nfjax':
+      missing.append(m)
+  assert not missing, f"README layout does not mention {missing}"
+  assert 'docs/architecture.md' in layout

@@ -208,7 +208,8 @@ def test_a_damaged_artifact_is_named_with_its_stage_and_the_fix(ref, tmp_path, r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('rel,how,reader', [DAMAGE[0], DAMAGE[3], DAMAGE[7]])
+@pytest.mark.parametrize('rel,how,reader', [DAMAGE[0], DAMAGE[3], DAMAGE[7],
+                                            ('samples/topk0_t1/tokens.npy', 'delete', 'evaluate')])
 def test_the_advice_for_a_damaged_artifact_works(ref, tmp_path, rel, how, reader):
   """Running the producer again (as the error says) redoes it, identically, and the reader runs."""
   from nfjax import main

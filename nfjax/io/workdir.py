@@ -193,8 +193,8 @@ class StageDir:
     if problems:
       log(self.stage, f"WARNING: {self.path} fails verification ({', '.join(f'{f} {w}' for f, w in problems[:3])}"
                       f"{' ...' if len(problems) > 3 else ''}): running the {self.stage} stage again")
-      for rel, _ in problems:
-        files.remove(self.file(rel))
+      for rel, _ in problems:   # a damaged file inside a unit (samples/<setting>/, eval/classifier/): the unit
+        files.remove(self.file(rel.split('/')[0] if '/' in rel else rel))
       files.remove(self.file('summary.json'))
       files.remove(self.file(MANIFEST))
       return None

@@ -325,7 +325,8 @@ def _shape_data(config, args):
 
 def main_shape(args):
   config = _shape_config(args)
-  spec = checks.validate(config, ('fit',))
+  checks.validate(config, ('fit',))
+  spec = mlp.FieldSpec.from_config(config.field)
   data = _shape_data(config, args)
   rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]

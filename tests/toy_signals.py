@@ -76,14 +76,12 @@ class Signals(Modality):
   headline_keys = ('mmd',)
 
   def validate(self, config, stages):
-    spec = None
     if 'fit' in stages:
       spec = mlp.FieldSpec.from_config(config.field)
       if spec.in_dims != 1 or spec.out_dims != 1:
         raise ConfigError("config key field.in_dims / out_dims: signal fields map t -> x (1 -> 1)")
       config_lib.check_positive(config, 'data.num_fields')
       config_lib.get(config, 'fit.snr_floor')
-    return spec
 
   def load(self, config, workdir):
     x, labels = make_signals(int(config.data.num_fields), int(config.seed))

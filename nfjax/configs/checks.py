@@ -13,7 +13,7 @@ import contextlib
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError
-from nfjax.fields import fitting, mlp
+from nfjax.fields import fitting
 from nfjax.models import gpt as gpt_lib
 from nfjax.models.regression import LOSSES
 
@@ -24,21 +24,18 @@ CLASS_TOKEN = ('auto', 'yes', 'no')
 _launch: set[tuple[str, str]] = set()
 
 
-def validate(config, stages=STAGES) -> mlp.FieldSpec | None:
-  """Check the config for `stages` (names); ConfigError naming the key. Returns the field spec
-  when 'fit' is among the stages (else None). Inside `launch(config, stages)` the stages it
-  covers are not checked again."""
+def validate(config, stages=STAGES) -> None:
+  """Check the config for `stages` (names); ConfigError naming the key. Inside
+  `launch(config, stages)` the stages it covers are not checked again."""
   key = config_lib.to_json(config)
   todo = frozenset(s for s in stages if (key, s) not in _launch)
-  if todo:
-    sharding.mesh_shape(config.mesh)
-    spec = modalities.for_config(config).validate(config, todo)
-    for stage in STAGES:
-      if stage in todo:
-        _CHECKS[stage](config)
-    if spec is not None or 'fit' not in stages:
-      return spec
-  return mlp.FieldSpec.from_config(config.field) if 'fit' in stages else None
+  if not todo:
+    return
+  sharding.mesh_shape(config.mesh)
+  modalities.for_config(config).validate(config, todo)
+  for stage in STAGES:
+    if stage in todo:
+      _CHECKS[stage](config)
 
 
 @contextlib.contextmanager

@@ -103,10 +103,11 @@ def verify(directory: str) -> list[tuple[str, str]]:
   problems = []
   for rel, want in entries.items():
     p = files.join(directory, rel)
-    if not files.exists(p):
+    size = files.size(p) if files.exists(p) else None
+    if size is None:
       problems.append((rel, 'is missing'))
-    elif files.size(p) != want['bytes']:
-      problems.append((rel, f"has {files.size(p)} bytes, {want['bytes']} were written (truncated or changed)"))
+    elif size != want['bytes']:
+      problems.append((rel, f"has {size} bytes, {want['bytes']} were written (truncated or changed)"))
     elif files.checksum(p) != want['sha256']:
       problems.append((rel, 'has changed since it was written (checksum differs)'))
   return problems
@@ -173,8 +174,9 @@ class StageDir:
     files.write_json(fp_path, self.fingerprint)
     inputs = self.inputs()
     in_path = self.file('inputs.json')
-    if files.exists(in_path) and files.read_json(in_path) != inputs:
-      changed = [d for d in inputs if files.read_json(in_path).get(d) != inputs[d]]
+    old = files.read_json(in_path) if files.exists(in_path) else inputs
+    if old != inputs:
+      changed = [d for d in inputs if old.get(d) != inputs[d]]
       log(self.stage, f"{', '.join(changed)} changed since {self.path} was written: clearing it and running "
                       f"the {self.stage} stage again")
       for entry in files.listdir(self.path):

@@ -71,7 +71,7 @@ class Modality:
 
   # -- configuration ---------------------------------------------------------------------------
   def validate(self, config, stages: frozenset[str]):
-    """Check the modality's own config keys for the given stages; returns the FieldSpec."""
+    """Check the modality's own config keys for the given stages (ConfigError naming the key)."""
     raise NotImplementedError
 
   # -- fit ---------------------------------------------------------------------------------------

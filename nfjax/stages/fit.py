@@ -32,7 +32,8 @@ FIT_KEYS = ('seed', 'data', 'field', 'fit.steps', 'fit.lr', 'fit.schedule', 'fit
 
 def run(config, workdir: str) -> dict:
   t_start = time.perf_counter()
-  spec = checks.validate(config, (STAGE,))
+  checks.validate(config, (STAGE,))
+  spec = mlp.FieldSpec.from_config(config.field)
   modality = modalities.for_config(config)
   quality = modality.quality
   stage = wd.StageDir(workdir, wd.FIELDS, config, FIT_KEYS + modality.fit_keys, stage=STAGE)

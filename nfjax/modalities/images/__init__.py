@@ -55,7 +55,6 @@ class Images(Modality):
   headline_keys = ('class_accuracy',)
 
   def validate(self, config, stages):
-    spec = None
     if stages & {'fit', 'evaluate'}:
       image_data.validate(config)
     if 'fit' in stages:
@@ -66,7 +65,6 @@ class Images(Modality):
         raise ConfigError(f"config key field.in_dims={spec.in_dims}: image fields take 2-D coordinates")
     if 'evaluate' in stages:
       image_eval.validate(config)
-    return spec
 
   # -- fit -----------------------------------------------------------------------------------------
   def load(self, config, workdir):

@@ -67,7 +67,7 @@ def surface(spec: mlp.FieldSpec, loss: str, label: str) -> tuple[float, bool]:
   return 0.0, False
 
 
-def _validate_fit(config) -> mlp.FieldSpec:
+def _validate_fit(config) -> None:
   """The fit keys of shape fields (the shared ones: nfjax/configs/checks.py)."""
   label = cfg_utils.check_choice(config, 'data.label', LABELS)
   spec = mlp.FieldSpec.from_config(config.field)
@@ -91,7 +91,6 @@ def _validate_fit(config) -> mlp.FieldSpec:
   cfg_utils.check_positive(config, 'fit.render_resolution')
   for key in ('fit.shared_init_l2', 'fit.refit_below', 'fit.refit_steps_factor'):
     cfg_utils.get(config, key)  # must exist: they are part of the stage's fingerprint
-  return spec
 
 
 def shape_cache_dir(config, workdir: str) -> str:
@@ -228,11 +227,10 @@ class Shapes(Modality):
   headline_keys = shape_eval.HEADLINE_KEYS
 
   def validate(self, config, stages):
-    spec = None
     if stages & {'fit', 'tokenize', 'evaluate'}:
       shape_data.validate(config)
     if 'fit' in stages:
-      spec = _validate_fit(config)
+      _validate_fit(config)
     if 'sample' in stages:
       if int(cfg_utils.check_positive(config, 'sample.mesh_resolution')) < 2:
         raise ConfigError(f"config key sample.mesh_resolution={config.sample.mesh_resolution} must be >= 2")
@@ -240,7 +238,6 @@ class Shapes(Modality):
       cfg_utils.get(config, 'sample.meshes_npz')
     if 'evaluate' in stages:
       shape_eval.validate(config)
-    return spec
 
   # -- fit -----------------------------------------------------------------------------------------
   def load(self, config, workdir):

@@ -1,4 +1,4 @@
-r"""Fit throughput: nfjax's batched, sharded field fitting vs a NeF-GPT-style per-field loop.
+r"""Fit throughput: nfjax's batched, sharded field fitting vs its own reference path and a NeF-GPT-style per-field loop.
 
   python benchmarks/fit_throughput.py --num_fields=1000 [--steps=500 --lr=0.04] [--baseline_fields=5]
   python benchmarks/fit_throughput.py --kind=shape --field=nefgpt3d|hyperdiffusion --num_fields=256 \
@@ -9,8 +9,13 @@ Images (--kind=image, the default):
 Both sides start from the same shared init and fit the same offline MNIST images with the parity
 architecture (561 parameters); PSNR is measured for both on the same pixel-centre grid.
 
-* nfjax: the fit stage's compiled jit(vmap(fit)) over a chunk of fields sharded over every device,
-  full-batch Adam, cosine schedule. Time excludes compilation and the one-off shared init.
+* nfjax: the fit stage's stacked formulation (nfjax/fields/stacked.py: a chunk of fields in big
+  matrix products) over a chunk of fields sharded over every device, full-batch Adam, cosine
+  schedule. Time excludes compilation and the one-off shared init.
+* baseline_vmap (same run, same chunks, timed chunk by chunk alternately with the above so that a
+  noisy machine slows both alike): today's reference path, the compiled jit(vmap(fit_one)),
+  `fit.formulation='vmap'`. The JSON gives both rates, the ratio (`speedup_vs_vmap`), both mean
+  qualities and the per-field |difference| of quality.
 * baseline (same run): NeF-GPT's procedure, one field at a time in PyTorch: 64-pixel shuffled
   batches, 250 epochs, Adam lr 4e-3, ReduceLROnPlateau(patience 10, factor 0.95, min 1e-5) per
   epoch, early stop after 100 epochs without improvement. Without torch installed
@@ -21,7 +26,8 @@ nfjax.data.shapes (or, until that module exists, spheres and boxes with analytic
 parity field: `nefgpt3d` (3,712 params, tanh vs +-1 labels, MSE, 8,192 points per step) or
 `hyperdiffusion` (36,737 params, BCE on occupancy logits, 2,048 points per step); Adam lr 1e-2.
 * nfjax: chunks of fields sharded over every device, each step a per-field random batch of points
-  encoded on the fly, cosine schedule. Time excludes compilation and the one-off shared init.
+  encoded on the fly, cosine schedule; the stacked formulation, with the vmap reference in the
+  same run as for images. Time excludes compilation and the one-off shared init.
 * baseline (same run, same shapes, same shared init, same steps and points per step): NeF-GPT's
   ShapeNet loop, one shape at a time in PyTorch (on the GPU when there is one): random points
   with replacement per step, Adam, ReduceLROnPlateau(patience 10, factor 0.8, min 1e-5) per
@@ -102,19 +108,52 @@ def _pick_baseline(kind: str) -> str:
   return kind
 
 
-def _time_chunks(fitter, steps: int, targets, n: int, chunk: int, shared, label: str = 'fields'):
-  """Fit n fields in chunks (compiled beforehand); returns (quality [n], seconds, calls)."""
-  pad_to = fitter.padded_size(chunk)
-  fitter.compile(steps, pad_to, stack.take(targets, np.arange(1)))
-  t0 = time.perf_counter()
-  quality, calls = [], 0
+def _fitters(make, config):
+  """{formulation: fitter} for the new path (fit.formulation='stacked') and today's reference
+  ('vmap'), each made by `make(config)` from a copy of the config that differs in that key only."""
+  out = {}
+  for form in ('stacked', 'vmap'):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.fit.formulation = form
+    out[form] = make(c)
+  return out
+
+
+def _time_chunks(fitters: dict, steps: int, targets, n: int, chunk: int, shared, label: str = 'fields'):
+  """Fit n fields in chunks with every fitter (compiled beforehand), alternating fitters chunk by
+  chunk so that a noisy machine slows them alike. Returns {name: (quality [n], seconds)} and calls."""
+  quality = {k: [] for k in fitters}
+  seconds = dict.fromkeys(fitters, 0.0)
+  calls = 0
+  for f in fitters.values():
+    f.compile(steps, f.padded_size(chunk), stack.take(targets, np.arange(1)))
   for lo in range(0, n, chunk):
     ids = np.arange(lo, min(n, lo + chunk))
-    _, _, q = fitter.fit(steps, stack.take(targets, ids), stack.field_keys(0, ids), shared, pad_to=pad_to)
-    quality.append(q)
+    for name, f in fitters.items():
+      t0 = time.perf_counter()
+      _, _, q = f.fit(steps, stack.take(targets, ids), stack.field_keys(0, ids), shared, pad_to=f.padded_size(chunk))
+      seconds[name] += time.perf_counter() - t0
+      quality[name].append(q)
     calls += 1
-    print(f"  nfjax: {ids[-1] + 1}/{n} {label}", flush=True)
-  return np.concatenate(quality), time.perf_counter() - t0, calls
+    print(f"  {ids[-1] + 1}/{n} {label} ({', '.join(f'{k} {(ids[-1] + 1) / t:.1f}/s' for k, t in seconds.items())})",
+          flush=True)
+  return {k: (np.concatenate(quality[k]), seconds[k]) for k in fitters}, calls
+
+
+def _vmap_baseline(result: dict, timed: dict, n: int, flops: float, peak: float, metric: str) -> None:
+  """Today's path (jit(vmap(fit_one))) in the same run: its figures and the new path's ratios."""
+  q, seconds = timed['vmap']
+  result['baseline_vmap_fields_per_sec'] = n / seconds
+  result[f'baseline_vmap_{metric}_mean'] = float(np.nanmean(q))
+  result['baseline_vmap_gflops_achieved'] = flops / seconds / 1e9
+  result['baseline_vmap_mfu'] = flops / seconds / 1e9 / peak
+  result['speedup_vs_vmap'] = result['fields_per_sec'] / result['baseline_vmap_fields_per_sec']
+  new = timed['stacked'][0]
+  diff = np.abs(new - q)
+  result[f'{metric}_vs_vmap'] = result[f'{metric}_mean'] - result[f'baseline_vmap_{metric}_mean']
+  result[f'{metric}_abs_diff_per_field'] = {'mean': float(np.nanmean(diff)), 'p90': float(np.nanpercentile(diff, 90)),
+                                            'max': float(np.nanmax(diff))}
 
 
 def torch_baseline(images: np.ndarray, shared: np.ndarray, spec: mlp.FieldSpec, epochs: int = 250):
@@ -296,7 +335,7 @@ def _shape_config(args):
   c.fit = ml_collections.ConfigDict({
       'steps': args.steps, 'lr': args.lr if args.lr > 0 else 1e-2, 'schedule': 'cosine', 'warmup_steps': 0,
       'end_lr_factor': 0.01, 'b1': 0.9, 'b2': 0.999, 'loss': 'mse' if nefgpt else 'bce', 'l2': 0.0,
-      'sdf_clamp': 0.0, 'points_per_step': per_step, 'init': 'shared', 'shared_init_index': 0,
+      'sdf_clamp': 0.0, 'points_per_step': per_step, 'init': 'shared', 'formulation': 'auto', 'shared_init_index': 0,
       'shared_init_steps': args.shared_init_steps, 'shared_init_candidates': 1, 'shared_init_probe': 1,
       'shared_init_l2': 5.0 if nefgpt else -1.0, 'refit_below': 0.0, 'refit_steps_factor': 1,
       'chunk_size': args.chunk_size, 'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
@@ -331,7 +370,8 @@ def main_shape(args):
   rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]
   mesh = sharding.make_mesh(config.mesh)
-  fitter = modalities.get('shapes').make_fitter(spec, config, mesh, None)
+  fitters = _fitters(lambda c: modalities.get('shapes').make_fitter(spec, c, mesh, None), config)
+  fitter = fitters['stacked']
   level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s; {n} shapes from {data.source}, {k} points each; field "
@@ -342,12 +382,14 @@ def main_shape(args):
   init_seconds = time.perf_counter() - t0
   chunk = min(args.chunk_size, n)
   per_step = int(config.fit.points_per_step)
-  iou, seconds, calls = _time_chunks(fitter, args.steps, rows, n, chunk, shared, 'shapes')
+  timed, calls = _time_chunks(fitters, args.steps, rows, n, chunk, shared, 'shapes')
+  iou, seconds = timed['stacked']
   flops_per_call = 3 * 2 * per_step * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
   result = {
       'kind': 'shape', 'field': args.field, 'params_per_field': spec.num_params, 'source': data.source,
       'num_fields': n, 'points_per_shape': int(k), 'steps': args.steps, 'points_per_step': per_step,
       'lr': float(config.fit.lr), 'loss': config.fit.loss, 'label': config.data.label, 'chunk_size': chunk,
+      'formulation': 'stacked',
       'fields_per_sec': n / seconds, 'seconds': seconds,
       'iou_mean': float(np.nanmean(iou)), 'iou_min': float(np.nanmin(iou)), 'iou_p10': float(np.nanpercentile(iou, 10)),
       'iou_empty_fraction': float(np.mean(~(iou >= 0.01))),  # fields that collapsed to (almost) no inside
@@ -357,6 +399,7 @@ def main_shape(args):
       'device_kind': jax.devices()[0].device_kind, 'num_devices': mesh.size, 'jax': jax.__version__,
   }
   result['mfu'] = result['gflops_achieved'] / peak
+  _vmap_baseline(result, timed, n, flops_per_call * calls, peak, 'iou')
   kind = _pick_baseline(args.baseline)
   if kind != 'none' and args.baseline_fields > 0:
     print(f"baseline ({kind}) on {args.baseline_fields} shape(s) ...", flush=True)
@@ -391,8 +434,10 @@ def main_image(args):
   n = len(images)
   targets = images.reshape(n, 784, 1)
   mesh = sharding.make_mesh(config.mesh)
-  fitter = stack.StackFitter(spec, config, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
-                             per_step=int(config.fit.pixels_per_step))
+  fitters = _fitters(lambda c: stack.StackFitter(
+      spec, c, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
+      per_step=int(c.fit.pixels_per_step)), config)
+  fitter = fitters['stacked']
 
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s", flush=True)
@@ -405,12 +450,13 @@ def main_image(args):
   init_psnr = [init_info['candidate_psnr'][init_info['chosen']]]
 
   chunk = min(args.chunk_size, n)
-  psnr, seconds, calls = _time_chunks(fitter, args.steps, targets, n, chunk, shared)
+  timed, calls = _time_chunks(fitters, args.steps, targets, n, chunk, shared)
+  psnr, seconds = timed['stacked']
   # Analytic FLOPs (XLA's cost analysis counts a scan body once): per field and step, the forward
   # pass is 2 * pixels * sum(out * in) over the layers, the backward pass about twice that.
   flops_per_call = 3 * 2 * 784 * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
   result = {
-      'num_fields': n, 'steps': args.steps, 'lr': float(config.fit.lr), 'chunk_size': chunk,
+      'num_fields': n, 'steps': args.steps, 'lr': float(config.fit.lr), 'chunk_size': chunk, 'formulation': 'stacked',
       'fields_per_sec': n / seconds, 'seconds': seconds,
       'psnr_mean': float(np.nanmean(psnr)), 'psnr_min': float(np.nanmin(psnr)),
       'psnr_p10': float(np.nanpercentile(psnr, 10)),
@@ -422,6 +468,7 @@ def main_image(args):
       'jax': jax.__version__,
   }
   result['mfu'] = result['gflops_achieved'] / peak
+  _vmap_baseline(result, timed, n, flops_per_call * calls, peak, 'psnr')
 
   kind = _pick_baseline(args.baseline)
   if kind != 'none' and args.baseline_fields > 0:

@@ -1,8 +1,9 @@
 """Batched fitting of many neural fields at once.
 
 One field is fitted by a plain function (`fit_one`: Adam over `steps` with `lax.scan`); `jax.vmap`
-turns it into a fitter for a stack of fields with per-field parameters and Adam state on the
-leading axis, and `make_stack_fitter` compiles that with the field axis sharded over the mesh.
+of it is the reference fitter for a stack of fields (`fit.formulation='vmap'`), and
+nfjax/fields/stacked.py computes the same fit for a whole stack in big matrix products (the
+default). nfjax/fields/stack.py compiles either with the field axis sharded over the mesh.
 Every field's randomness comes from `fold_in(key, field_id)`, so a field's result does not
 depend on which chunk, batch or device it was fitted in.
 
@@ -16,14 +17,11 @@ Two kinds of input:
 
 from __future__ import annotations
 
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
-from nfjax import sharding
 from nfjax.errors import ConfigError
 from nfjax.fields import mlp
 from nfjax import config as cfg_utils
@@ -43,6 +41,7 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
+  cfg_utils.check_choice(config, 'fit.formulation', ('auto', 'stacked', 'vmap'))
   if config.fit.warmup_steps >= config.fit.steps:
     raise ConfigError(f"config key fit.warmup_steps={config.fit.warmup_steps} must be < fit.steps={config.fit.steps}")
 
@@ -64,6 +63,26 @@ def make_optimizer(fit_cfg, steps: int) -> optax.GradientTransformation:
   return optax.adam(make_schedule(fit_cfg, steps), b1=float(fit_cfg.b1), b2=float(fit_cfg.b2))
 
 
+def output_loss(spec: mlp.FieldSpec, loss: str, raw: jax.Array, target: jax.Array, clamp: float = 0.0) -> jax.Array:
+  """Loss of one field's raw output [n, out] against targets [n, out] (see `field_loss`)."""
+  if loss == 'bce':
+    return optax.sigmoid_binary_cross_entropy(raw, target).mean()
+  pred = mlp.output(spec, raw)
+  if clamp:  # no error where both are beyond the same bound; a prediction beyond the wrong one keeps its gradient
+    target = jnp.clip(target, -clamp, clamp)
+    err = pred - target
+    err = jnp.where(((target >= clamp) & (pred >= clamp)) | ((target <= -clamp) & (pred <= -clamp)), 0.0, err)
+  else:
+    err = pred - target
+  return jnp.mean(jnp.abs(err)) if loss == 'l1' else jnp.mean(err ** 2)
+
+
+def l2_penalty(spec: mlp.FieldSpec, l2: float, params) -> jax.Array:
+  """NeF-GPT's weight penalty of one field: l2 * ||theta||_2 / P."""
+  flat = mlp.flatten(spec, params)
+  return l2 * jnp.sqrt(jnp.sum(flat ** 2)) / flat.shape[-1]
+
+
 def field_loss(spec: mlp.FieldSpec, loss: str, l2: float, params, feats, target,
                clamp: float = 0.0) -> jax.Array:
   """Loss of one field on encoded inputs [n, E] against targets [n, out].
@@ -75,21 +94,9 @@ def field_loss(spec: mlp.FieldSpec, loss: str, l2: float, params, feats, target,
   prediction has none, so a field initialised beyond the bound everywhere never moves).
   l2 adds NeF-GPT's penalty l2 * ||theta||_2 / P.
   """
-  raw = mlp.apply_encoded(spec, params, feats)
-  if loss == 'bce':
-    value = optax.sigmoid_binary_cross_entropy(raw, target).mean()
-  else:
-    pred = mlp.output(spec, raw)
-    if clamp:  # no error where both are beyond the same bound; a prediction beyond the wrong one keeps its gradient
-      target = jnp.clip(target, -clamp, clamp)
-      err = pred - target
-      err = jnp.where(((target >= clamp) & (pred >= clamp)) | ((target <= -clamp) & (pred <= -clamp)), 0.0, err)
-    else:
-      err = pred - target
-    value = jnp.mean(jnp.abs(err)) if loss == 'l1' else jnp.mean(err ** 2)
+  value = output_loss(spec, loss, mlp.apply_encoded(spec, params, feats), target, clamp)
   if l2:
-    flat = mlp.flatten(spec, params)
-    value = value + l2 * jnp.sqrt(jnp.sum(flat ** 2)) / flat.shape[-1]
+    value = value + l2_penalty(spec, l2, params)
   return value
 
 
@@ -137,47 +144,6 @@ def fit_points(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values,
     values = values[:, None]
   prepare = lambda x: mlp.encode(spec, x.astype(jnp.float32))
   return _fit_loop(spec, fit_cfg, steps, params, coords, values.astype(jnp.float32), key, int(per_step), prepare)
-
-
-def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
-                      score: Callable | None = None, points: bool = False, per_step: int = -1):
-  """jit(vmap(fit_one)) (or of `fit_points` with points=True) with the field axis sharded over `mesh`.
-
-  `per_step`: inputs drawn per step (-1 = all every step).
-  Returns compile_for(params_stack, feats, targets, keys [F], *extra) -> compiled
-  fn(params_stack, feats, targets, keys, *extra) -> (params_stack, loss [F], score [F]).
-  Images: `feats` is either shared [n, E] (replicated) or per field [F, n, E]; targets [F, n, out].
-  Points: `feats` are the raw coordinates per field [F, n, d] and targets the values [F, n].
-  `extra` are further per-field arrays (leading axis F) that only `score` reads.
-  `score(params, feats, target, *extra)` is a per-field quality number computed after fitting
-  (e.g. PSNR, IoU); loss is returned if None.
-  The number of fields F must be a multiple of the mesh's field-axis size.
-  """
-  fit_fn = fit_points if points else fit_one
-
-  def one(p, f, t, k, *extra):
-    p, loss = fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
-    s = score(p, f, t, *extra) if score is not None else loss
-    return p, loss, s
-
-  def fit_stack(params, feats, targets, keys, *extra):
-    feats_axis = 0 if (points or feats.ndim == 3) else None
-    in_axes = (0, feats_axis, 0, 0) + (0,) * len(extra)
-    return jax.vmap(one, in_axes=in_axes)(params, feats, targets, keys, *extra)
-
-  fields = sharding.named(mesh, 'fields')
-  rep = sharding.replicated(mesh)
-  per_field = lambda x: sharding.named(mesh, 'fields', *([None] * (x.ndim - 1)))
-
-  def compile_for(params, feats, targets, keys, *extra):
-    p_sh = sharding.leading_axis_sharding(mesh, params)
-    f_sh = per_field(feats) if (points or feats.ndim == 3) else rep
-    in_sh = (p_sh, f_sh, per_field(targets), fields) + tuple(per_field(x) for x in extra)
-    jitted = jax.jit(fit_stack, in_shardings=in_sh, out_shardings=(p_sh, fields, fields), donate_argnums=(0,))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, feats, targets, keys, *extra))
-    return jitted.lower(*abstract).compile()
-
-  return compile_for
 
 
 def occupancy_iou(spec: mlp.FieldSpec, level: float, inside_above: bool, points, occupancy,

@@ -16,20 +16,73 @@ Every field's randomness is `fold_in(key(seed), field_id)`: results do not depen
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from nfjax import config as config_lib
 from nfjax import sharding
-from nfjax.fields import fitting, mlp
+from nfjax.errors import ConfigError
+from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.modalities.base import Quality
 from nfjax.utils.logging import MetricsWriter, Progress, log
 
 STAGE = 'fit'
+
+
+def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
+                      score: Callable | None = None, points: bool = False, per_step: int = -1,
+                      formulation: str = 'auto'):
+  """The stack fitter, compiled with the field axis sharded over `mesh`: `formulation='stacked'`
+  fits the whole stack in big matrix products (nfjax/fields/stacked.py), 'vmap' is the reference,
+  jit(vmap(fitting.fit_one)) (or of `fitting.fit_points` with points=True), 'auto' picks one
+  (`stacked.resolve`).
+
+  `per_step`: inputs drawn per step (-1 = all every step).
+  Returns compile_for(params_stack, feats, targets, keys [F], *extra) -> compiled
+  fn(params_stack, feats, targets, keys, *extra) -> (params_stack, loss [F], score [F]).
+  Images: `feats` is either shared [n, E] (replicated) or per field [F, n, E]; targets [F, n, out].
+  Points: `feats` are the raw coordinates per field [F, n, d] and targets the values [F, n].
+  `extra` are further per-field arrays (leading axis F) that only `score` reads.
+  `score(params, feats, target, *extra)` is a per-field quality number computed after fitting
+  (e.g. PSNR, IoU); loss is returned if None.
+  The number of fields F must be a multiple of the mesh's field-axis size.
+  """
+  if formulation not in stacked.FORMULATIONS:
+    raise ConfigError(f"config key fit.formulation={formulation!r} is not one of {stacked.FORMULATIONS}")
+  formulation = stacked.resolve(formulation, points)
+  fit_fn = fitting.fit_points if points else fitting.fit_one
+
+  def fit_stack(params, feats, targets, keys, *extra):
+    feats_axis = 0 if (points or feats.ndim == 3) else None
+    if formulation == 'stacked':
+      params, loss = stacked.fit_stack(spec, fit_cfg, steps, params, feats, targets, keys, per_step, points)
+    else:
+      fit = lambda p, f, t, k: fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
+      params, loss = jax.vmap(fit, in_axes=(0, feats_axis, 0, 0))(params, feats, targets, keys)
+    if score is None:
+      return params, loss, loss
+    in_axes = (0, feats_axis, 0) + (0,) * len(extra)
+    return params, loss, jax.vmap(score, in_axes=in_axes)(params, feats, targets, *extra)
+
+  fields = sharding.named(mesh, 'fields')
+  rep = sharding.replicated(mesh)
+  per_field = lambda x: sharding.named(mesh, 'fields', *([None] * (x.ndim - 1)))
+
+  def compile_for(params, feats, targets, keys, *extra):
+    p_sh = sharding.leading_axis_sharding(mesh, params)
+    f_sh = per_field(feats) if (points or feats.ndim == 3) else rep
+    in_sh = (p_sh, f_sh, per_field(targets), fields) + tuple(per_field(x) for x in extra)
+    jitted = jax.jit(fit_stack, in_shardings=in_sh, out_shardings=(p_sh, fields, fields), donate_argnums=(0,))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, feats, targets, keys, *extra))
+    return jitted.lower(*abstract).compile()
+
+  return compile_for
 
 
 def field_keys(seed: int, ids: np.ndarray, stream: int = 0xF17) -> jax.Array:
@@ -75,6 +128,7 @@ class StackFitter:
     self.shards = sharding.axis_size(mesh, 'fields')
     self.feats = None if feats is None else jax.device_put(feats, sharding.replicated(mesh))
     self.score = score
+    self.formulation = stacked.resolve(str(config.fit.formulation), points)
     self._compiled = {}
     self.compile_seconds = 0.0
 
@@ -107,8 +161,9 @@ class StackFitter:
       params = jax.eval_shape(jax.vmap(lambda k: mlp.init(self.spec, k)), keys)
       abstract = tuple(jax.ShapeDtypeStruct((count,) + s, d) for s, d in shapes)
       feats, targets, extra = self._split(abstract)
-      compile_for = fitting.make_stack_fitter(self.spec, self.fit_config(l2), steps, self.mesh,
-                                              score=self.score, points=self.points, per_step=self.per_step)
+      compile_for = make_stack_fitter(self.spec, self.fit_config(l2), steps, self.mesh, score=self.score,
+                                      points=self.points, per_step=self.per_step,
+                                      formulation=self.formulation)
       self._compiled[key] = compile_for(params, feats, targets, keys, *extra)
       self.compile_seconds += time.perf_counter() - t0
     return self._compiled[key]

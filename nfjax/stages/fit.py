@@ -27,7 +27,7 @@ STAGE = 'fit'
 FIT_KEYS = ('seed', 'data', 'field', 'fit.steps', 'fit.lr', 'fit.schedule', 'fit.warmup_steps', 'fit.end_lr_factor',
             'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.init', 'fit.shared_init_index', 'fit.shared_init_steps',
             'fit.shared_init_candidates', 'fit.shared_init_probe', 'fit.refit_below', 'fit.refit_steps_factor',
-            'fit.chunk_size')
+            'fit.chunk_size', 'fit.formulation')
 
 
 def run(config, workdir: str) -> dict:
@@ -50,7 +50,7 @@ def run(config, workdir: str) -> dict:
   chunk = int(config.fit.chunk_size)
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "
              f"{mesh.size} {jax.devices()[0].device_kind} device(s); {config.fit.steps} steps per field; "
-             f"init={config.fit.init}")
+             f"init={config.fit.init}; {fitter.formulation} fit")
   arrays, refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows,
                                                              np.asarray(data.labels), np.asarray(data.source_index),
                                                              quality)

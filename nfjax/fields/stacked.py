@@ -1,0 +1,156 @@
+"""The stacked fit: a whole chunk of fields as one computation, laid out for big matrix products.
+
+`fitting.fit_one` fits one field and `jax.vmap` turns it into a fitter for a stack: every layer of
+every field is then its own tiny matrix product ([784 pixels x 16] @ [16 x 16] for the MNIST
+field), which no CPU or GPU runs near its peak. This module computes the same fit for the whole
+stack at once, arranged so that the work lands in few, large products:
+
+* features-major activations: a layer's activations are [F, width, points] (points on the minor
+  axis), so each field's product is [out x in] @ [in x points], a long, well-shaped GEMM, and the
+  elementwise work between layers streams contiguous memory;
+* when every field shares its inputs (images: the pixel grid), the first layer of all F fields is
+  one GEMM, [F*out x in] @ [in x points], and so is its weight gradient, [F*out x points] @
+  [points x in];
+* the backward pass is written out (matrix products by hand, each activation's and the loss's
+  derivative by `jax.vjp` of the same functions the reference uses), so nothing is stored or
+  transposed that the products do not need.
+
+The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
+draws them), the l2 penalty and Adam are those of the reference path, so the results agree with
+it within float rounding (tests/test_fit_stacked.py); `fit.formulation='vmap'` keeps the reference,
+and 'auto' (the default) picks per kind of field what measured faster (`resolve`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nfjax.fields import fitting, mlp
+
+FORMULATIONS = ('auto', 'stacked', 'vmap')
+
+
+def resolve(formulation: str, points: bool) -> str:
+  """`fit.formulation` -> the one used. 'auto' is what measured faster (benchmarks/RESULTS.md):
+  'stacked' where every field shares its inputs (a grid: images), the reference 'vmap' for point
+  fields (each field its own random points per step), where the stacked layout did not pay."""
+  if formulation == 'auto':
+    return 'vmap' if points else 'stacked'
+  return formulation
+
+
+def _layer(weight, bias, h, shared: bool):
+  """weight [F, o, i], bias [F, o] or None, h [i, n] (shared) or [F, i, n] -> [F, o, n]."""
+  if shared:
+    f, o, i = weight.shape
+    z = (weight.reshape(f * o, i) @ h).reshape(f, o, -1)
+  else:
+    z = jnp.einsum('foi,fin->fon', weight, h)
+  return z if bias is None else z + bias[..., None]
+
+
+def encode_minor(spec: mlp.FieldSpec, x):
+  """`mlp.encode` of coordinates laid out [..., d, n] -> features [..., E, n] (the same order)."""
+  scale = math.pi if spec.use_pi else 1.0
+  feats = [x] if spec.include_input else []
+  for f in spec.freqs:
+    feats += [jnp.sin(f * scale * x), jnp.cos(f * scale * x)]
+  return jnp.concatenate(feats, axis=-2)
+
+
+def forward(spec: mlp.FieldSpec, params, feats):
+  """Stacked params ([F, ...] leaves) on features-major inputs: `feats` [E, n] shared by every
+  field or [F, E, n] per field. Returns (pre-activations, layer inputs): the raw output is the last
+  pre-activation, [F, out, n]."""
+  zs, hs = [], [feats]
+  h, last = feats, len(params) - 1
+  for i, layer in enumerate(params):
+    z = _layer(layer['weight'], layer.get('bias'), h, shared=(i == 0 and feats.ndim == 2))
+    zs.append(z)
+    if i < last:
+      h = mlp._act(spec, z, first=(i == 0))
+      hs.append(h)
+  return zs, hs
+
+
+def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target):
+  """Per-field losses [F] and their gradients (stacked like params) of `fitting.field_loss` for
+  every field at once. feats as in `forward`; target [F, out, n]."""
+  zs, hs = forward(spec, params, feats)
+  raw = zs[-1]
+  per_field = lambda r: jax.vmap(lambda rr, tt: fitting.output_loss(spec, loss, rr.T, tt.T, clamp))(r, target)
+  values, loss_vjp = jax.vjp(per_field, raw)
+  (g,) = loss_vjp(jnp.ones_like(values))
+  grads = [None] * len(params)
+  for i in reversed(range(len(params))):
+    h = hs[i]
+    if i == 0 and h.ndim == 2:  # shared inputs: one GEMM for every field's weight gradient
+      f, o, n = g.shape
+      dw = (g.reshape(f * o, n) @ h.T).reshape(f, o, -1)
+    else:
+      dw = jnp.einsum('fon,fin->foi', g, h)
+    grads[i] = {'weight': dw}
+    if 'bias' in params[i]:
+      grads[i]['bias'] = g.sum(-1)
+    if i > 0:
+      dh = jnp.einsum('foi,fon->fin', params[i]['weight'], g)
+      _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
+      (g,) = act_vjp(dh)
+  if l2:
+    penalty = lambda p: jax.vmap(lambda q: fitting.l2_penalty(spec, l2, q))(p)
+    extra, l2_vjp = jax.vjp(penalty, params)
+    (g_l2,) = l2_vjp(jnp.ones_like(extra))
+    values = values + extra
+    grads = jax.tree.map(jnp.add, grads, g_l2)
+  return values, grads
+
+
+def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, keys, per_step: int = -1,
+              points: bool = False):
+  """Fit a stack of fields; the same result as `jax.vmap(fitting.fit_one | fitting.fit_points)`.
+
+  Images (points=False): `inputs` are encoded features [n, E] shared by every field (or [F, n, E],
+  one set per field); target [F, n, out]. Points: raw coordinates [F, n, d] per field (encoded per drawn batch); target
+  [F, n] or [F, n, out]. keys [F]. Returns (params, final loss [F]).
+  """
+  if target.ndim == 2:
+    target = target[..., None]
+  target = jnp.swapaxes(target.astype(jnp.float32), 1, 2)  # [F, out, n]
+  n = target.shape[-1]
+  if points:
+    inputs = inputs.astype(jnp.float32)
+    feats_all = None
+  else:
+    feats_all = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 1, 2)  # [E, n] or [F, E, n]
+  opt = fitting.make_optimizer(fit_cfg, steps)
+  clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
+  subset = 0 < per_step < n
+
+  def batch(step):
+    if not subset:
+      if points:
+        return encode_minor(spec, jnp.swapaxes(inputs, 1, 2)), target
+      return feats_all, target
+    idx = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, step), (per_step,), 0, n))(keys)  # [F, k]
+    t = jnp.take_along_axis(target, idx[:, None, :], axis=2)
+    if points:
+      x = jnp.take_along_axis(inputs, idx[..., None], axis=1)  # [F, k, d]
+      return encode_minor(spec, jnp.swapaxes(x, 1, 2)), t
+    if inputs.ndim == 3:
+      return jnp.swapaxes(jnp.take_along_axis(inputs, idx[..., None], axis=1), 1, 2), t
+    return jnp.swapaxes(inputs[idx], 1, 2), t  # [F, E, k]
+
+  def body(carry, step):
+    p, st = carry
+    f, t = batch(step)
+    values, g = value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t)
+    updates, st = opt.update(g, st, p)
+    return (optax.apply_updates(p, updates), st), values
+
+  (params, _), losses = jax.lax.scan(body, (params, opt.init(params)), jnp.arange(steps))
+  return params, losses[-1]

@@ -1,0 +1,147 @@
+"""The stacked fit (nfjax/fields/stacked.py) against the reference jit(vmap(fit_one)).
+
+The stacked path hand-writes the chain of matrix products of the backward pass, so every field
+architecture the config allows is checked against jax.grad of the reference loss, and whole fits
+against the reference fitter."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import load_config
+
+import jax
+import jax.numpy as jnp
+
+from nfjax import main, sharding
+from nfjax.errors import ConfigError
+from nfjax.fields import fitting, mlp, stack, stacked
+from nfjax.modalities.images import psnr_score
+
+F, N = 6, 40
+
+
+def _spec(**kw):
+  base = dict(in_dims=2, freqs=(1.0, 2.0), hidden=(8, 8), activation='relu', init='torch_default')
+  return mlp.FieldSpec(**{**base, **kw})
+
+
+def _fit_cfg(**kw):
+  return ml_collections.ConfigDict({'steps': 20, 'lr': 1e-2, 'schedule': 'cosine', 'warmup_steps': 0,
+                                    'end_lr_factor': 0.1, 'b1': 0.9, 'b2': 0.999, 'loss': 'bce', 'l2': 0.0,
+                                    'sdf_clamp': 0.0, **kw})
+
+
+def _stack_params(spec, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), F)
+  return jax.vmap(lambda k: mlp.init(spec, k))(keys)
+
+
+CASES = [
+    ('relu bce', {}, {'loss': 'bce'}),
+    ('gelu mse tanh-out 3 layers', {'activation': 'gelu', 'hidden': (8, 8, 8), 'output_activation': 'tanh'},
+     {'loss': 'mse'}),
+    ('silu l1 sigmoid-out', {'activation': 'silu', 'output_activation': 'sigmoid'}, {'loss': 'l1'}),
+    ('tanh no output bias, 2 outputs', {'activation': 'tanh', 'output_bias': False, 'out_dims': 2}, {'loss': 'mse'}),
+    ('sine (siren) with raw input', {'activation': 'sine', 'include_input': True, 'init': 'siren', 'siren_w0': 5.0},
+     {'loss': 'mse'}),
+    ('mse with sdf clamp', {}, {'loss': 'mse', 'sdf_clamp': 0.3}),
+    ('bce with l2 penalty', {}, {'loss': 'bce', 'l2': 0.5}),
+]
+
+
+@pytest.mark.parametrize('shared', [True, False], ids=['shared inputs', 'inputs per field'])
+@pytest.mark.parametrize('name,spec_kw,cfg_kw', CASES, ids=[c[0] for c in CASES])
+def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg_kw, shared):
+  spec = _spec(**spec_kw)
+  cfg = _fit_cfg(**cfg_kw)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (N, spec.in_dims) if shared else (F, N, spec.in_dims)).astype(np.float32)
+  feats = mlp.encode(spec, jnp.asarray(x))  # [N, E] or [F, N, E]
+  lo = -1.0 if cfg.loss != 'bce' else 0.0
+  target = jnp.asarray(rng.uniform(lo, 1.0, (F, N, spec.out_dims)).astype(np.float32))
+  params = _stack_params(spec)
+
+  ref_fn = jax.vmap(jax.value_and_grad(
+      lambda p, f, t: fitting.field_loss(spec, cfg.loss, cfg.l2, p, f, t, cfg.sdf_clamp)),
+      in_axes=(0, None if shared else 0, 0))
+  ref_v, ref_g = ref_fn(params, feats, target)
+  feats_minor = feats.T if shared else jnp.swapaxes(feats, 1, 2)
+  v, g = stacked.value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, params, feats_minor, jnp.swapaxes(target, 1, 2))
+  np.testing.assert_allclose(v, ref_v, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(g) == jax.tree.structure(ref_g)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(jax.tree.leaves(ref_g)[0]).max()) > 1e-4  # the case really has a gradient
+
+
+def test_encode_minor_is_encode_transposed():
+  spec = _spec(include_input=True, freqs=(1.0, 3.0), use_pi=True, in_dims=3)
+  x = np.random.default_rng(1).uniform(-1, 1, (F, N, 3)).astype(np.float32)
+  np.testing.assert_allclose(stacked.encode_minor(spec, jnp.swapaxes(x, 1, 2)),
+                             jnp.swapaxes(mlp.encode(spec, jnp.asarray(x)), 1, 2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('points,per_step', [(False, -1), (False, 16), (True, 16), (True, -1)],
+                         ids=['grid full batch', 'grid pixel subsets', 'points subsets', 'points all'])
+def test_a_short_fit_matches_the_vmap_reference(points, per_step):
+  spec = _spec(in_dims=3 if points else 2, activation='gelu' if points else 'relu')
+  cfg = _fit_cfg(loss='mse' if points else 'bce')
+  rng = np.random.default_rng(2)
+  keys = stack.field_keys(0, np.arange(F))
+  params = _stack_params(spec, seed=3)
+  if points:
+    inputs = jnp.asarray(rng.uniform(-1, 1, (F, N, 3)).astype(np.float32))
+    target = jnp.asarray(rng.uniform(-1, 1, (F, N)).astype(np.float32))
+    ref_one = lambda p, x, t, k: fitting.fit_points(spec, cfg, 20, p, x, t, k, per_step)
+    axes = (0, 0, 0, 0)
+  else:
+    inputs = mlp.encode(spec, jnp.asarray(rng.uniform(0, 1, (N, 2)).astype(np.float32)))
+    target = jnp.asarray(rng.uniform(0, 1, (F, N, 1)).astype(np.float32))
+    ref_one = lambda p, f, t, k: fitting.fit_one(spec, cfg, 20, p, f, t, k, per_step)
+    axes = (0, None, 0, 0)
+  ref_p, ref_loss = jax.jit(jax.vmap(ref_one, in_axes=axes))(params, inputs, target, keys)
+  new_p, new_loss = jax.jit(lambda *a: stacked.fit_stack(spec, cfg, 20, *a, per_step=per_step, points=points))(
+      params, inputs, target, keys)
+  np.testing.assert_allclose(new_loss, ref_loss, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(ref_p)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(params)))
+  assert moved > 1e-2  # the fit did something
+
+
+def test_stack_fitter_formulations_give_the_same_fields_on_mnist():
+  """The fit stage's fitter on real images, both formulations, 8 fake devices: per-field PSNR within
+  0.01 dB after a short fit (longer fits diverge like any float perturbation: benchmarks/RESULTS.md)."""
+  from nfjax.data import images
+  config = load_config('smoke', **{'data.num_fields': 16})
+  data = images.load(config)
+  spec = mlp.FieldSpec.from_config(config.field)
+  mesh = sharding.make_mesh(config.mesh)
+  feats = mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28)))
+  targets = data.images.reshape(16, 784, 1)
+  shared = np.asarray(mlp.flatten(spec, mlp.init(spec, jax.random.PRNGKey(0))))
+  out = {}
+  for form in ('stacked', 'vmap'):
+    with config.unlocked():
+      config.fit.formulation = form
+    fitter = stack.StackFitter(spec, config, mesh, psnr_score(spec), feats=feats)
+    assert fitter.formulation == form
+    out[form] = fitter.fit(60, targets, stack.field_keys(0, np.arange(16)), shared)
+  (w_s, loss_s, q_s), (w_v, loss_v, q_v) = out['stacked'], out['vmap']
+  np.testing.assert_allclose(q_s, q_v, atol=0.01)
+  np.testing.assert_allclose(loss_s, loss_v, rtol=1e-3)
+  np.testing.assert_allclose(w_s, w_v, rtol=1e-3, atol=1e-3)
+  assert q_s.mean() > 12.0
+
+
+def test_auto_picks_stacked_for_grids_and_vmap_for_points():
+  assert stacked.resolve('auto', points=False) == 'stacked'
+  assert stacked.resolve('auto', points=True) == 'vmap'
+  assert stacked.resolve('vmap', points=False) == 'vmap'
+
+
+def test_unknown_formulation_is_one_config_error(tmp_path):
+  with pytest.raises(ConfigError, match=r"fit\.formulation='fast'"):
+    main.run(load_config('smoke', **{'fit.formulation': 'fast'}), str(tmp_path), 'fit')

@@ -14,8 +14,11 @@ architecture (561 parameters); PSNR is measured for both on the same pixel-centr
   schedule. Time excludes compilation and the one-off shared init.
 * baseline_vmap (same run, same chunks, timed chunk by chunk alternately with the above so that a
   noisy machine slows both alike): today's reference path, the compiled jit(vmap(fit_one)),
-  `fit.formulation='vmap'`. The JSON gives both rates, the ratio (`speedup_vs_vmap`), both mean
-  qualities and the per-field |difference| of quality.
+  `fit.formulation='vmap'`, on the same devices. The JSON gives both rates, the ratio
+  (`speedup_vs_vmap`), both mean qualities and the per-field |difference| of quality.
+* baseline_vmap_one_device (on a CPU split into several devices, as the launcher does with
+  --cpu_devices): the reference on one device, as the fit stage ran on a CPU before
+  (`speedup_vs_vmap_one_device`).
 * baseline (same run): NeF-GPT's procedure, one field at a time in PyTorch: 64-pixel shuffled
   batches, 250 epochs, Adam lr 4e-3, ReduceLROnPlateau(patience 10, factor 0.95, min 1e-5) per
   epoch, early stop after 100 epochs without improvement. Without torch installed
@@ -108,15 +111,20 @@ def _pick_baseline(kind: str) -> str:
   return kind
 
 
-def _fitters(make, config):
-  """{formulation: fitter} for the new path (fit.formulation='stacked') and today's reference
-  ('vmap'), each made by `make(config)` from a copy of the config that differs in that key only."""
+def _fitters(make, config, mesh):
+  """The fitters timed in one run, each made by `make(config, mesh)` from a copy of the config that
+  differs in fit.formulation only: 'stacked' (the new path) and 'vmap' (the reference) on `mesh`,
+  and with more than one device also 'vmap_one_device': the reference on one device, which is how
+  the fit stage used a CPU before the launcher split it into one device per core."""
   out = {}
-  for form in ('stacked', 'vmap'):
+  meshes = [('stacked', 'stacked', mesh), ('vmap', 'vmap', mesh)]
+  if mesh.size > 1:
+    meshes.append(('vmap_one_device', 'vmap', sharding.make_mesh(config.mesh, devices=jax.devices()[:1])))
+  for name, form, m in meshes:
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.fit.formulation = form
-    out[form] = make(c)
+    out[name] = make(c, m)
   return out
 
 
@@ -149,6 +157,9 @@ def _vmap_baseline(result: dict, timed: dict, n: int, flops: float, peak: float,
   result['baseline_vmap_gflops_achieved'] = flops / seconds / 1e9
   result['baseline_vmap_mfu'] = flops / seconds / 1e9 / peak
   result['speedup_vs_vmap'] = result['fields_per_sec'] / result['baseline_vmap_fields_per_sec']
+  if 'vmap_one_device' in timed:
+    result['baseline_vmap_one_device_fields_per_sec'] = n / timed['vmap_one_device'][1]
+    result['speedup_vs_vmap_one_device'] = result['fields_per_sec'] / result['baseline_vmap_one_device_fields_per_sec']
   new = timed['stacked'][0]
   diff = np.abs(new - q)
   result[f'{metric}_vs_vmap'] = result[f'{metric}_mean'] - result[f'baseline_vmap_{metric}_mean']
@@ -370,7 +381,7 @@ def main_shape(args):
   rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]
   mesh = sharding.make_mesh(config.mesh)
-  fitters = _fitters(lambda c: modalities.get('shapes').make_fitter(spec, c, mesh, None), config)
+  fitters = _fitters(lambda c, m: modalities.get('shapes').make_fitter(spec, c, m, None), config, mesh)
   fitter = fitters['stacked']
   level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
   peak = perf.matmul_peak_flops() / 1e9
@@ -434,9 +445,9 @@ def main_image(args):
   n = len(images)
   targets = images.reshape(n, 784, 1)
   mesh = sharding.make_mesh(config.mesh)
-  fitters = _fitters(lambda c: stack.StackFitter(
-      spec, c, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
-      per_step=int(c.fit.pixels_per_step)), config)
+  fitters = _fitters(lambda c, m: stack.StackFitter(
+      spec, c, m, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
+      per_step=int(c.fit.pixels_per_step)), config, mesh)
   fitter = fitters['stacked']
 
   peak = perf.matmul_peak_flops() / 1e9
@@ -504,7 +515,10 @@ def main():
   ap.add_argument('--data', choices=('procedural', 'synthetic'), default='procedural',
                   help='procedural: nfjax.data.shapes; synthetic: analytic spheres and boxes')
   ap.add_argument('--cache_dir', default='/tmp/nfjax_fit_benchmark', help='procedural point cache')
+  ap.add_argument('--cpu_devices', type=int, default=0,
+                  help='on a CPU: devices to make of it, as the launcher\'s --cpu_devices (0 = one per core)')
   args = ap.parse_args()
+  sharding.split_cpu(args.cpu_devices)
   if args.kind == 'shape':
     main_shape(args)
   else:

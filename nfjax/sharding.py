@@ -10,6 +10,7 @@ checks (nfjax/configs/checks.py: the batch must divide data x fsdp) know the mes
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -21,6 +22,7 @@ from nfjax.utils.logging import log
 
 MESH_AXES = ('data', 'fsdp', 'model')
 _WARNED: set = set()
+CPU_DEVICES_MAX = 8
 
 # logical axis -> mesh axes (None = replicated).
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -35,6 +37,36 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     'norm': None,     # LayerNorm scales/biases: small, replicated
     'classes': None,
 }
+
+
+def usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def auto_cpu_devices(cores: int | None = None) -> int:
+  """One device per usable core, as a power of two, at most CPU_DEVICES_MAX (so that the batch sizes
+  the presets use divide the device count)."""
+  cores = usable_cores() if cores is None else cores
+  return 1 << (min(max(cores, 1), CPU_DEVICES_MAX).bit_length() - 1)
+
+
+def split_cpu(requested: int = 0) -> int | None:
+  """Before JAX starts its backends: make this host's CPU `requested` JAX devices (0: `auto_cpu_devices`).
+
+  One CPU device runs every op on XLA's intra-op thread pool, which runs the many mid-size
+  operations of a field fit poorly (the two threads of a 2-core machine reach about the speed of
+  one); with one device per core, each core runs its share of every chunk (benchmarks/RESULTS.md:
+  fit and train on cpu-2c). Only the CPU backend changes: on a GPU or TPU host the accelerators
+  are the devices either way. An explicit --xla_force_host_platform_device_count in XLA_FLAGS
+  wins (the tests set it). Returns the count set, or None when XLA_FLAGS decides."""
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return None
+  count = int(requested) or auto_cpu_devices()
+  jax.config.update('jax_num_cpu_devices', count)
+  return count
 
 
 def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, ...]:

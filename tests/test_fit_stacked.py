@@ -4,11 +4,16 @@ The stacked path hand-writes the chain of matrix products of the backward pass, 
 architecture the config allows is checked against jax.grad of the reference loss, and whole fits
 against the reference fitter."""
 
+import json
+import os
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import ROOT, load_config
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +150,28 @@ def test_auto_picks_stacked_for_grids_and_vmap_for_points():
 def test_unknown_formulation_is_one_config_error(tmp_path):
   with pytest.raises(ConfigError, match=r"fit\.formulation='fast'"):
     main.run(load_config('smoke', **{'fit.formulation': 'fast'}), str(tmp_path), 'fit')
+
+
+# -- CPU devices: the launcher makes one JAX device per core (nfjax/sharding.py: split_cpu) -------
+
+@pytest.mark.parametrize('cores,expected', [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (16, 8), (96, 8)])
+def test_auto_cpu_devices_is_one_per_core_as_a_power_of_two_up_to_8(cores, expected):
+  assert sharding.auto_cpu_devices(cores) == expected
+
+
+def test_an_explicit_device_count_in_xla_flags_wins():
+  assert '--xla_force_host_platform_device_count=8' in os.environ['XLA_FLAGS']  # conftest's
+  assert sharding.split_cpu(3) is None
+  assert jax.device_count() == 8
+
+
+def test_launcher_splits_the_cpu_into_devices_and_fits_on_all_of_them(tmp_path):
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', f'--workdir={tmp_path}',
+                        '--stages=fit', '--cpu_devices=3', '--config.data.num_fields=9', '--config.fit.chunk_size=9',
+                        '--config.fit.steps=5', '--config.fit.shared_init_steps=5'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert 'computing on the CPU as 3 device(s)' in out.stdout
+  summary = json.loads((tmp_path / 'fields' / 'summary.json').read_text())
+  assert summary['num_devices'] == 3 and summary['num_fields'] == 9

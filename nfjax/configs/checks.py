@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
+
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError
@@ -110,7 +112,9 @@ def _train(config) -> None:
   micro = t.batch_size // t.grad_accum
   if micro % shards:
     raise ConfigError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be a multiple of the "
-                      f"{shards} batch shards of mesh {shape} (data x fsdp)")
+                      f"{shards} batch shards of mesh {shape} (data x fsdp): change train.batch_size or mesh.data"
+                      + ("; on a CPU, the launcher's --cpu_devices sets how many devices there are"
+                         if jax.default_backend() == 'cpu' else ''))
 
 
 def _sample(config) -> None:

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from nfjax import config as config_lib
 from nfjax import sharding
@@ -60,8 +60,11 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
 
   def fit_stack(params, feats, targets, keys, *extra):
     feats_axis = 0 if (points or feats.ndim == 3) else None
-    if formulation == 'stacked':
-      params, loss = stacked.fit_stack(spec, fit_cfg, steps, params, feats, targets, keys, per_step, points)
+    if formulation == 'stacked':  # each device fits its own fields: shard_map, no partitioner in the way
+      rows = sharding.logical_spec('fields')
+      local = lambda p, f, t, k: stacked.fit_stack(spec, fit_cfg, steps, p, f, t, k, per_step, points)
+      params, loss = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows if feats_axis == 0 else P(), rows, rows),
+                                   out_specs=(rows, rows))(params, feats, targets, keys)
     else:
       fit = lambda p, f, t, k: fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
       params, loss = jax.vmap(fit, in_axes=(0, feats_axis, 0, 0))(params, feats, targets, keys)

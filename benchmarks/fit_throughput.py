@@ -119,7 +119,7 @@ def _fitters(make, config, mesh):
   out = {}
   meshes = [('stacked', 'stacked', mesh), ('vmap', 'vmap', mesh)]
   if mesh.size > 1:
-    meshes.append(('vmap_one_device', 'vmap', sharding.make_mesh(config.mesh, devices=jax.devices()[:1])))
+    meshes.append(('vmap_one_device', 'vmap', sharding.make_mesh(config.mesh, jax.devices()[:1])))
   for name, form, m in meshes:
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -380,7 +380,7 @@ def main_shape(args):
   data = _shape_data(config, args)
   rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, per_core=True)
   fitters = _fitters(lambda c, m: modalities.get('shapes').make_fitter(spec, c, m, None), config, mesh)
   fitter = fitters['stacked']
   level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
@@ -444,7 +444,7 @@ def main_image(args):
   images = data.images
   n = len(images)
   targets = images.reshape(n, 784, 1)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, per_core=True)
   fitters = _fitters(lambda c, m: stack.StackFitter(
       spec, c, m, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
       per_step=int(c.fit.pixels_per_step)), config, mesh)

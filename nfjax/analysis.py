@@ -268,7 +268,7 @@ def fit_images(config, images, init: str = 'shared', shared_init=None, steps: in
 def make_fitter(config, shape: Sequence[int]):
   """The fit stage's StackFitter for image fields on the config's mesh (compiles once per (steps, fields))."""
   spec = mlp.FieldSpec.from_config(config.field)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, per_core=True)
   return StackFitter(spec, config, mesh, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(*shape))),
                      per_step=int(config.fit.pixels_per_step))
 

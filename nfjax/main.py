@@ -141,7 +141,8 @@ def main(argv):
                            "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
   if cpu_devices and jax.default_backend() == 'cpu':
     log('main', f"computing on the CPU as {cpu_devices} device(s)"
-                + (" (one per core; --cpu_devices=1 for a single one)" if cpu_devices > 1 else ''))
+                + (": the fit runs on all (one per core), the other stages on one that uses every core"
+                   if cpu_devices > 1 else ''))
   try:
     summaries = run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _REDO.value)
   except NfjaxError as e:

@@ -23,6 +23,7 @@ from nfjax.utils.logging import log
 MESH_AXES = ('data', 'fsdp', 'model')
 _WARNED: set = set()
 CPU_DEVICES_MAX = 8
+_PER_CORE_CPU = False  # set by split_cpu: this process's CPU devices are one per core
 
 # logical axis -> mesh axes (None = replicated).
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -58,19 +59,37 @@ def split_cpu(requested: int = 0) -> int | None:
 
   One CPU device runs every op on XLA's intra-op thread pool, which runs the many mid-size
   operations of a field fit poorly (the two threads of a 2-core machine reach about the speed of
-  one); with one device per core, each core runs its share of every chunk (benchmarks/RESULTS.md:
-  fit and train on cpu-2c). Only the CPU backend changes: on a GPU or TPU host the accelerators
-  are the devices either way. An explicit --xla_force_host_platform_device_count in XLA_FLAGS
-  wins (the tests set it). Returns the count set, or None when XLA_FLAGS decides."""
+  one); with one device per core, each core fits its share of every chunk. Only work sharded over
+  independent fields uses them (`devices(per_core=True)`: the fit); the rest (one transformer,
+  its samples) keeps one device per process, which uses every core through XLA's threads and
+  measured as fast or faster (benchmarks/RESULTS.md, issue 19). Only the CPU backend changes: on
+  a GPU or TPU host the accelerators are the devices either way. An explicit
+  --xla_force_host_platform_device_count in XLA_FLAGS wins (the tests set it): every stage then
+  uses every device. Returns the count set, or None when XLA_FLAGS decides."""
+  global _PER_CORE_CPU
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return None
   count = int(requested) or auto_cpu_devices()
   jax.config.update('jax_num_cpu_devices', count)
+  _PER_CORE_CPU = count > 1
   return count
 
 
+def devices(per_core: bool = False) -> list[jax.Device]:
+  """The devices a stage computes on: all of them, except on a CPU that `split_cpu` made one device
+  per core, where only `per_core` work (fields fitted independently) uses them all and the rest
+  one device per process."""
+  every = jax.devices()
+  if per_core or not _PER_CORE_CPU or every[0].platform != 'cpu':
+    return every
+  first = {}
+  for d in every:
+    first.setdefault(d.process_index, d)
+  return [first[p] for p in sorted(first)]
+
+
 def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, ...]:
-  n = jax.device_count() if num_devices is None else num_devices
+  n = len(devices()) if num_devices is None else num_devices
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   fills = [i for i, s in enumerate(sizes) if s == -1]
   if len(fills) > 1:
@@ -88,15 +107,16 @@ def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over the first prod(shape) devices (all of them when an axis is -1)."""
-  devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
-  used = devices[:math.prod(shape)]
-  if len(used) < len(devices) and (shape, len(devices)) not in _WARNED:
-    _WARNED.add((shape, len(devices)))
-    log('main', f"WARNING: mesh {dict(zip(MESH_AXES, shape))} uses {len(used)} of the {len(devices)} devices; "
-                f"{len(devices) - len(used)} stay idle (set one mesh axis to -1 to use them all)")
+def make_mesh(mesh_cfg, pool: Sequence[jax.Device] | None = None, per_core: bool = False) -> Mesh:
+  """A mesh over the first prod(shape) devices of `pool` (default `devices(per_core)`; all of them
+  when an axis is -1)."""
+  pool = list(pool if pool is not None else devices(per_core))
+  shape = mesh_shape(mesh_cfg, len(pool))
+  used = pool[:math.prod(shape)]
+  if len(used) < len(pool) and (shape, len(pool)) not in _WARNED:
+    _WARNED.add((shape, len(pool)))
+    log('main', f"WARNING: mesh {dict(zip(MESH_AXES, shape))} uses {len(used)} of the {len(pool)} devices; "
+                f"{len(pool) - len(used)} stay idle (set one mesh axis to -1 to use them all)")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=used)
 
 

@@ -165,13 +165,25 @@ def test_an_explicit_device_count_in_xla_flags_wins():
   assert jax.device_count() == 8
 
 
+def test_only_per_core_work_uses_every_device_of_a_split_cpu(monkeypatch):
+  mesh_cfg = {'data': -1, 'fsdp': 1, 'model': 1}
+  assert sharding.make_mesh(mesh_cfg).size == 8  # devices from XLA_FLAGS: every stage uses them all
+  monkeypatch.setattr(sharding, '_PER_CORE_CPU', True)  # as split_cpu leaves it
+  assert sharding.make_mesh(mesh_cfg, per_core=True).size == 8
+  assert sharding.make_mesh(mesh_cfg).size == 1 and sharding.devices() == [jax.devices()[0]]
+  assert sharding.mesh_shape(mesh_cfg) == (1, 1, 1)  # what the train checks divide the batch by
+
+
 def test_launcher_splits_the_cpu_into_devices_and_fits_on_all_of_them(tmp_path):
   env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', f'--workdir={tmp_path}',
-                        '--stages=fit', '--cpu_devices=3', '--config.data.num_fields=9', '--config.fit.chunk_size=9',
-                        '--config.fit.steps=5', '--config.fit.shared_init_steps=5'],
+                        '--stages=fit,tokenize,train', '--cpu_devices=3', '--config.data.num_fields=9',
+                        '--config.fit.chunk_size=9', '--config.fit.steps=5', '--config.fit.shared_init_steps=5',
+                        '--config.train.steps=3', '--config.train.warmup_steps=1'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
-  assert 'computing on the CPU as 3 device(s)' in out.stdout
+  assert 'computing on the CPU as 3 device(s): the fit runs on all' in out.stdout
   summary = json.loads((tmp_path / 'fields' / 'summary.json').read_text())
   assert summary['num_devices'] == 3 and summary['num_fields'] == 9
+  train = json.loads((tmp_path / 'transformer' / 'summary.json').read_text())
+  assert train['num_devices'] == 1  # one transformer: one device that uses every core

@@ -112,9 +112,7 @@ def _train(config) -> None:
   micro = t.batch_size // t.grad_accum
   if micro % shards:
     raise ConfigError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be a multiple of the "
-                      f"{shards} batch shards of mesh {shape} (data x fsdp): change train.batch_size or mesh.data"
-                      + ("; on a CPU, the launcher's --cpu_devices sets how many devices there are"
-                         if jax.default_backend() == 'cpu' else ''))
+                      f"{shards} batch shards of mesh {shape} (data x fsdp)")
 
 
 def _sample(config) -> None:

@@ -45,7 +45,7 @@ def run(config, workdir: str) -> dict:
 
   data = modality.load(config, workdir)
   n = len(data)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, per_core=True)
   fitter = modality.make_fitter(spec, config, mesh, data)
   chunk = int(config.fit.chunk_size)
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "

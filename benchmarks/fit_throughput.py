@@ -163,8 +163,9 @@ def _vmap_baseline(result: dict, timed: dict, n: int, flops: float, peak: float,
   new = timed['stacked'][0]
   diff = np.abs(new - q)
   result[f'{metric}_vs_vmap'] = result[f'{metric}_mean'] - result[f'baseline_vmap_{metric}_mean']
+  tol = {'psnr': 0.01, 'iou': 0.001}[metric]
   result[f'{metric}_abs_diff_per_field'] = {'mean': float(np.nanmean(diff)), 'p90': float(np.nanpercentile(diff, 90)),
-                                            'max': float(np.nanmax(diff))}
+                                            'max': float(np.nanmax(diff)), f'fraction_within_{tol:g}': float(np.mean(diff <= tol))}
 
 
 def torch_baseline(images: np.ndarray, shared: np.ndarray, spec: mlp.FieldSpec, epochs: int = 250):

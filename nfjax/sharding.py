@@ -61,8 +61,9 @@ def split_cpu(requested: int = 0) -> int | None:
   operations of a field fit poorly (the two threads of a 2-core machine reach about the speed of
   one); with one device per core, each core fits its share of every chunk. Only work sharded over
   independent fields uses them (`devices(per_core=True)`: the fit); the rest (one transformer,
-  its samples) keeps one device per process, which uses every core through XLA's threads and
-  measured as fast or faster (benchmarks/RESULTS.md, issue 19). Only the CPU backend changes: on
+  its samples) keeps one device per process, which uses every core through XLA's threads, was not
+  measurably slower (benchmarks/RESULTS.md, issue 19) and keeps those results independent of the
+  number of cores. Only the CPU backend changes: on
   a GPU or TPU host the accelerators are the devices either way. An explicit
   --xla_force_host_platform_device_count in XLA_FLAGS wins (the tests set it): every stage then
   uses every device. Returns the count set, or None when XLA_FLAGS decides."""

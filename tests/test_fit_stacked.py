@@ -81,10 +81,10 @@ def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg
   assert float(jnp.abs(jax.tree.leaves(ref_g)[0]).max()) > 1e-4  # the case really has a gradient
 
 
-def test_encode_minor_is_encode_transposed():
+def test_features_major_encoding_is_encode_transposed():
   spec = _spec(include_input=True, freqs=(1.0, 3.0), use_pi=True, in_dims=3)
   x = np.random.default_rng(1).uniform(-1, 1, (F, N, 3)).astype(np.float32)
-  np.testing.assert_allclose(stacked.encode_minor(spec, jnp.swapaxes(x, 1, 2)),
+  np.testing.assert_allclose(mlp.encode(spec, jnp.swapaxes(x, 1, 2), axis=-2),
                              jnp.swapaxes(mlp.encode(spec, jnp.asarray(x)), 1, 2), rtol=1e-6, atol=1e-6)
 
 

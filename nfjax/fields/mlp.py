@@ -109,8 +109,9 @@ class FieldSpec:
 # ---------------------------------------------------------------------------------------------
 # Encoding and forward pass.
 
-def encode(spec: FieldSpec, x: jax.Array) -> jax.Array:
-  """[..., in_dims] coordinates -> [..., encoded_dims] features.
+def encode(spec: FieldSpec, x: jax.Array, axis: int = -1) -> jax.Array:
+  """[..., in_dims] coordinates -> [..., encoded_dims] features (along `axis`: -2 takes [..., in_dims, n]
+  to [..., encoded_dims, n], the stacked fit's layout).
 
   Order (nerf-pytorch / NeF-GPT): [x] if include_input, then for each frequency f:
   sin(f x) (all input dims), cos(f x) (all input dims). f is multiplied by pi if use_pi.
@@ -120,7 +121,7 @@ def encode(spec: FieldSpec, x: jax.Array) -> jax.Array:
   for f in spec.freqs:
     feats.append(jnp.sin(f * scale * x))
     feats.append(jnp.cos(f * scale * x))
-  return jnp.concatenate(feats, axis=-1)
+  return jnp.concatenate(feats, axis=axis)
 
 
 def _act(spec: FieldSpec, h: jax.Array, first: bool) -> jax.Array:

@@ -24,7 +24,6 @@ and 'auto' (the default) picks per kind of field what measured faster (`resolve`
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +51,6 @@ def _layer(weight, bias, h, shared: bool):
   else:
     z = jnp.einsum('foi,fin->fon', weight, h)
   return z if bias is None else z + bias[..., None]
-
-
-def encode_minor(spec: mlp.FieldSpec, x):
-  """`mlp.encode` of coordinates laid out [..., d, n] -> features [..., E, n] (the same order)."""
-  scale = math.pi if spec.use_pi else 1.0
-  feats = [x] if spec.include_input else []
-  for f in spec.freqs:
-    feats += [jnp.sin(f * scale * x), jnp.cos(f * scale * x)]
-  return jnp.concatenate(feats, axis=-2)
 
 
 def forward(spec: mlp.FieldSpec, params, feats):
@@ -115,8 +105,8 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
   """Fit a stack of fields; the same result as `jax.vmap(fitting.fit_one | fitting.fit_points)`.
 
   Images (points=False): `inputs` are encoded features [n, E] shared by every field (or [F, n, E],
-  one set per field); target [F, n, out]. Points: raw coordinates [F, n, d] per field (encoded per drawn batch); target
-  [F, n] or [F, n, out]. keys [F]. Returns (params, final loss [F]).
+  one set per field); target [F, n, out]. Points: raw coordinates [F, n, d] per field (encoded per
+  drawn batch); target [F, n] or [F, n, out]. keys [F]. Returns (params, final loss [F]).
   """
   if target.ndim == 2:
     target = target[..., None]
@@ -134,13 +124,13 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
   def batch(step):
     if not subset:
       if points:
-        return encode_minor(spec, jnp.swapaxes(inputs, 1, 2)), target
+        return mlp.encode(spec, jnp.swapaxes(inputs, 1, 2), axis=-2), target
       return feats_all, target
     idx = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, step), (per_step,), 0, n))(keys)  # [F, k]
     t = jnp.take_along_axis(target, idx[:, None, :], axis=2)
     if points:
       x = jnp.take_along_axis(inputs, idx[..., None], axis=1)  # [F, k, d]
-      return encode_minor(spec, jnp.swapaxes(x, 1, 2)), t
+      return mlp.encode(spec, jnp.swapaxes(x, 1, 2), axis=-2), t
     if inputs.ndim == 3:
       return jnp.swapaxes(jnp.take_along_axis(inputs, idx[..., None], axis=1), 1, 2), t
     return jnp.swapaxes(inputs[idx], 1, 2), t  # [F, E, k]

@@ -50,7 +50,7 @@ say() { echo "[setup $(hostname)] $*"; }
 
 # 1. source ------------------------------------------------------------------------------------
 if [[ -n $TARBALL ]]; then
-  sum=$(sha256sum "$TARBALL" | cut -c1-64)
+  sum=$(gzip -dc "$TARBALL" | sha256sum | cut -c1-64)   # of the tar stream: a gzip header's timestamp is no change
   if [[ -f $SRC/.nfjax-source && $(cat "$SRC/.nfjax-source") == "$sum" ]]; then
     say "source: $SRC is already this tarball"
   else

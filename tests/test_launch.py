@@ -7,6 +7,7 @@ the run ends. tpu_worker_setup.sh runs twice against a stub Python to check that
 installs nothing. No network; ~5 s.
 """
 
+import gzip
 import os
 import shlex
 import subprocess
@@ -242,8 +243,10 @@ def test_worker_setup_is_idempotent(tmp_path):
   log = tmp_path / 'python.log'
   env = {**os.environ, 'HOME': str(home), 'NFJAX_PYTHON_BIN': str(fake), 'FAKEPY_LOG': str(log)}
 
-  def setup():
-    with tarfile.open(home / 'nfjax-src.tgz', 'w:gz') as t:
+  stamps = iter(range(1_700_000_000, 1_700_000_100))
+
+  def setup():  # every tarball's gzip header has a new timestamp, as a re-run of tpu.sh gives
+    with gzip.GzipFile(home / 'nfjax-src.tgz', 'wb', mtime=next(stamps)) as z, tarfile.open(fileobj=z, mode='w') as t:
       t.add(src, arcname='.')
     log.write_text('')
     p = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_worker_setup.sh'), '--tarball', 'nfjax-src.tgz',

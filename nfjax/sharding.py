@@ -63,10 +63,9 @@ def split_cpu(requested: int = 0) -> int | None:
   independent fields uses them (`devices(per_core=True)`: the fit); the rest (one transformer,
   its samples) keeps one device per process, which uses every core through XLA's threads, was not
   measurably slower (benchmarks/RESULTS.md, issue 19) and keeps those results independent of the
-  number of cores. Only the CPU backend changes: on
-  a GPU or TPU host the accelerators are the devices either way. An explicit
-  --xla_force_host_platform_device_count in XLA_FLAGS wins (the tests set it): every stage then
-  uses every device. Returns the count set, or None when XLA_FLAGS decides."""
+  number of cores. Only the CPU backend changes: on a GPU or TPU host the accelerators are the
+  devices either way. An explicit --xla_force_host_platform_device_count in XLA_FLAGS wins (the
+  tests set it): every stage then uses every device. Returns the count set, or None when XLA_FLAGS decides."""
   global _PER_CORE_CPU
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return None

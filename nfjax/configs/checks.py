@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-import jax
-
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError

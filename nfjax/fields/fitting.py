@@ -17,7 +17,6 @@ Two kinds of input:
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,6 +27,7 @@ from nfjax import config as cfg_utils
 
 LOSSES = ('bce', 'mse', 'l1')
 SCHEDULES = ('cosine', 'constant')
+FORMULATIONS = ('auto', 'stacked', 'vmap')  # of a stack's fit: nfjax/fields/stacked.py
 
 
 def validate(config) -> None:
@@ -41,7 +41,7 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
-  cfg_utils.check_choice(config, 'fit.formulation', ('auto', 'stacked', 'vmap'))
+  cfg_utils.check_choice(config, 'fit.formulation', FORMULATIONS)
   if config.fit.warmup_steps >= config.fit.steps:
     raise ConfigError(f"config key fit.warmup_steps={config.fit.warmup_steps} must be < fit.steps={config.fit.steps}")
 

@@ -25,7 +25,6 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from nfjax import config as config_lib
 from nfjax import sharding
-from nfjax.errors import ConfigError
 from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
@@ -53,8 +52,6 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
   (e.g. PSNR, IoU); loss is returned if None.
   The number of fields F must be a multiple of the mesh's field-axis size.
   """
-  if formulation not in stacked.FORMULATIONS:
-    raise ConfigError(f"config key fit.formulation={formulation!r} is not one of {stacked.FORMULATIONS}")
   formulation = stacked.resolve(formulation, points)
   fit_fn = fitting.fit_points if points else fitting.fit_one
 

@@ -29,15 +29,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nfjax.errors import ConfigError
 from nfjax.fields import fitting, mlp
-
-FORMULATIONS = ('auto', 'stacked', 'vmap')
 
 
 def resolve(formulation: str, points: bool) -> str:
   """`fit.formulation` -> the one used. 'auto' is what measured faster (benchmarks/RESULTS.md):
   'stacked' where every field shares its inputs (a grid: images), the reference 'vmap' for point
   fields (each field its own random points per step), where the stacked layout did not pay."""
+  if formulation not in fitting.FORMULATIONS:
+    choices = ', '.join(map(repr, fitting.FORMULATIONS))
+    raise ConfigError(f"config key fit.formulation={formulation!r} is not one of {choices}")
   if formulation == 'auto':
     return 'vmap' if points else 'stacked'
   return formulation
@@ -112,19 +114,17 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
     target = target[..., None]
   target = jnp.swapaxes(target.astype(jnp.float32), 1, 2)  # [F, out, n]
   n = target.shape[-1]
+  subset = 0 < per_step < n
   if points:
     inputs = inputs.astype(jnp.float32)
-    feats_all = None
+    feats_all = None if subset else mlp.encode(spec, jnp.swapaxes(inputs, 1, 2), axis=-2)  # encoded once
   else:
     feats_all = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 1, 2)  # [E, n] or [F, E, n]
   opt = fitting.make_optimizer(fit_cfg, steps)
   clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
-  subset = 0 < per_step < n
 
   def batch(step):
     if not subset:
-      if points:
-        return mlp.encode(spec, jnp.swapaxes(inputs, 1, 2), axis=-2), target
       return feats_all, target
     idx = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, step), (per_step,), 0, n))(keys)  # [F, k]
     t = jnp.take_along_axis(target, idx[:, None, :], axis=2)

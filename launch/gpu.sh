@@ -129,7 +129,10 @@ else
 fi
 
 # --- run -------------------------------------------------------------------------------------
-run "$PY" -m nfjax.main --config="$CONFIG" --workdir="$WORKDIR" --stages="$STAGES" ${EXTRA[@]+"${EXTRA[@]}"}
+# JAX's compilation cache in the workdir (a re-run or resumption skips compiling); the user's flags come
+# after it, so `-- --compile_cache=` turns it off.
+run "$PY" -m nfjax.main --config="$CONFIG" --workdir="$WORKDIR" --stages="$STAGES" \
+  --compile_cache="$WORKDIR/jax_cache" ${EXTRA[@]+"${EXTRA[@]}"}
 if [[ -n $BUCKET ]]; then
   run gcloud storage rsync --recursive "$WORKDIR" "$BUCKET/$RUN_NAME"
 fi

@@ -221,8 +221,12 @@ cmd_bootstrap() {
 cmd_run() {
   note "run: nfjax.main --distributed on every worker of $NAME, workdir $WORKDIR"
   local launcher remote
-  launcher=(-m nfjax.main --config="$CONFIG" --stages="$STAGES" --distributed ${EXTRA[@]+"${EXTRA[@]}"})
+  launcher=(-m nfjax.main --config="$CONFIG" --stages="$STAGES" --distributed)
   remote="cd ~/nfjax && mkdir -p $(remote_path "$WORKDIR") && ~/nfjax-venv/bin/python $(cmdline "${launcher[@]}")"
+  # JAX's compilation cache in the workdir (a re-run or resumption skips compiling); after it, the
+  # user's flags, so `-- --compile_cache=` turns it off.
+  remote+=" --compile_cache=$(remote_path "$WORKDIR")/jax_cache"
+  [[ ${#EXTRA[@]} -eq 0 ]] || remote+=" $(cmdline "${EXTRA[@]}")"
   remote+=" --workdir=$(remote_path "$WORKDIR") 2>&1 | tee -a $(remote_path "$WORKDIR")/launch.log"
   ssh_all "set -o pipefail; $remote"
 }

@@ -12,8 +12,8 @@ complete; leftovers of a killed save are ignored and cleaned up):
 Restores target the *current* mesh: pass abstract arrays carrying the shardings you want, and
 Orbax reshards (a run saved on 8 devices resumes on 1 or 2, and vice versa).
 
-`load_params(directory)` reads only the parameters onto one CPU (or any given) device, without a
-mesh, an optimizer or the training config: what the sample stage and notebooks use.
+`load_params(directory)` reads only the parameters onto one device (the default backend's first, or any
+given one), without a mesh, an optimizer or the training config: what the sample stage and notebooks use.
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ def newest_intact(steps: list[int], restore: Callable[[int], Any], directory: st
 def load_params(directory: str, step: int | None = None, device: jax.Device | None = None) -> tuple[dict, dict]:
   """(params, meta) of a checkpoint directory's `step` (default: the newest intact one) on one device.
 
-  device defaults to the first CPU device, so this works on any machine, whatever mesh the
-  checkpoint was written from. `meta['model']` is the model config dict: rebuild the model with
+  device defaults to the default backend's first device (`jax.devices()[0]`: the GPU or TPU where
+  there is one), whatever mesh the checkpoint was written from; pass `jax.devices('cpu')[0]` to read
+  onto the host. `meta['model']` is the model config dict: rebuild the model with
   `nfjax.models.build(meta['model'])` and call `.bind(params)`.
   """
   directory = os.path.abspath(directory)
@@ -115,7 +116,7 @@ def load_params(directory: str, step: int | None = None, device: jax.Device | No
     steps = list(mngr.all_steps())
     if not steps or (step is not None and int(step) not in steps):
       raise NfjaxError(f"no finished checkpoint {'' if step is None else f'for step {step} '}in {directory}")
-    target_sharding = SingleDeviceSharding(device or jax.devices('cpu')[0])
+    target_sharding = SingleDeviceSharding(device or jax.devices()[0])
 
     def restore(s):
       tree = mngr.item_metadata(s)['params']

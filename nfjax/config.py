@@ -46,12 +46,23 @@ def to_dict(config) -> dict:
   return config
 
 
+# Keys that choose how a result is computed, not the result (to float rounding): left out of every
+# fingerprint, so they may change between a run and its resumption, and a workdir made before they
+# existed is still the same config.
+NOT_FINGERPRINTED = ('model.attention',)
+
+
 def fingerprint(config, keys: Iterable[str]) -> dict:
-  """The parts of the config a stage's artifacts depend on, as a plain dict."""
+  """The parts of the config a stage's artifacts depend on, as a plain dict (NOT_FINGERPRINTED left out)."""
   out = {}
   for key in keys:
     value = get(config, key)
     out[key] = to_dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+  for skip in NOT_FINGERPRINTED:
+    section, _, leaf = skip.rpartition('.')
+    if isinstance(out.get(section), dict):
+      out[section].pop(leaf, None)
+    out.pop(skip, None)
   return json.loads(json.dumps(out, sort_keys=True, default=list))
 
 

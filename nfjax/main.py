@@ -1,7 +1,7 @@
 r"""nfjax launcher.
 
   python -m nfjax.main --config=configs/mnist.py:quick --workdir=/tmp/nfjax_quick \
-      [--stages=fit,tokenize] [--config.fit.steps=100] [--distributed]
+      [--stages=fit,tokenize] [--config.fit.steps=100] [--distributed] [--compile_cache=DIR]
 
 Runs the selected stages in pipeline order; each skips itself when WORKDIR already holds its
 finished result for the same config and resumes when it was interrupted.
@@ -40,6 +40,13 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 0, 'When JAX computes on the CPU: how many devices to make of it. 0 = one per core, at most 8 '
     '(a fit runs about twice as fast on 2 cores as on one device using both); 1 = one device using every core '
     '(JAX\'s default). GPU and TPU hosts are not affected.', lower_bound=0)
+_COMPILE_CACHE = flags.DEFINE_string(
+    'compile_cache', '', 'A directory for JAX\'s persistent compilation cache: a later run of the same program '
+    'reads its compiled executables instead of compiling again (launch/gpu.sh and tpu.sh pass WORKDIR/jax_cache). '
+    '"" = off.')
+_COMPILE_CACHE_MIN_SECS = flags.DEFINE_float(
+    'compile_cache_min_secs', 1.0, 'With --compile_cache: only compilations that took at least this long are '
+    'cached (quicker ones cost less to redo than to store).', lower_bound=0.0)
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU/GPU; set by launch/ scripts).')
 _COORDINATOR = flags.DEFINE_string(
@@ -74,6 +81,19 @@ def _check_multi_process(names: list[str], workdir: str) -> None:
         f"stage(s) {', '.join(blocked)} cannot run across {jax.process_count()} processes yet; the stages that "
         f"can are: {', '.join(MULTI_PROCESS_STAGES)}. Run {', '.join(blocked)} on one host without --distributed "
         f"(into the same workdir, or copy its directory there), then the rest with --distributed.")
+
+
+def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> None:
+  """Turn on JAX's persistent compilation cache in `directory` (created if missing). Call before
+  anything is compiled: executables compiled earlier are not written there."""
+  if not directory:
+    return
+  if '://' not in directory:
+    files.makedirs(directory)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_secs))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)   # every entry, however small
+  log('main', f"JAX compilation cache: {directory} (compilations of >= {min_compile_secs:g}s)")
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -133,6 +153,7 @@ def main(argv):
   if not _DISTRIBUTED.value and any(v is not None for v in explicit.values()):
     raise app.UsageError(f"{', '.join(k for k, v in explicit.items() if v is not None)} need --distributed")
   cpu_devices = sharding.split_cpu(_CPU_DEVICES.value)
+  enable_compile_cache(_COMPILE_CACHE.value, _COMPILE_CACHE_MIN_SECS.value)   # before anything compiles
   if _DISTRIBUTED.value:
     try:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

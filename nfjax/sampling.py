@@ -14,6 +14,7 @@ and over a grid of settings in one compiled call.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfjax import checkpoint, tokenizers
+from nfjax import checkpoint, models, tokenizers
 from nfjax.errors import NfjaxError
 from nfjax.io import tokens as token_io
 from nfjax.io import workdir as wd
@@ -65,19 +66,23 @@ def _pick_rows(logits, keys, step, temperature, top_k, top_p, allowed):
 
 def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
              top_p: jax.Array, num_new: int, allowed: jax.Array, use_cache: bool = True,
-             on_step: Callable | None = None) -> jax.Array:
+             on_step: Callable | None = None, max_len: int | None = None) -> jax.Array:
   """prompt int [B, T0] -> new tokens int [B, num_new]. Call inside jit (see `make_generate`).
 
   allowed: bool [V] or [num_new, V] — which ids may be generated at each new position.
   use_cache=False recomputes the whole prefix every step (NeF-GPT's way): the reference.
+  max_len: the positions the model works over (the cache length; the no-cache forward's length),
+  default T0 + num_new - 1 (what is needed). A longer one gives the same tokens at the cost per
+  token of longer sequences: benchmarks time a few tokens of a long sequence with it.
   """
   b, t0 = prompt.shape
   allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
   total = t0 + num_new
+  length = total - 1 if max_len is None else max(int(max_len), total - 1)
 
   if use_cache:
     # The last token is never fed back, so the cache (and the model's context) needs total - 1.
-    cache = model.init_cache(b, total - 1)
+    cache = model.init_cache(b, length)
     logits, cache = model.decode(prompt, cache, 0)
 
     def step(carry, i):
@@ -90,10 +95,10 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
     final = _pick_rows(last, keys, num_new - 1, temperature, top_k, top_p, allowed[num_new - 1])
     return jnp.concatenate([toks.T, final[:, None]], axis=1)
 
-  buf = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
+  buf = jnp.zeros((b, length + 1), jnp.int32).at[:, :t0].set(prompt)
 
   def step_nc(buf, i):
-    logits = model(buf[:, :total - 1] if total > 1 else buf)
+    logits = model(buf[:, :length] if length > 0 else buf)
     last = jax.lax.dynamic_index_in_dim(logits, t0 + i - 1, axis=1, keepdims=False)
     tok = _pick_rows(last, keys, i, temperature, top_k, top_p, allowed[i])
     return jax.lax.dynamic_update_index_in_dim(buf, tok, t0 + i, axis=1), tok
@@ -102,8 +107,9 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
   return toks.T
 
 
-def make_generate(model, num_new: int, use_cache: bool = True):
-  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed) -> tokens [B, num_new].
+def make_generate(model, num_new: int, use_cache: bool = True, max_len: int | None = None):
+  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed) -> tokens [B, num_new]
+  (`max_len`: see `generate`).
 
   The model is split into (graphdef, state) once; the compiled function takes the state as an
   argument so it is not baked into the executable as constants.
@@ -113,7 +119,8 @@ def make_generate(model, num_new: int, use_cache: bool = True):
   @jax.jit
   def fn(state, prompt, keys, temperature, top_k, top_p, allowed):
     m = nnx.merge(graphdef, state)
-    return generate(m, prompt, keys, temperature, top_k, top_p, num_new, allowed, use_cache=use_cache)
+    return generate(m, prompt, keys, temperature, top_k, top_p, num_new, allowed, use_cache=use_cache,
+                    max_len=max_len)
 
   def call(prompt, keys, temperature, top_k, top_p, allowed):
     return fn(state, prompt, keys, temperature, top_k, top_p, allowed)
@@ -202,11 +209,16 @@ def code_mask(vocab, num_new: int) -> jax.Array:
   return jnp.asarray(allowed)
 
 
-def load_generator(workdir: str, step: int | None = None):
+def load_generator(workdir: str, step: int | None = None, device: jax.Device | None = None,
+                   attention: str | None = None):
   """(model, token dataset, tokenizer, checkpoint meta) of a workdir with finished tokenize and train
-  stages; `step` picks a checkpoint (default: the latest)."""
+  stages; `step` picks a checkpoint (default: the latest). The parameters live on `device` (default:
+  `jax.devices()[0]`), and the jitted sampler of `make_generate` computes there. `attention`: how the
+  model computes attention (nfjax.models.gpt.ATTENTION; default 'auto')."""
   tokens = token_io.load(wd.path(workdir, wd.TOKENS))
-  mdef, params, meta = checkpoint.load_model(wd.path(workdir, wd.TRANSFORMER, 'checkpoints'), step)
+  mdef, params, meta = checkpoint.load_model(wd.path(workdir, wd.TRANSFORMER, 'checkpoints'), step, device)
+  if attention is not None and attention != mdef.cfg.attention:
+    mdef = models.build(dataclasses.replace(mdef.cfg, attention=attention))
   tokenizer = tokenizers.restore(wd.path(workdir, wd.TOKENIZER))
   if tokenizer.tokens_per_field != tokens.tokens_per_field:
     raise NfjaxError(f"the tokenizer in {workdir}/tokenizer makes {tokenizer.tokens_per_field} tokens per field but "

@@ -126,6 +126,7 @@ def test_tpu_all_dry_run(env):
   assert '--distributed' in words and '--config=configs/mnist.py:quick' in words
   assert '--config.train.steps=100' in words and '--stages=all' in words
   assert [w for w in words if w.startswith('--workdir=')] == ['--workdir=$HOME/nfjax_runs/quick']
+  assert words.index('--compile_cache=$HOME/nfjax_runs/quick/jax_cache') < words.index('--config.train.steps=100')
 
   sync_up, = find(cmds, 'ssh', '--worker=0')
   assert 'gs://bkt/runs/quick' in flag(cmds[sync_up], '--command')
@@ -211,6 +212,7 @@ def test_gpu_dry_run(env):
   assert launch[:3] == ['python3', '-m', 'nfjax.main'] and '--distributed' not in launch
   assert '--config=configs/mnist.py:quick' in launch and '--workdir=workdirs/quick' in launch
   assert launch[-1] == '--config.train.steps=5'
+  assert launch[-2] == '--compile_cache=workdirs/quick/jax_cache'    # on by default; a user's flag after it wins
   assert any('jax[cuda12]>=0.10.2,<0.11' in c for c in cmds)
   p = sh('gpu.sh', '--dry-run', '--workdir=gs://b/w', env=env, check=False)
   assert p.returncode == 2 and 'local file APIs' in p.stderr
@@ -290,3 +292,25 @@ def test_launcher_distributed_flags(tmp_path):
   assert p.returncode != 0 and 'elsewhere give --coordinator_address=HOST:PORT' in p.stderr
   assert 'Traceback' not in p.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_compile_cache_flag_fills_the_directory_and_is_reused(tmp_path):
+  """--compile_cache is applied before any stage runs; a program run twice with the cache writes its
+  executables there the first time and reads them the second (no new entries)."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  cache = tmp_path / 'cache'
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', '--stages=train',
+                      f'--workdir={tmp_path / "w"}', f'--compile_cache={cache}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and 'run the tokenize stage' in p.stderr    # nothing to train: no compile
+  assert cache.is_dir() and 'JAX compilation cache' in p.stdout + p.stderr
+  program = ('from nfjax import main; main.enable_compile_cache(%r, 0.0); import jax, jax.numpy as jnp; '
+             'print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))' % str(cache))
+  entries = []
+  for _ in range(2):
+    p = subprocess.run([sys.executable, '-c', program], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    entries.append(sorted(os.listdir(cache)))
+  assert any('jit__lambda' in e for e in entries[0])
+  assert entries[1] == entries[0]

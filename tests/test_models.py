@@ -273,3 +273,69 @@ def test_class_bias_adds_its_class_and_position_row_to_the_logits():
   np.testing.assert_array_equal(moved[:, 0], base[:, 0])       # before the class token: untouched
   for row, cls in ((0, 0), (1, 2)):
     np.testing.assert_allclose(moved[row, 1:] - base[row, 1:], np.asarray(bias)[cls, 1:10], atol=1e-5)
+
+
+# -- attention through jax.nn.dot_product_attention vs the einsum reference (issue 16) -------------
+
+@pytest.mark.parametrize('dtype,tol', [('float32', 2e-5), ('bfloat16', 5e-2)])
+def test_dot_product_attention_matches_the_einsum_path_forward_and_grad(dtype, tol):
+  """attention='xla' (jax.nn.dot_product_attention) gives the einsum path's logits and gradients."""
+  from nfjax.models.gpt import cross_entropy
+  cfg = dataclasses.replace(TINY, dtype=dtype, cond_position=1)
+  ref, params = _init(dataclasses.replace(cfg, attention='einsum'))
+  fast = models.build(dataclasses.replace(cfg, attention='xla'))
+  params = _with_random_cond(params)
+  tokens = _tokens(cfg)
+
+  def loss(mdef):
+    return jax.jit(jax.value_and_grad(
+        lambda p: cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
+  (la, ga), (lb, gb) = loss(ref)(params), loss(fast)(params)
+  assert abs(float(la) - float(lb)) < tol
+  a, b = np.asarray(_fwd(ref)(params, tokens)), np.asarray(_fwd(fast)(params, tokens))
+  np.testing.assert_allclose(b, a, atol=tol, rtol=tol)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    scale = max(float(np.abs(np.asarray(x)).max()), 1e-6)
+    np.testing.assert_allclose(np.asarray(y) / scale, np.asarray(x) / scale, atol=tol)
+
+
+@pytest.mark.parametrize('dtype,tol', [('float32', 2e-5), ('bfloat16', 5e-2)])
+def test_cached_decoding_with_dot_product_attention_matches_full_forward(dtype, tol):
+  """attention='xla' in cached decoding (cache + new tokens under a mask from their positions):
+  cached logits == uncached logits, and == the einsum path's cached logits."""
+  cfg = dataclasses.replace(TINY, dtype=dtype, attention='xla', position='rope')
+  mdef, params = _init(cfg)
+  ref = models.build(dataclasses.replace(cfg, attention='einsum'))
+  tokens = _tokens(cfg)
+  full = np.asarray(_fwd(mdef)(params, tokens))
+  dec = np.asarray(_decode_all(mdef, params, tokens, prefill=3, cache_len=cfg.block_size))
+  np.testing.assert_allclose(dec, full, atol=tol, rtol=tol)
+  np.testing.assert_allclose(dec, np.asarray(_decode_all(ref, params, tokens, prefill=3, cache_len=cfg.block_size)),
+                             atol=tol, rtol=tol)
+
+
+def test_attention_choice_is_not_part_of_the_saved_model():
+  """to_dict leaves `attention` out; a saved dict without it (every checkpoint before it existed)
+  loads with 'auto'; 'auto' is the einsum path on CPU; a bad value is one clear error."""
+  from nfjax.models import gpt
+  d = models.to_dict(dataclasses.replace(TINY, attention='xla'))
+  assert 'attention' not in d and models.config_from_dict(d).attention == 'auto'
+  assert gpt.attention_impl('auto', jnp.bfloat16, 8, cached=False) == 'einsum'   # tests run on CPU
+  assert gpt.attention_impl('cudnn', jnp.bfloat16, 8, cached=True) == 'xla'
+  with pytest.raises(ValueError, match='attention'):
+    dataclasses.replace(TINY, attention='flash')
+
+
+def test_model_attention_key_is_checked_and_left_out_of_the_train_fingerprint():
+  from conftest import load_config
+  from nfjax import config as config_lib
+  from nfjax.configs import checks
+  from nfjax.errors import ConfigError
+  from nfjax.stages import train
+  a, b = load_config(**{'model.attention': 'xla'}), load_config(**{'model.attention': 'einsum'})
+  assert config_lib.fingerprint(a, train.KEYS) == config_lib.fingerprint(b, train.KEYS)
+  assert 'attention' not in config_lib.fingerprint(a, train.KEYS)['model']
+  with pytest.raises(ConfigError, match='model.attention'):
+    checks.validate(load_config(**{'model.attention': 'flash'}), ('train',))
+  with pytest.raises(ConfigError, match="model.attention='cudnn' needs a GPU"):
+    checks.validate(load_config(**{'model.attention': 'cudnn'}), ('train',))

@@ -115,3 +115,49 @@ def test_bad_sample_configs_fail_clearly(pipeline, tmp_path):
     sample.run(_config(**{'sample.settings': ((3, 1.0),)}), str(tmp_path / 'b'))
   with pytest.raises(NfjaxError, match=r'empty/fields does not exist; the sample stage reads it: run the fit stage'):
     sample.run(_config(), str(tmp_path / 'empty'))      # the first missing input, with the stage that makes it
+
+
+def test_the_sampler_computes_on_the_device_it_is_given(pipeline, tmp_path, monkeypatch):
+  """Parameters, sampled tokens and the summary's device are the requested device (one of the 8 fake
+  CPU devices, not device 0), and the default is the default backend's first device."""
+  import jax
+  from nfjax import sampling
+  from nfjax.stages import sample
+  workdir, summaries = pipeline
+  assert summaries['sample']['device'] == str(jax.devices()[0])
+  target = jax.devices()[1]
+  model, _, _, _ = sampling.load_generator(workdir)
+  assert {d for leaf in jax.tree.leaves(nnx_state(model)) for d in leaf.devices()} == {jax.devices()[0]}
+  seen = {}
+  make_generate = sampling.make_generate
+
+  def spy(model, *args, **kwargs):   # what the stage's sampler holds and returns
+    seen['params'] = {d for leaf in jax.tree.leaves(nnx_state(model)) for d in leaf.devices()}
+    gen = make_generate(model, *args, **kwargs)
+    compile_for = gen.compile
+
+    def compile(*a):
+      exe = compile_for(*a)
+
+      def call(*b):
+        out = exe(*b)
+        seen.setdefault('outputs', set()).update(out.devices())
+        return out
+      return call
+    gen.compile = compile
+    return gen
+  monkeypatch.setattr(sampling, 'make_generate', spy)
+  other = str(tmp_path / 'w')
+  for d in ('fields', 'tokenizer', 'tokens', 'transformer'):
+    shutil.copytree(os.path.join(workdir, d), os.path.join(other, d))
+  s = sample.run(_config(), other, device=target)
+  assert seen['params'] == {target} and seen['outputs'] == {target}
+  assert s['device'] == str(target) and s['device_kind'] == target.device_kind
+  for name in ('topk3_t0.8', 'topk0_t1_p0.9'):   # the same samples as on device 0
+    np.testing.assert_array_equal(np.load(os.path.join(other, 'samples', name, 'tokens.npy')),
+                                  np.load(os.path.join(workdir, 'samples', name, 'tokens.npy')))
+
+
+def nnx_state(model):
+  from flax import nnx
+  return nnx.to_pure_dict(nnx.state(model))

@@ -24,12 +24,12 @@ def model():
   return m
 
 
-def _run(model, use_cache, temperature, top_k, top_p, b=6, ids=None, seed=0):
+def _run(model, use_cache, temperature, top_k, top_p, b=6, ids=None, seed=0, num_new=NEW, max_len=None):
   prompt = jnp.stack([jnp.full((b,), 17), 18 + jnp.arange(b) % 4], 1).astype(jnp.int32)
   ids = np.arange(b) if ids is None else ids
   keys = sampling.sample_keys(seed, 0, ids)
   allowed = jnp.arange(V) < CODES
-  gen = sampling.make_generate(model, NEW, use_cache=use_cache)
+  gen = sampling.make_generate(model, num_new, use_cache=use_cache, max_len=max_len)
   full = lambda x: jnp.full((b,), x)
   return np.asarray(gen(prompt, keys, full(temperature).astype(jnp.float32), full(top_k).astype(jnp.int32),
                         full(top_p).astype(jnp.float32), allowed))
@@ -40,6 +40,13 @@ def test_cache_and_no_cache_give_identical_tokens(model, temperature, top_k, top
   a = _run(model, True, temperature, top_k, top_p)
   b = _run(model, False, temperature, top_k, top_p)
   np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_a_longer_max_len_gives_the_same_first_tokens(model, use_cache):
+  """max_len (what benchmarks time a few tokens of a long sequence with) changes the cost, not the tokens."""
+  full = _run(model, True, 0.8, 3, 1.0)
+  np.testing.assert_array_equal(_run(model, use_cache, 0.8, 3, 1.0, num_new=5, max_len=T0 + NEW - 1), full[:, :5])
 
 
 def test_special_tokens_never_in_weight_slots(model):

@@ -152,14 +152,17 @@ def test_resume_on_a_different_device_count(reference, crashed, tmp_path):
   np.testing.assert_allclose([b[k] for k in range(1, 9)], [a[k] for k in range(1, 9)], rtol=2e-5)
 
 
-def test_params_only_loader_on_one_cpu_device(reference):
-  """load_model needs no mesh/optimizer/config; its params reproduce the stage's eval loss."""
+def test_params_only_loader_on_one_device(reference):
+  """load_model needs no mesh/optimizer/config; its params reproduce the stage's eval loss. They land
+  on the default backend's first device unless a device is asked for."""
   wd, s, _ = reference
-  mdef, params, meta = checkpoint.load_model(os.path.join(wd, 'transformer', 'checkpoints'))
+  ckpts = os.path.join(wd, 'transformer', 'checkpoints')
+  _, on_3, _ = checkpoint.load_model(ckpts, device=jax.devices()[3])
+  assert {d for leaf in jax.tree.leaves(on_3) for d in leaf.devices()} == {jax.devices()[3]}
+  mdef, params, meta = checkpoint.load_model(ckpts)
   assert meta['step'] == 8 and meta['data_position'] == 8 * 8
-  cpu0 = jax.devices('cpu')[0]
   for leaf in jax.tree.leaves(params):
-    assert leaf.sharding.device_set == {cpu0}
+    assert leaf.sharding.device_set == {jax.devices()[0]}
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, mdef.abstract_params)
   ds = token_data.load(os.path.join(wd, 'tokens'))
   val = jnp.asarray(ds.tokens[ds.val_idx])
@@ -295,3 +298,31 @@ def test_init_from_a_trained_checkpoint(reference, tmp_path):
   step, loss = trainer.run()['loss_history'][0]
   scratch = logged(ref_wd)
   assert step == 1 and loss < scratch[1] - 0.1 and abs(loss - scratch[8]) < 0.1
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+  """train.profile_num_steps > 0: a jax.profiler trace of that window lands in transformer/profile."""
+  import glob
+  make_tokens(str(tmp_path))
+  s = train.run(config(**MESH_1, **{'train.steps': 5, 'train.profile_start_step': 2, 'train.profile_num_steps': 2}),
+                str(tmp_path))
+  assert s['steps'] == 5
+  traces = glob.glob(os.path.join(str(tmp_path), 'transformer', 'profile', '**', '*.xplane.pb'), recursive=True)
+  assert traces and os.path.getsize(traces[0]) > 0
+  with pytest.raises(ConfigError, match='train.profile_num_steps'):
+    train.run(config(**{'train.profile_num_steps': -1}), str(tmp_path / 'bad'))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(tmp_path):
+  """model.dtype='bfloat16' is the matmuls' dtype only: parameters, Adam moments and checkpoints stay float32."""
+  cfg, task = _tiny_task(tmp_path, **MESH_1, **{'model.dtype': 'bfloat16'})
+  from nfjax import sharding
+  trainer = trainer_lib.Trainer(task, cfg.train, sharding.make_mesh(cfg.mesh), 0)
+  state = trainer.init_state()
+  for step in range(2):
+    state, m = trainer.step(state, trainer.stream.batch(step))
+  assert np.isfinite(float(m['loss']))
+  floats = [x for x in jax.tree.leaves((state['params'], state['opt_state'])) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floats) > len(jax.tree.leaves(state['params'])) and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+  logits = task.model.bind(state['params'])(jnp.asarray(task.train['tokens'][:2, :-1]))
+  assert logits.dtype == jnp.float32

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
+
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError
@@ -88,11 +90,17 @@ def _train(config) -> None:
     raise ConfigError(f"model.position='rope' needs an even head dimension; embed_dim/num_heads = "
                       f"{m.embed_dim // m.num_heads}")
   config_lib.check_choice(config, 'model.dtype', tuple(gpt_lib.DTYPES))
+  if 'attention' in m:
+    config_lib.check_choice(config, 'model.attention', gpt_lib.ATTENTION)
+    if m.attention == 'cudnn' and jax.default_backend() != 'gpu':
+      raise ConfigError(f"config key model.attention='cudnn' needs a GPU (this backend is {jax.default_backend()}); "
+                        f"use 'auto', 'xla' or 'einsum'")
   config_lib.check_choice(config, 'model.regression_loss', LOSSES)
   for key in ('train.steps', 'train.batch_size', 'train.lr', 'train.grad_accum', 'train.eval_every',
               'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints'):
     config_lib.check_positive(config, key)
-  for key in ('train.warmup_steps', 'train.end_lr', 'train.weight_decay', 'train.grad_clip', 'train.eps'):
+  for key in ('train.warmup_steps', 'train.end_lr', 'train.weight_decay', 'train.grad_clip', 'train.eps') + tuple(
+      k for k in ('train.profile_start_step', 'train.profile_num_steps') if k.split('.')[1] in t):
     config_lib.check_positive(config, key, allow_zero=True)
   config_lib.check_positive(config, 'train.decay_steps', allow_minus_one=True)
   config_lib.check_positive(config, 'train.eval_batches', allow_minus_one=True)

@@ -119,6 +119,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.model.ln_eps = 1e-5
   c.model.init_std = 0.02
   c.model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (params stay float32)
+  # How attention is computed: auto (cuDNN flash attention for training on a GPU in bf16, else einsum) |
+  # einsum (the reference; the faster on CPU) | xla | cudnn (jax.nn.dot_product_attention). All agree to
+  # float rounding: not in the train stage's fingerprint, nor in checkpoints (nfjax/models/gpt.py).
+  c.model.attention = 'auto'
   c.model.regression_loss = 'l1'   # regression transformer only: l1 (NeF-GPT's code) | mse
 
   c.train = ml_collections.ConfigDict()
@@ -143,6 +147,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.async_checkpoints = True
   c.train.init_from = ''           # a checkpoints/ dir to start the parameters from (fresh optimiser)
+  # A jax.profiler trace of train steps [profile_start_step, + profile_num_steps) into
+  # WORKDIR/transformer/profile (TensorBoard's profile plugin, Perfetto); 0 steps = off.
+  c.train.profile_start_step = 10
+  c.train.profile_num_steps = 0
 
   # sample: transformer/ + tokenizer/ -> samples/ (nfjax/stages/sample.py, nfjax/sampling.py).
   c.sample = ml_collections.ConfigDict()

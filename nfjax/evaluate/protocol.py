@@ -270,7 +270,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
       'per_sample_files': per_sample_files, 'notes': notes,
       'timings': {k: float(v) for k, v in timings.items()},
       'seconds': float(time.perf_counter() - t_start),
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': int(mesh.size),
+      'device_kind': mesh.devices.flat[0].device_kind, 'num_devices': int(mesh.size),
   }
   stage.write_summary(summary)
   summary = stage.summary  # as a re-run returns it (JSON types)

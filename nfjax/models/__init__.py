@@ -48,7 +48,12 @@ __all__ = ['GPT', 'GPTConfig', 'KVCache', 'ModelDef', 'RegressionConfig', 'Regre
 
 
 def to_dict(cfg: TransformerConfig) -> dict:
-  return {'kind': cfg.kind, **dataclasses.asdict(cfg)}
+  """The model config as saved (model.json, checkpoint meta). `attention` is left out: how attention
+  is computed is not part of the model (all ways agree to float rounding), so a model trained with
+  cuDNN attention on a GPU loads with the default ('auto') on a CPU."""
+  d = {'kind': cfg.kind, **dataclasses.asdict(cfg)}
+  d.pop('attention')
+  return d
 
 
 def config_from_dict(d: dict) -> TransformerConfig:

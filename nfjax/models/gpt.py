@@ -33,6 +33,13 @@ time does not grow with depth; the KV cache is stacked the same way.
 
 Numerics: parameters are float32; `dtype` ('float32' | 'bfloat16') is the compute dtype of the
 matmuls. LayerNorm statistics, attention softmax and logits are always float32.
+
+Attention (`attention`, see `attention_impl`): 'einsum' is the reference (two einsums and a float32
+softmax, written out below); 'xla' and 'cudnn' go through `jax.nn.dot_product_attention` with that
+implementation (cuDNN flash attention needs a GPU and bf16/fp16); 'auto' (the default) picks by the
+backend at trace time: cuDNN for training on a GPU in bf16 when the head dimension suits it, else
+the einsum path, which was the faster one on CPU (benchmarks/RESULTS.md, issue 16). All agree to
+float rounding, so the choice is not part of the model: checkpoints and fingerprints omit it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from flax import nnx
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 POSITIONS = ('learned', 'rope')
+ATTENTION = ('auto', 'einsum', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,7 @@ class TransformerConfig:
   ln_eps: float = 1e-5
   init_std: float = 0.02
   dtype: str = 'float32'
+  attention: str = 'auto'     # how attention is computed (ATTENTION); not part of the model (see to_dict)
 
   def __post_init__(self):
     if self.embed_dim % self.num_heads:
@@ -75,6 +84,8 @@ class TransformerConfig:
       raise ValueError(f"rope needs an even head dimension, got {self.head_dim}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
 
   @property
   def head_dim(self) -> int:
@@ -126,6 +137,48 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., :half], xf[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+def attention_impl(choice: str, dtype, head_dim: int, cached: bool) -> str:
+  """'einsum' | 'xla' | 'cudnn': what `choice` (TransformerConfig.attention) means here, at trace time.
+
+  'auto': cuDNN flash attention for the full causal forward (training, the no-cache sampler) on a GPU
+  in bfloat16 with a head dimension cuDNN takes (a multiple of 8, at most 128); the einsum path
+  everywhere else (on CPU it was faster than XLA's dot_product_attention, see benchmarks/RESULTS.md).
+  Cached decoding never uses cuDNN ('cudnn' means 'xla' there): one new query per step is not
+  what flash attention is for, and the cache would need another layout.
+  """
+  if choice == 'auto':
+    flash = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0
+             and head_dim <= 128)
+    return 'cudnn' if flash and not cached else 'einsum'
+  if choice == 'cudnn' and cached:
+    return 'xla'
+  return choice
+
+
+def attend_fast(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                implementation: str) -> jax.Array:
+  """`attend` through jax.nn.dot_product_attention ('xla': the same mask by position; 'cudnn': its
+  causal mask, valid for the full forward where q_pos = k_pos = 0..T-1)."""
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+  mask = k_pos[None, None, None, :] <= q_pos[:, None, :, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+
+
+def attend_cached_fast(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,
+                       q_pos: jax.Array) -> jax.Array:
+  """`attend_cached` through jax.nn.dot_product_attention (XLA): the cache, moved to [B, S, H, K], and
+  the new keys side by side, under a mask built from the positions (cache slots before the first
+  new position; the new tokens causally)."""
+  dt = q.dtype
+  keys = jnp.concatenate([ck.astype(dt).transpose(0, 2, 1, 3), k], axis=1)     # [B, S + T, H, K]
+  values = jnp.concatenate([cv.astype(dt).transpose(0, 2, 1, 3), v.astype(dt)], axis=1)
+  earlier = jnp.arange(ck.shape[2])[None, None, None, :] < q_pos[:, None, :1, None]
+  causal = q_pos[:, None, None, :] <= q_pos[:, None, :, None]
+  mask = jnp.concatenate([jnp.broadcast_to(earlier, (q.shape[0], 1, q.shape[1], ck.shape[2])), causal], axis=-1)
+  return jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation='xla')
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -240,6 +293,8 @@ class Blocks(nnx.Module):
     params = self._stacked()
     layer_ids = jnp.arange(cfg.num_layers)
 
+    impl = attention_impl(cfg.attention, dt, cfg.head_dim, cached=cache is not None)
+
     def block(x, p, layer, ck, cv):
       key = None if rng is None else jax.random.fold_in(rng, layer)
       h = layer_norm(x, p['ln1_scale'], p.get('ln1_bias'), cfg.ln_eps) if cfg.block_norm else x
@@ -250,9 +305,11 @@ class Blocks(nnx.Module):
       if cfg.position == 'rope':
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
       if ck is None:
-        a = attend(q, k, v, positions, jnp.arange(x.shape[1]))
+        k_pos = jnp.arange(x.shape[1])
+        a = attend(q, k, v, positions, k_pos) if impl == 'einsum' else attend_fast(q, k, v, positions, k_pos, impl)
       else:
-        a = attend_cached(q, k, v, ck, cv, positions)
+        a = attend_cached(q, k, v, ck, cv, positions) if impl == 'einsum' else attend_cached_fast(q, k, v, ck, cv,
+                                                                                                   positions)
       a = jnp.einsum('bthk,hkd->btd', a, p['out_kernel'].astype(dt))
       if 'out_bias' in p:
         a = a + p['out_bias'].astype(dt)

@@ -49,7 +49,7 @@ def run(config, workdir: str) -> dict:
   fitter = modality.make_fitter(spec, config, mesh, data)
   chunk = int(config.fit.chunk_size)
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "
-             f"{mesh.size} {jax.devices()[0].device_kind} device(s); {config.fit.steps} steps per field; "
+             f"{mesh.size} {mesh.devices.flat[0].device_kind} device(s); {config.fit.steps} steps per field; "
              f"init={config.fit.init}; {fitter.formulation} fit")
   arrays, refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows,
                                                              np.asarray(data.labels), np.asarray(data.source_index),
@@ -92,7 +92,7 @@ def _finish(stage, config, spec: mlp.FieldSpec, quality, arrays, refit, fitted_n
       'fields_fitted_this_run': int(fitted_now),
       'fields_per_sec': float(fitted_now / fit_seconds) if fit_seconds > 0 and fitted_now else float('nan'),
       'seconds': float(seconds), 'compile_seconds': float(compile_seconds),
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': int(mesh.size),
+      'device_kind': mesh.devices.flat[0].device_kind, 'num_devices': int(mesh.size),
       'steps_per_field': int(config.fit.steps), 'init': config.fit.init, 'source': source,
       'num_refitted': int(len(refit['ids'])) if refit is not None else 0,
       **extra,

@@ -15,7 +15,8 @@ WORKDIR/samples/ (nfjax/io/samples.py):
   <name>/weights.npy            float32 [S, P] decoded weight vectors (layout of fields/meta.json)
   <name>/labels.npy             int32 [S]      conditioning class
   <name>/...                    the modality's pictures (grid.png, meshes)
-  summary.json                  num_samples, tokens_per_sec, seconds, settings (written last)
+  summary.json                  written last: num_samples, tokens_per_sec, seconds, settings, device_kind and
+                                device (where the sampler ran: `run(device=)`, default jax.devices()[0])
 Finished settings are written atomically and skipped on resume; new tokens, tokenizer or
 transformer (another digest of their summaries) clear samples/ and sample again.
 """
@@ -46,7 +47,8 @@ def setting_name(top_k: int, temperature: float, top_p: float) -> str:
   return name + (f"_p{float(top_p):g}" if float(top_p) < 1.0 else '')
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
+  """The sample stage, computing on `device` (default: the default backend's first device)."""
   t_start = time.perf_counter()
   checks.validate(config, (STAGE,))
   for d in wd.STAGES[STAGE][1]:
@@ -57,7 +59,9 @@ def run(config, workdir: str) -> dict:
     log(STAGE, f"already finished in {stage.path} ({done['num_samples']} samples); skipping")
     return done
 
-  model, tokens, tokenizer, _ = sampling.load_generator(workdir)
+  device = device or jax.devices()[0]
+  model, tokens, tokenizer, _ = sampling.load_generator(workdir, device=device,
+                                                        attention=str(config.model.get('attention', 'auto')))
   fields = field_io.load(wd.path(workdir, wd.FIELDS), mmap=True)
   spec = mlp.FieldSpec.from_dict(fields.meta['field'])
   output = modalities.for_fields(fields, config).sample_output(config, fields, spec)
@@ -88,7 +92,7 @@ def run(config, workdir: str) -> dict:
     sample_io.write_setting(workdir, st['name'], out, weights, labels)   # weights last: the setting is done
 
   log(STAGE, f"{len(settings)} setting(s) x {n} samples, {num_new} tokens each, batch {batch}, "
-             f"{'KV cache' if s.use_cache else 'no cache'}")
+             f"{'KV cache' if s.use_cache else 'no cache'}, on {device.device_kind} ({device})")
   todo = [(i, st) for i, st in enumerate(settings) if not sample_io.setting_done(workdir, st['name'])]
   if beam > 0 and todo and 'beam_width' in todo[-1][1]:   # the most likely field of each class
     st = todo.pop()[1]
@@ -132,7 +136,7 @@ def run(config, workdir: str) -> dict:
       'samples_per_setting': n,
       'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
       'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),
-      'tokens_per_sample': num_new, 'device_kind': jax.devices()[0].device_kind,
+      'tokens_per_sample': num_new, 'device_kind': device.device_kind, 'device': str(device),
       **output.summary(stage, settings),
   }
   stage.write_summary(summary)

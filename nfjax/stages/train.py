@@ -64,7 +64,7 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
              + (f", vocab {mdef.cfg.vocab_size}" if task.name == 'gpt' else '') + f", {mdef.cfg.dtype}); "
              f"{task.info['num_train']} train / {task.info['num_val']} val sequences; {t.steps} steps of batch "
              f"{t.batch_size} ({task.tokens_per_example * t.batch_size:,} tokens); mesh {dict(mesh.shape)} of "
-             f"{jax.devices()[0].device_kind}")
+             f"{mesh.devices.flat[0].device_kind}")
   trainer = Trainer(task, t, mesh, int(config.seed), stage.path, model_meta=model_meta)
   res = trainer.run(hooks)
   train_loss = res['train_loss']
@@ -82,7 +82,7 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
       'final_lr': float(trainer.schedule(res['steps'])), 'resumed_from': res['resumed_from'],
       'steps_this_run': res['steps_this_run'], 'train_seconds': res['train_seconds'],
       'compile_seconds': res['compile_seconds'], 'seconds': time.perf_counter() - t_start,
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': int(mesh.size), 'mesh': dict(mesh.shape),
+      'device_kind': mesh.devices.flat[0].device_kind, 'num_devices': int(mesh.size), 'mesh': dict(mesh.shape),
       'checkpoint_dir': stage.file('checkpoints'),
   }
   if task.name == 'regression':

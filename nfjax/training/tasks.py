@@ -39,7 +39,8 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
   common = dict(num_layers=int(m.num_layers), num_heads=int(m.num_heads), embed_dim=int(m.embed_dim),
                 mlp_ratio=int(m.mlp_ratio), dropout=float(m.dropout), block_norm=not bool(m.nef_gpt_parity),
                 position=str(m.position), rope_base=float(m.rope_base), bias=bool(m.bias),
-                ln_eps=float(m.ln_eps), init_std=float(m.init_std), dtype=str(m.dtype))
+                ln_eps=float(m.ln_eps), init_std=float(m.init_std), dtype=str(m.dtype),
+                attention=str(m.get('attention', 'auto')))
   if m.kind == 'gpt':
     need = seq_len - 1
     block = need if m.block_size == -1 else int(m.block_size)

@@ -312,6 +312,7 @@ class Trainer:
       ckpt = ckpt_lib.Checkpointer(files.join(self.directory, 'checkpoints'), keep=int(self.t.keep_checkpoints),
                                    async_save=bool(self.t.async_checkpoints))
     writer = None
+    self._profile = None
     try:
       state, start = self._restore_or_init(ckpt)
       if start:
@@ -321,6 +322,8 @@ class Trainer:
         writer = MetricsWriter(self.directory)
       return self._run(state, start, ckpt, writer, list(hooks), t_start)
     finally:
+      if self._profile is not None:
+        self._profile.close()
       if writer is not None:
         writer.close()
       if ckpt is not None:
@@ -366,13 +369,16 @@ class Trainer:
           window.clear()
 
     pending = None
+    profile = self._profile = ProfileWindow(t, start, total, self.directory)   # closed by run() whatever happens
     for step in range(start, total):
+      excluded += profile.before(step)
       batch = self.put(self.stream.batch(step))
       state, metrics = self._step_fn(state, batch)
       done = step + 1
       if pending is not None:
         consume(*pending)
       pending = (done, metrics)
+      excluded += profile.after(done, state)
       for hook in hooks:
         hook(done, self)
       do_eval = self.eval_data and (done % t.eval_every == 0 or done == total)
@@ -406,6 +412,43 @@ class Trainer:
         'train_seconds': train_seconds, 'compile_seconds': self.compile_seconds,
         'seconds': time.perf_counter() - t_start, 'loss_history': loss_history,
     }
+
+
+class ProfileWindow:
+  """A jax.profiler trace of train steps [profile_start_step, + profile_num_steps) (config.train; 0 steps
+  = off) into DIRECTORY/profile (TensorBoard's profile plugin or Perfetto read it). The trace is
+  started before the first step of the window is dispatched and stopped once its last step has
+  finished; the seconds spent writing it are returned so tokens/s leaves them out."""
+
+  def __init__(self, t, start: int, total: int, directory: str | None):
+    first, num = int(t.get('profile_start_step', 0)), int(t.get('profile_num_steps', 0))
+    self.lo, self.hi = max(first, start), min(first + num, total)
+    self.on = num > 0 and directory is not None and self.lo < self.hi
+    self.path = files.join(directory, 'profile') if directory is not None else None
+    self.tracing = False
+
+  def before(self, step: int) -> float:
+    if self.on and step == self.lo:
+      t0 = time.perf_counter()
+      jax.profiler.start_trace(self.path)
+      self.tracing = True
+      return time.perf_counter() - t0
+    return 0.0
+
+  def after(self, done: int, state) -> float:
+    if self.tracing and done == self.hi:
+      t0 = time.perf_counter()
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      log(STAGE, f"profiled steps {self.lo + 1}..{self.hi} -> {self.path}")
+      return time.perf_counter() - t0
+    return 0.0
+
+  def close(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
 
 
 def _truncate_metrics(path: str, step: int) -> None:

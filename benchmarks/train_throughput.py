@@ -1,7 +1,10 @@
 r"""Train-step throughput of the GPT: nfjax's sharded, donated step vs a plain jitted step.
 
   python benchmarks/train_throughput.py [--embed_dim=128 --num_layers=2 --num_heads=2]
-      [--batch_size=8 --seq_len=563 --vocab_size=257] [--steps=10] [--dtype=float32|bfloat16]
+      [--batch_size=8 --seq_len=563 --vocab_size=257] [--steps=12] [--dtype=float32|bfloat16]
+      [--attention=auto|einsum|xla|cudnn] [--parity_blocks]
+  python benchmarks/train_throughput.py --parity    # the MNIST parity GPT (240 wide, 12 heads, 8 layers,
+                                                    # vocab 256, batch 64, bf16): the GPU/TPU figure
 
 Measured in one run, on the same synthetic token sequences ([SOS, class, weights], random ids):
 
@@ -37,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from nfjax import models, sharding  # noqa: E402
+from nfjax.models import gpt  # noqa: E402
 from nfjax.training import tasks  # noqa: E402
 from nfjax.training import trainer as trainer_lib  # noqa: E402
 from nfjax.utils import perf  # noqa: E402
@@ -74,8 +78,15 @@ def main():
   ap.add_argument('--steps', type=int, default=12, help='timed steps per variant (in 3 alternating rounds)')
   ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   ap.add_argument('--parity_blocks', action='store_true', help="NeF-GPT's blocks (no block LayerNorm), tied")
+  ap.add_argument('--parity', action='store_true', help="the MNIST parity GPT and batch: width 240, 12 heads, "
+                  "8 layers, vocab 256, batch 64, bfloat16, NeF-GPT's blocks")
+  ap.add_argument('--attention', default='auto', choices=('auto', 'einsum', 'xla', 'cudnn'),
+                  help='model.attention (auto: cuDNN flash attention on a GPU in bf16, else einsum)')
   ap.add_argument('--skip_plain', action='store_true')
   args = ap.parse_args()
+  if args.parity:
+    args.embed_dim, args.num_heads, args.num_layers, args.vocab_size = 240, 12, 8, 256
+    args.batch_size, args.dtype, args.parity_blocks = 64, 'bfloat16', True
 
   device = jax.devices()[0]
   on_cpu = device.platform == 'cpu'
@@ -86,7 +97,8 @@ def main():
   c = make_train_config(args)
   cfg = models.GPTConfig(num_layers=args.num_layers, num_heads=args.num_heads, embed_dim=args.embed_dim,
                          block_size=args.seq_len - 1, vocab_size=args.vocab_size, dtype=args.dtype,
-                         block_norm=not args.parity_blocks, tie_embeddings=args.parity_blocks)
+                         block_norm=not args.parity_blocks, tie_embeddings=args.parity_blocks,
+                         attention=args.attention)
   mdef = models.build(cfg)
   rng = np.random.default_rng(0)
   data = rng.integers(0, args.vocab_size, (max(4 * args.batch_size, 64), args.seq_len)).astype(np.int32)
@@ -171,10 +183,12 @@ def main():
   achieved = sharded_tps * flops_token
   out = {
       'benchmark': 'train_throughput', 'device_kind': device.device_kind, 'platform': device.platform,
+      'jax': jax.__version__,
       'num_devices': int(mesh.size), 'mesh': dict(mesh.shape), 'cpu_count': os.cpu_count(),
       'model': {'embed_dim': args.embed_dim, 'num_layers': args.num_layers, 'num_heads': args.num_heads,
                 'vocab_size': args.vocab_size, 'seq_len': args.seq_len, 'params': mdef.num_params,
-                'dtype': args.dtype, 'parity_blocks': args.parity_blocks},
+                'dtype': args.dtype, 'parity_blocks': args.parity_blocks, 'attention': args.attention,
+                'attention_used': gpt.attention_impl(args.attention, cfg.compute_dtype, cfg.head_dim, cached=False)},
       'batch_size': args.batch_size, 'grad_accum': args.grad_accum, 'tokens_per_step': tokens_per_step,
       'timed_steps': rounds * per_round, 'rounds': rounds,
       'tokens_per_sec': sharded_tps, 'step_ms': sharded_s * 1e3, 'compile_seconds': compile_s,

@@ -102,8 +102,8 @@ def newest_intact(steps: list[int], restore: Callable[[int], Any], directory: st
 def load_params(directory: str, step: int | None = None, device: jax.Device | None = None) -> tuple[dict, dict]:
   """(params, meta) of a checkpoint directory's `step` (default: the newest intact one) on one device.
 
-  device defaults to the default backend's first device (`jax.devices()[0]`: the GPU or TPU where
-  there is one), whatever mesh the checkpoint was written from; pass `jax.devices('cpu')[0]` to read
+  device defaults to the default backend's first device of this process (`jax.local_devices()[0]`:
+  a GPU or TPU where there is one), whatever mesh the checkpoint was written from; pass `jax.devices('cpu')[0]` to read
   onto the host. `meta['model']` is the model config dict: rebuild the model with
   `nfjax.models.build(meta['model'])` and call `.bind(params)`.
   """
@@ -116,7 +116,7 @@ def load_params(directory: str, step: int | None = None, device: jax.Device | No
     steps = list(mngr.all_steps())
     if not steps or (step is not None and int(step) not in steps):
       raise NfjaxError(f"no finished checkpoint {'' if step is None else f'for step {step} '}in {directory}")
-    target_sharding = SingleDeviceSharding(device or jax.devices()[0])
+    target_sharding = SingleDeviceSharding(device or jax.local_devices()[0])
 
     def restore(s):
       tree = mngr.item_metadata(s)['params']

@@ -341,9 +341,11 @@ class Sampler:
   does not recompile; a new number of samples does (once).
   """
 
-  def __init__(self, workdir: str, step: int | None = None, use_cache: bool = True):
+  def __init__(self, workdir: str, step: int | None = None, use_cache: bool = True, device=None):
+    """device: where the model lives and samples (default: the default backend's first device;
+    `jax.devices('cpu')[0]` keeps it on the host, e.g. beside a busy GPU)."""
     self.workdir = workdir
-    self.model, self.tokens, self.tokenizer, self.meta = sampling.load_generator(workdir, step)
+    self.model, self.tokens, self.tokenizer, self.meta = sampling.load_generator(workdir, step, device=device)
     fmeta = files.read_json(wd.path(workdir, wd.FIELDS, 'meta.json'))
     self.spec = mlp.FieldSpec.from_dict(fmeta['field'])
     self.shape = tuple(fmeta['image_shape'])

@@ -213,7 +213,7 @@ def load_generator(workdir: str, step: int | None = None, device: jax.Device | N
                    attention: str | None = None):
   """(model, token dataset, tokenizer, checkpoint meta) of a workdir with finished tokenize and train
   stages; `step` picks a checkpoint (default: the latest). The parameters live on `device` (default:
-  `jax.devices()[0]`), and the jitted sampler of `make_generate` computes there. `attention`: how the
+  `jax.local_devices()[0]`), and the jitted sampler of `make_generate` computes there. `attention`: how the
   model computes attention (nfjax.models.gpt.ATTENTION; default 'auto')."""
   tokens = token_io.load(wd.path(workdir, wd.TOKENS))
   mdef, params, meta = checkpoint.load_model(wd.path(workdir, wd.TRANSFORMER, 'checkpoints'), step, device)

@@ -16,7 +16,7 @@ WORKDIR/samples/ (nfjax/io/samples.py):
   <name>/labels.npy             int32 [S]      conditioning class
   <name>/...                    the modality's pictures (grid.png, meshes)
   summary.json                  written last: num_samples, tokens_per_sec, seconds, settings, device_kind and
-                                device (where the sampler ran: `run(device=)`, default jax.devices()[0])
+                                device (where the sampler ran: `run(device=)`, default jax.local_devices()[0])
 Finished settings are written atomically and skipped on resume; new tokens, tokenizer or
 transformer (another digest of their summaries) clear samples/ and sample again.
 """
@@ -59,7 +59,7 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     log(STAGE, f"already finished in {stage.path} ({done['num_samples']} samples); skipping")
     return done
 
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   model, tokens, tokenizer, _ = sampling.load_generator(workdir, device=device,
                                                         attention=str(config.model.get('attention', 'auto')))
   fields = field_io.load(wd.path(workdir, wd.FIELDS), mmap=True)

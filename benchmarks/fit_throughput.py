@@ -113,13 +113,14 @@ def _pick_baseline(kind: str) -> str:
   return kind
 
 
-def _fitters(make, config, mesh):
+def _fitters(make, config, mesh, formulation: str):
   """The fitters timed in one run, each made by `make(config, mesh)` from a copy of the config that
-  differs in fit.formulation only: 'stacked' (the new path) and 'vmap' (the reference) on `mesh`,
+  differs in fit.formulation only: 'new' (`formulation`, e.g. 'auto': what the fit stage runs) and
+  'vmap' (the reference) on `mesh`,
   and with more than one device also 'vmap_one_device': the reference on one device, which is how
   the fit stage used a CPU before the launcher split it into one device per core."""
   out = {}
-  meshes = [('stacked', 'stacked', mesh), ('vmap', 'vmap', mesh)]
+  meshes = [('new', formulation, mesh), ('vmap', 'vmap', mesh)]
   if mesh.size > 1:
     meshes.append(('vmap_one_device', 'vmap', sharding.make_mesh(config.mesh, jax.devices()[:1])))
   for name, form, m in meshes:
@@ -133,7 +134,7 @@ def _fitters(make, config, mesh):
 def _time_chunks(fitters: dict, steps: int, targets, n: int, chunk: int, shared, label: str = 'fields',
                  reference_fields: int = -1):
   """Fit n fields in chunks with every fitter (compiled beforehand), alternating fitters chunk by
-  chunk so that a noisy machine slows them alike; the reference fitters (all but 'stacked') stop
+  chunk so that a noisy machine slows them alike; the reference fitters (all but 'new') stop
   after the chunks that cover `reference_fields` (-1: all n). Returns {name: (quality of the fields
   it fitted, seconds)} and the new path's calls."""
   quality = {k: [] for k in fitters}
@@ -145,7 +146,7 @@ def _time_chunks(fitters: dict, steps: int, targets, n: int, chunk: int, shared,
   for lo in range(0, n, chunk):
     ids = np.arange(lo, min(n, lo + chunk))
     for name, f in fitters.items():
-      if name != 'stacked' and 0 <= reference_fields <= lo:
+      if name != 'new' and 0 <= reference_fields <= lo:
         continue
       t0 = time.perf_counter()
       _, _, q = f.fit(steps, stack.take(targets, ids), stack.field_keys(0, ids), shared, pad_to=f.padded_size(chunk))
@@ -171,7 +172,7 @@ def _vmap_baseline(result: dict, timed: dict, flops_per_field: float, peak: floa
   if 'vmap_one_device' in timed:
     result['baseline_vmap_one_device_fields_per_sec'] = n / timed['vmap_one_device'][1]
     result['speedup_vs_vmap_one_device'] = result['fields_per_sec'] / result['baseline_vmap_one_device_fields_per_sec']
-  new = timed['stacked'][0][:n]
+  new = timed['new'][0][:n]
   diff = np.abs(new - q)
   result[f'{metric}_vs_vmap'] = float(np.nanmean(new)) - result[f'baseline_vmap_{metric}_mean']  # same fields
   tol = {'psnr': 0.01, 'iou': 0.001}[metric]
@@ -362,7 +363,7 @@ def _shape_config(args):
       'sdf_clamp': 0.0, 'points_per_step': per_step, 'init': 'shared', 'formulation': 'auto', 'shared_init_index': 0,
       'shared_init_steps': args.shared_init_steps, 'shared_init_candidates': 1, 'shared_init_probe': 1,
       'shared_init_l2': 5.0 if nefgpt else -1.0, 'refit_below': 0.0, 'refit_steps_factor': 1,
-      'chunk_size': args.chunk_size, 'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
+      'chunk_size': args.chunk_size, 'block_fields': args.block_fields, 'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
   return c
 
 
@@ -394,8 +395,9 @@ def main_shape(args):
   rows = shape_modality.check_data(config, spec, data)
   n, k = rows[0].shape[:2]
   mesh = sharding.make_mesh(config.mesh, per_core=True)
-  fitters = _fitters(lambda c, m: modalities.get('shapes').make_fitter(spec, c, m, None), config, mesh)
-  fitter = fitters['stacked']
+  fitters = _fitters(lambda c, m: modalities.get('shapes').make_fitter(spec, c, m, None), config, mesh,
+                     args.formulation)
+  fitter = fitters['new']
   level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s; {n} shapes from {data.source}, {k} points each; field "
@@ -407,13 +409,13 @@ def main_shape(args):
   chunk = min(args.chunk_size, n)
   per_step = int(config.fit.points_per_step)
   timed, calls = _time_chunks(fitters, args.steps, rows, n, chunk, shared, 'shapes', args.baseline_vmap_fields)
-  iou, seconds = timed['stacked']
+  iou, seconds = timed['new']
   flops_per_call = 3 * 2 * per_step * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
   result = {
       'kind': 'shape', 'field': args.field, 'params_per_field': spec.num_params, 'source': data.source,
       'num_fields': n, 'points_per_shape': int(k), 'steps': args.steps, 'points_per_step': per_step,
       'lr': float(config.fit.lr), 'loss': config.fit.loss, 'label': config.data.label, 'chunk_size': chunk,
-      'formulation': 'stacked',
+      'formulation': fitter.formulation,
       'fields_per_sec': n / seconds, 'seconds': seconds,
       'iou_mean': float(np.nanmean(iou)), 'iou_min': float(np.nanmin(iou)), 'iou_p10': float(np.nanpercentile(iou, 10)),
       'iou_empty_fraction': float(np.mean(~(iou >= 0.01))),  # fields that collapsed to (almost) no inside
@@ -452,6 +454,7 @@ def main_image(args):
     config.fit.steps = args.steps
     config.fit.lr = args.lr if args.lr > 0 else 0.04
     config.fit.chunk_size = args.chunk_size
+    config.fit.block_fields = args.block_fields
   spec = mlp.FieldSpec.from_config(config.field)
   data = image_data.load(config)
   images = data.images
@@ -463,8 +466,8 @@ def main_image(args):
   mesh = sharding.make_mesh(config.mesh, per_core=True)
   fitters = _fitters(lambda c, m: stack.StackFitter(
       spec, c, m, psnr_score(spec), feats=mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28))),
-      per_step=int(c.fit.pixels_per_step)), config, mesh)
-  fitter = fitters['stacked']
+      per_step=int(c.fit.pixels_per_step)), config, mesh, args.formulation)
+  fitter = fitters['new']
 
   peak = perf.matmul_peak_flops() / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s", flush=True)
@@ -478,13 +481,13 @@ def main_image(args):
 
   chunk = min(args.chunk_size, n)
   timed, calls = _time_chunks(fitters, args.steps, targets, n, chunk, shared, reference_fields=args.baseline_vmap_fields)
-  psnr, seconds = timed['stacked']
+  psnr, seconds = timed['new']
   # Analytic FLOPs (XLA's cost analysis counts a scan body once): per field and step, the forward
   # pass is 2 * pixels * sum(out * in) over the layers, the backward pass about twice that.
   flops_per_call = 3 * 2 * 784 * sum(o * i for o, i, _ in spec.layer_dims) * args.steps * fitter.padded_size(chunk)
   result = {
       'num_fields': n, 'distinct_images': len(data.images), 'steps': args.steps, 'lr': float(config.fit.lr),
-      'chunk_size': chunk, 'formulation': 'stacked',
+      'chunk_size': chunk, 'formulation': fitter.formulation,
       'fields_per_sec': n / seconds, 'seconds': seconds,
       'psnr_mean': float(np.nanmean(psnr)), 'psnr_min': float(np.nanmin(psnr)),
       'psnr_p10': float(np.nanpercentile(psnr, 10)),
@@ -522,6 +525,8 @@ def main():
   ap.add_argument('--steps', type=int, default=500)
   ap.add_argument('--lr', type=float, default=-1.0, help='-1: 0.04 for images, 1e-2 (both references) for shapes')
   ap.add_argument('--chunk_size', type=int, default=50)   # = the quick preset's fit.chunk_size
+  ap.add_argument('--formulation', default='auto', help="the new path's fit.formulation (auto: what the fit stage runs)")
+  ap.add_argument('--block_fields', type=int, default=0, help="fit.block_fields of 'blocked' (0: from the cache size)")
   ap.add_argument('--baseline_fields', type=int, default=5)
   ap.add_argument('--baseline', choices=('auto', 'torch', 'jax', 'none'), default='auto')
   ap.add_argument('--baseline_vmap_fields', type=int, default=-1,

@@ -58,7 +58,9 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # (from the shared init, new optimiser run) and keep whichever result is better. 0 = off.
   c.fit.refit_below = 24.0
   c.fit.refit_steps_factor = 4
-  c.fit.formulation = 'auto'       # auto | stacked (a chunk in big matrix products, nfjax/fields/stacked.py) | vmap
+  c.fit.formulation = 'auto'       # auto | stacked (a chunk in big matrix products, nfjax/fields/stacked.py) |
+                                   # blocked (vmap, a cache-sized block of fields at a time) | vmap (the reference)
+  c.fit.block_fields = 0           # fields per block of 'blocked' on each device; 0 = from the cache size
   c.fit.chunk_size = 50            # fields per resumable chunk and compiled call (2-core CPU: 50 keeps the
                                    # activations in cache, 1.25x the fields/s of 500; GPUs want thousands)
   c.fit.num_reconstructions = 20   # fields shown in the fit stage's picture

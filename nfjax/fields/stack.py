@@ -57,14 +57,19 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
 
   def fit_stack(params, feats, targets, keys, *extra):
     feats_axis = 0 if (points or feats.ndim == 3) else None
-    if formulation == 'stacked':  # each device fits its own fields: shard_map, no partitioner in the way
+    fit = lambda p, f, t, k: fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
+    reference = jax.vmap(fit, in_axes=(0, feats_axis, 0, 0))
+    if formulation == 'vmap':
+      params, loss = reference(params, feats, targets, keys)
+    else:  # each device fits its own fields: shard_map, no partitioner in the way
+      if formulation == 'stacked':
+        local = lambda p, f, t, k: stacked.fit_stack(spec, fit_cfg, steps, p, f, t, k, per_step, points)
+      else:  # 'blocked': the reference, a cache-sized block of fields at a time
+        block = block_fields(spec, fit_cfg, per_step, feats.shape[-2])
+        local = lambda p, f, t, k: in_blocks(reference, block, feats_axis, p, f, t, k)
       rows = sharding.logical_spec('fields')
-      local = lambda p, f, t, k: stacked.fit_stack(spec, fit_cfg, steps, p, f, t, k, per_step, points)
       params, loss = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows if feats_axis == 0 else P(), rows, rows),
                                    out_specs=(rows, rows))(params, feats, targets, keys)
-    else:
-      fit = lambda p, f, t, k: fit_fn(spec, fit_cfg, steps, p, f, t, k, per_step)
-      params, loss = jax.vmap(fit, in_axes=(0, feats_axis, 0, 0))(params, feats, targets, keys)
     if score is None:
       return params, loss, loss
     in_axes = (0, feats_axis, 0) + (0,) * len(extra)
@@ -83,6 +88,45 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
     return jitted.lower(*abstract).compile()
 
   return compile_for
+
+
+BLOCK_BYTES = 1 << 20  # the working set one block of the 'blocked' fit aims at: a core's L2 cache
+
+
+def block_fields(spec: mlp.FieldSpec, fit_cfg, per_step: int, num_inputs: int) -> int:
+  """Fields per block of the 'blocked' formulation: `fit.block_fields` if > 0, else as many as keep
+  a block's working set (every layer's activations and their gradients over a step's `per_step`
+  inputs, or all `num_inputs`; the parameters with their gradient and Adam moments) within
+  BLOCK_BYTES, as a power of two (it divides the usual chunks). It depends on the field and the
+  config only, never on how many fields a call fits, so that a field's result does not depend on its
+  chunk or device (`in_blocks` pads)."""
+  want = int(fit_cfg.get('block_fields', 0) or 0)
+  if want > 0:
+    return want
+  inputs = per_step if per_step > 0 else num_inputs
+  widths = spec.encoded_dims + sum(o for o, _, _ in spec.layer_dims)
+  fit = max(1, BLOCK_BYTES // (4 * (2 * inputs * widths + 4 * spec.num_params)))
+  return 1 << (fit.bit_length() - 1)
+
+
+def in_blocks(fit_stack, block: int, feats_axis, params, feats, targets, keys):
+  """`fit_stack` (of a stack of fields) on `block` fields at a time, the blocks one after another
+  (lax.map): one block's fit, every step of it, stays in cache, where a whole stack's activations
+  spill to memory every layer. Every block has `block` fields (the last is padded with copies of
+  the last field), so each field is fitted by the same compiled block whatever the stack's size."""
+  count = keys.shape[0]
+  blocks = -(-count // block)
+  pad = blocks * block - count
+  per_field = (params, targets, keys) + ((feats,) if feats_axis == 0 else ())
+  split = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+  per_field = jax.tree.map(lambda x: split(x).reshape((blocks, block) + x.shape[1:]), per_field)
+
+  def one(xs):
+    p, t, k = xs[:3]
+    return fit_stack(p, xs[3] if feats_axis == 0 else feats, t, k)
+  params, loss = jax.lax.map(one, per_field)
+  merge = lambda x: x.reshape((blocks * block,) + x.shape[2:])[:count]
+  return jax.tree.map(merge, params), merge(loss)
 
 
 def field_keys(seed: int, ids: np.ndarray, stream: int = 0xF17) -> jax.Array:

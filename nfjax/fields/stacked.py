@@ -33,15 +33,19 @@ from nfjax.errors import ConfigError
 from nfjax.fields import fitting, mlp
 
 
-def resolve(formulation: str, points: bool) -> str:
+def resolve(formulation: str, points: bool, backend: str | None = None) -> str:
   """`fit.formulation` -> the one used. 'auto' is what measured faster (benchmarks/RESULTS.md):
-  'stacked' where every field shares its inputs (a grid: images), the reference 'vmap' for point
-  fields (each field its own random points per step), where the stacked layout did not pay."""
+  'stacked' where every field shares its inputs (a grid: images); for point fields (each field its
+  own random points per step), where the stacked layout did not pay, the reference in cache-sized
+  blocks ('blocked') on a CPU and the whole stack at once ('vmap') on an accelerator (`backend`:
+  default jax.default_backend())."""
   if formulation not in fitting.FORMULATIONS:
     choices = ', '.join(map(repr, fitting.FORMULATIONS))
     raise ConfigError(f"config key fit.formulation={formulation!r} is not one of {choices}")
   if formulation == 'auto':
-    return 'vmap' if points else 'stacked'
+    if not points:
+      return 'stacked'
+    return 'blocked' if (backend or jax.default_backend()) == 'cpu' else 'vmap'
   return formulation
 
 

@@ -139,10 +139,12 @@ def _is_empty(m) -> bool:
 
 def mesh_grid(meshes: Sequence[Sequence[Mesh | None]], row_labels: Sequence[str] | None = None,
               col_labels: Sequence[str] | None = None, size: int = 128, azimuth: float = 30.0,
-              elevation: float = 20.0, extent: float | None = None, label_width: int = 90) -> Image.Image:
+              elevation: float = 20.0, extent: float | None = None, label_width: int = 90,
+              cell_labels: Sequence[Sequence[str]] | None = None) -> Image.Image:
   """Rows of meshes (each (vertices, faces), or None) -> one labelled grayscale PIL image.
 
-  Empty meshes (or None) are drawn as a grey tile marked 'empty'.
+  Empty meshes (or None) are drawn as a grey tile marked 'empty'; cell_labels[i][j] is written under
+  tile j of row i.
   """
   rows, blanks = [], []
   for i, row in enumerate(meshes):
@@ -158,13 +160,14 @@ def mesh_grid(meshes: Sequence[Sequence[Mesh | None]], row_labels: Sequence[str]
     raise ValueError("mesh_grid needs at least one mesh")
   pad = 2
   image = img_utils.grid(rows, row_labels=row_labels, col_labels=col_labels, scale=1, pad=pad,
-                         label_width=label_width)
+                         label_width=label_width, cell_labels=cell_labels)
   draw = ImageDraw.Draw(image)
   top = 14 if col_labels else 0
   left = label_width if row_labels else 0
+  below = img_utils.CELL_TEXT if cell_labels else 0
   for i, j in blanks:
     x = left + pad + j * (size + pad)
-    y = top + pad + i * (size + pad)
+    y = top + pad + i * (size + below + pad)
     draw.text((x + size // 2 - 14, y + size // 2 - 6), 'empty', fill=60)
   return image
 

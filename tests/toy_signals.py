@@ -118,7 +118,7 @@ class CurveOutput(SampleOutput):
   def __init__(self, spec):
     self.spec = spec
 
-  def write(self, directory, weights, labels, num_classes):
+  def write(self, directory, weights, labels, num_classes, setting=None):
     curves = render(self.spec, np.nan_to_num(weights))
     curves_png(files.join(directory, 'grid.png'),
                [(f'class {c}', curves[labels == c][:4]) for c in range(num_classes)])

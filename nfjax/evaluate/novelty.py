@@ -89,6 +89,11 @@ def histogram_png(path: str, pixel: dict[str, np.ndarray], weight: dict[str, np.
   files.write_figure(path, fig, dpi=100)
 
 
+NEIGHBOURS_CAPTION = ("c = the class the sample was conditioned on, p = the class the classifier predicts for it; "
+                      "the number on a neighbour = its L2 distance to the sample (pixels for the nearest image, "
+                      "weights for the nearest weights)")
+
+
 def neighbours_png(path: str, samples: np.ndarray, cond: np.ndarray, pred: np.ndarray,
                    nn_image: np.ndarray, nn_image_dist: np.ndarray, nn_field: np.ndarray,
                    nn_field_dist: np.ndarray) -> None:
@@ -108,4 +113,5 @@ def neighbours_png(path: str, samples: np.ndarray, cond: np.ndarray, pred: np.nd
     x = left + pad + j * (w + pad)
     draw.text((x + 1, top + pad + 2 * (h + pad) - 11), f"{nn_image_dist[j]:.1f}", fill=255)
     draw.text((x + 1, top + pad + 3 * (h + pad) - 11), f"{nn_field_dist[j]:.1f}", fill=255)
-  img_utils.save_png(img, path)
+  img_utils.save_png(img_utils.captioned(img, 'samples beside their nearest training images and fields',
+                                         NEIGHBOURS_CAPTION), path)

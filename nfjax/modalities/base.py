@@ -118,8 +118,11 @@ class SampleOutput:
 
   picture: str = ''       # samples/<picture>: written once, after the first setting
 
-  def write(self, directory: str, weights: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-    """Pictures (and e.g. meshes) of one setting in samples/<setting>/."""
+  def write(self, directory: str, weights: np.ndarray, labels: np.ndarray, num_classes: int,
+            setting: dict | None = None) -> None:
+    """Pictures (and e.g. meshes) of one setting in samples/<setting>/; `setting` is the settings.json
+    entry ({name, top_k, temperature, top_p, ...}) that a picture names in its title
+    (nfjax.utils.images.setting_title)."""
 
   def summary(self, stage, settings: list[dict]) -> dict:
     return {}

@@ -88,7 +88,7 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
 
   def finish_setting(st, out, labels):
     weights = tokenizer.decode(out[:, prefix:], vocab)
-    output.write(stage.file(st['name']), weights, labels, num_classes)
+    output.write(stage.file(st['name']), weights, labels, num_classes, setting=st)
     sample_io.write_setting(workdir, st['name'], out, weights, labels)   # weights last: the setting is done
 
   log(STAGE, f"{len(settings)} setting(s) x {n} samples, {num_new} tokens each, batch {batch}, "

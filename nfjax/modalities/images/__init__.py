@@ -33,6 +33,11 @@ from nfjax.utils import images as img_utils
 from nfjax.utils import picks
 
 PSNR = Quality('psnr', 'PSNR', 'psnr_db', 'fit.psnr_floor', ' dB', 2)
+# What the labels on the pictures mean, written under them.
+FIT_CAPTION = "column labels: the image's class, then the fitted field's PSNR against its image (dB)"
+TOKENIZE_CAPTION = ("column labels: class: PSNR of the field > PSNR after tokenization (dB, against the image); "
+                    "uniform bins = the weights rounded to uniform bins of the same vocabulary size (a baseline)")
+SAMPLE_CAPTION = "rows: the class each sample was conditioned on; one sample per tile"
 
 
 def psnr_score(spec: mlp.FieldSpec):
@@ -95,7 +100,8 @@ class Images(Modality):
     recon = mlp.render_weights(spec, arrays['weights'][idx], *data.meta['image_shape'])
     cols = [f"{labels[i]} {arrays['quality'][i]:.1f}dB" for i in idx]
     img = img_utils.grid([data.handle.images[idx], recon], row_labels=['original', 'fitted'], col_labels=cols)
-    img_utils.save_png(img, stage.file('reconstructions.png'))
+    img_utils.save_png(img_utils.captioned(img, 'fitted fields beside their images', FIT_CAPTION),
+                       stage.file('reconstructions.png'))
 
   # -- tokenize ------------------------------------------------------------------------------------
   def compensation_grid(self, meta):
@@ -129,7 +135,8 @@ class Images(Modality):
       cols = [f"{labels[i]}: {q['fitted'][i]:.1f}>{q['tokenized'][i]:.1f}" for i in idx]
       img = img_utils.grid([images[idx], recon['fitted'][idx], recon['tokenized'][idx], recon['uniform'][idx]],
                            row_labels=['image', 'field', 'tokenized', 'uniform bins'], col_labels=cols, scale=4)
-      img_utils.save_png(img, stage.file('reconstructions.png'))
+      img_utils.save_png(img_utils.captioned(img, 'fields before and after tokenization (held-out fields)',
+                                             TOKENIZE_CAPTION), stage.file('reconstructions.png'))
     text = (f"PSNR {out['psnr_fields_mean']:.2f} -> {out['psnr_tokenized_mean']:.2f} dB (drop "
             f"{out['psnr_drop_db']:.2f} dB; uniform bins: {out['uniform_psnr_drop_db']:.2f} dB)")
     return out, text
@@ -150,10 +157,11 @@ class ImageOutput(SampleOutput):
   def __init__(self, fields, spec):
     self.spec, self.shape = spec, tuple(fields.meta['image_shape'])
 
-  def write(self, directory, weights, labels, num_classes):
+  def write(self, directory, weights, labels, num_classes, setting=None):
     imgs = mlp.render_weights(self.spec, np.nan_to_num(weights), *self.shape)
     rows = picks.class_rows(labels, num_classes, 10)
-    img_utils.save_png(img_utils.grid([imgs[idx] for _, idx in rows], row_labels=[f"class {c}" for c, _ in rows]),
+    img = img_utils.grid([imgs[idx] for _, idx in rows], row_labels=[f"class {c}" for c, _ in rows])
+    img_utils.save_png(img_utils.captioned(img, img_utils.setting_title(setting or {}), SAMPLE_CAPTION),
                        files.join(directory, 'grid.png'))
 
   def animate(self, stage, settings, decode, fields, prefix, frames: int = 40):

@@ -21,7 +21,7 @@ at 1, 2 -> 4 x 32 GELU -> tanh, no output bias; MSE against +-1 labels, 8,192 po
 and HyperDiffusion's 36,737-parameter field (raw xyz + sin/cos at 1, 2, 4, 8 -> 3 x 128 ReLU ->
 1 logit; BCE against occupancy, 2,048 points per step).
 
-Pictures: fields/shapes.png (meshes of fitted fields), per sampling setting meshes.npz, PLY files
+Pictures: fields/shapes.png (meshes of fitted fields beside their shapes, with IoU), per sampling setting meshes.npz, PLY files
 and grid.png, samples/turntable.gif. Tokenize reports the held-out IoU before / after
 tokenization; evaluate follows HyperDiffusion's protocol (nfjax/modalities/shapes/evaluate.py).
 """
@@ -45,6 +45,7 @@ from nfjax.io import samples as sample_io
 from nfjax.io.workdir import SHAPE_DATA
 from nfjax.modalities.base import FitData, Modality, Quality, SampleOutput
 from nfjax.modalities.shapes import evaluate as shape_eval
+from nfjax.utils import images as img_utils
 from nfjax.utils import picks, render3d
 from nfjax.utils.logging import log
 
@@ -168,11 +169,54 @@ def _iou_score(spec: mlp.FieldSpec, level: float, inside_above: bool):
   return score
 
 
+SHAPES_CAPTION = ("each pair: the shape the field was fitted to (its normalised mesh, or where there is none its "
+                  "held-out inside points voxelised), then the field meshed at fit.render_resolution; "
+                  "IoU = the field's IoU on the shape's held-out points")
+
+
+def truth_mesh(data, i: int, resolution: int = 24):
+  """The ground truth of shape i for a picture: its normalised mesh (data.meshes), else a mesh of its
+  held-out occupancy voxelised on a resolution^3 grid (a voxel is inside when most of its points are)."""
+  meshes = getattr(data, 'meshes', None)
+  if meshes is not None:
+    v, f = meshes[i]
+    return np.asarray(v, np.float32), np.asarray(f, np.int32)
+  pts = np.asarray(data.heldout_points[i], np.float64)
+  occ = np.asarray(data.heldout_occupancy[i], np.float64) > 0.5
+  r = int(resolution)
+  idx = np.clip(np.round((pts + 0.5) * (r - 1)).astype(np.int64), 0, r - 1)
+  flat = np.ravel_multi_index(idx.T, (r, r, r))
+  total = np.bincount(flat, minlength=r ** 3)
+  inside = np.bincount(flat, weights=occ.astype(np.float64), minlength=r ** 3)
+  vol = np.where(total > 0, inside / np.maximum(total, 1), 0.0).reshape(r, r, r)
+  return meshing.marching_cubes(vol, 0.5, 'above')
+
+
+def shapes_panels(field_meshes, truths, quality, groups, row_labels):
+  """The layout of fields/shapes.png: per row (class) a (ground truth, fitted field) pair per field,
+  with the field's IoU under it. Returns (rows, col_labels, cell_labels)."""
+  per_row = max(len(g) for g in groups)
+  rows, cells, at = [], [], 0
+  for g in groups:
+    row, cell = [], []
+    for j in range(per_row):
+      if j < len(g):
+        row += [truths[at + j], field_meshes[at + j]]
+        cell += ['', f"IoU {float(quality[g[j]]):.3f}"]
+      else:
+        row += [None, None]
+        cell += ['', '']
+    rows.append(row)
+    cells.append(cell)
+    at += len(g)
+  return rows, ['shape', 'field'] * per_row, cells
+
+
 def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, class_names: list[str],
-                mesh) -> None:
-  """fields/shapes.png: marching-cubes meshes of up to fit.num_reconstructions fitted fields at
-  fit.render_resolution, one row per class. A failure here is logged, never fatal: the fitted
-  dataset is already written."""
+                mesh, data=None) -> None:
+  """fields/shapes.png: up to fit.num_reconstructions fitted fields, one row per class, each meshed
+  (marching cubes at fit.render_resolution) beside its ground-truth shape, its held-out IoU under it.
+  A failure here is logged, never fatal: the fitted dataset is already written."""
   k = min(int(config.fit.num_reconstructions), len(arrays['weights']))
   if k <= 0:
     return
@@ -184,14 +228,23 @@ def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, c
     weights = np.concatenate([arrays['weights'][g] for g in groups])
     meshes = meshing.mesh_fields(spec, weights, int(config.fit.render_resolution), level,
                                  'above' if inside_above else 'below', mesh=mesh)
-    rows, row_labels, at = [], [], 0
-    for c, g in zip(classes, groups):
-      rows.append(meshes[at:at + len(g)] + [None] * (per_row - len(g)))
-      at += len(g)
-      row_labels.append(str(class_names[c]) if c < len(class_names) else str(c))
-      log(STAGE, f"shapes.png row {row_labels[-1]}: fields {g.tolist()} IoU "
+    order = np.concatenate(groups)
+    truths = [None] * len(order)
+    if data is not None:
+      for n, i in enumerate(order):
+        try:
+          truths[n] = truth_mesh(data, int(i))
+        except Exception as e:  # noqa: BLE001 - a missing ground truth leaves its tile empty
+          log(STAGE, f"shapes.png: no ground truth for shape {int(i)}: {type(e).__name__}: {e}")
+    row_labels = [str(class_names[c]) if c < len(class_names) else f"class {c}" for c in classes]
+    for name, g in zip(row_labels, groups):
+      log(STAGE, f"shapes.png row {name}: fields {g.tolist()} IoU "
                  f"{' '.join(f'{x:.3f}' for x in arrays['quality'][g])}")
-    render3d.mesh_grid_png(stage.file('shapes.png'), rows, row_labels=row_labels)
+    rows, cols, cells = shapes_panels(meshes, truths, arrays['quality'], groups, row_labels)
+    img = render3d.mesh_grid(rows, row_labels=row_labels, col_labels=cols, cell_labels=cells)
+    title = (f"fitted fields beside their shapes (held-out IoU, mean of all {len(arrays['quality'])} fields: "
+             f"{float(np.nanmean(arrays['quality'])):.3f})")
+    img_utils.save_png(img_utils.captioned(img, title, SHAPES_CAPTION), stage.file('shapes.png'))
   except Exception as e:  # noqa: BLE001 - a picture must never cost the fitted dataset
     log(STAGE, f"WARNING: shapes.png not written: {type(e).__name__}: {e}")
 
@@ -267,7 +320,8 @@ class Shapes(Modality):
 
   def fit_pictures(self, stage, config, spec, data, arrays, mesh):
     s = data.meta['surface']
-    _shapes_png(stage, config, spec, arrays, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh)
+    _shapes_png(stage, config, spec, arrays, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh,
+                data=data.handle)
 
   # -- tokenize ------------------------------------------------------------------------------------
   def tokenize_quality(self, config, workdir, fields, good, weights, labels, val_rows, stage):
@@ -318,7 +372,7 @@ class ShapeOutput(SampleOutput):
   def _name(self, c: int) -> str:
     return str(self.class_names[c]) if c < len(self.class_names) else f"class {c}"
 
-  def write(self, d, weights, labels, num_classes) -> None:
+  def write(self, d, weights, labels, num_classes, setting=None) -> None:
     t0 = time.perf_counter()
     meshes = self._mesh(weights)
     seconds = time.perf_counter() - t0
@@ -329,8 +383,12 @@ class ShapeOutput(SampleOutput):
     for i, (v, f) in enumerate(meshes[:self.num_files]):
       meshing.write_ply(files.join(d, 'meshes', f'sample_{i:05d}.ply'), v, f)
     rows = picks.class_rows(labels, num_classes, self.PER_CLASS)
-    render3d.mesh_grid_png(files.join(d, 'grid.png'), [[meshes[i] for i in idx] for _, idx in rows],
-                           row_labels=[self._name(c) for c, _ in rows], size=96)
+    img = render3d.mesh_grid([[meshes[i] for i in idx] for _, idx in rows],
+                             row_labels=[self._name(c) for c, _ in rows], size=96)
+    caption = (f"rows: the class each sample was conditioned on; one sample per tile, meshed at "
+               f"{self.resolution}^3; 'empty' = no surface")
+    img_utils.save_png(img_utils.captioned(img, img_utils.setting_title(setting or {}), caption),
+                       files.join(d, 'grid.png'))
     faces = np.array([len(f) for _, f in meshes if len(f)], np.float64)
     files.write_json(files.join(d, 'meshes.json'), {
         'num_meshes': len(meshes), 'num_empty': int(sum(empty)), 'resolution': self.resolution,

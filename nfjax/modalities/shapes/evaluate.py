@@ -414,6 +414,11 @@ def _setting_meshes(workdir: str, name: str, n: int, resolution: int, level: flo
   return None, f'meshed at {resolution}^3'
 
 
+NEIGHBOURS_CAPTION = ("column labels: the class each sample was conditioned on; cd = squared Chamfer distance of "
+                      "the nearest training shape to the sample, then that shape's class; l2 = distance of the "
+                      "nearest training field's weights to the sample's weights")
+
+
 def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k, mesh_weights) -> None:
   """Rows: samples (non-empty, spread over classes), their nearest training shape (source mesh,
   squared CD under it) and the mesh of their nearest training weights (L2 under it)."""
@@ -439,4 +444,5 @@ def _neighbours_png(path, ev: ShapeEvaluator, data, good, meshes, labels, ps, k,
     for row, text in ((1, f"cd {ps['nn_shape_cd'][i]:.4f} {ev.class_name(int(ev.train_labels[shape_pos[j]]))[:6]}"),
                       (2, f"l2 {ps['nn_weight_l2'][i]:.2f}")):
       draw.text((x + 2, top + pad + (row + 1) * (size + pad) - 13), text, fill=0)
-  img_utils.save_png(img, path)
+  img_utils.save_png(img_utils.captioned(img, 'samples beside their nearest training shapes and fields',
+                                         NEIGHBOURS_CAPTION), path)

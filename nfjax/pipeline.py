@@ -16,7 +16,11 @@ from nfjax.configs import checks
 from nfjax.errors import ArtifactError, NfjaxError
 from nfjax.io import files, lock
 from nfjax.io import workdir as wd
-from nfjax.utils.logging import fmt_seconds, is_main_process, log
+from nfjax.utils.logging import fmt_seconds, is_main_process, log, log_stage_outputs
+
+# Stages whose summary numbers go to TensorBoard when they finish (the evaluate stage's metrics are its
+# summary; the other stages log their metrics as they run). Every stage's pictures go there too.
+TENSORBOARD_SUMMARIES = ('evaluate',)
 
 # name -> module (imported when the stage runs, so `--stages=fit` never imports the trainer).
 PIPELINE: dict[str, str] = {
@@ -69,12 +73,28 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
       for name in names:
         t0 = time.perf_counter()
         log('main', f"stage {name} -> {workdir}")
+        before = {d: wd.digest(workdir, d) for d in wd.writes(name)} if is_main_process() else {}
         try:
           out[name] = get(name).run(config, workdir)
         except ArtifactError as e:
           raise ArtifactError(_advice(e, workdir, name), e.path) from None
+        _to_tensorboard(workdir, name, before)
         log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
   return out
+
+
+def _to_tensorboard(workdir: str, name: str, before: dict) -> None:
+  """The pictures (and, for TENSORBOARD_SUMMARIES, the summary numbers) of every directory the stage
+  finished anew in this launch (another summary digest than before it ran) -> <dir>/tensorboard."""
+  for d, digest in before.items():
+    if not wd.finished(workdir, d) or wd.digest(workdir, d) == digest:
+      continue   # skipped (already finished) or not finished
+    directory = wd.path(workdir, d)
+    summary = files.read_json(files.join(directory, 'summary.json')) if name in TENSORBOARD_SUMMARIES else None
+    try:
+      log_stage_outputs(directory, name, summary)
+    except OSError as e:   # the stage's results stand; only their TensorBoard copy is missing
+      log('main', f"WARNING: could not write TensorBoard events in {directory}/tensorboard: {e}")
 
 
 def _advice(e: ArtifactError, workdir: str, stage: str) -> str:

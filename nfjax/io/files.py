@@ -135,6 +135,16 @@ def append_text(path: str, text: str) -> None:
     raise _cannot_write(path, e) from None
 
 
+def open_log(path: str):
+  """A text file opened for appending, line-buffered (every complete line reaches the file at once, so a
+  killed process keeps what it logged): the launcher's log file."""
+  makedirs(os.path.dirname(os.path.abspath(path)))
+  try:
+    return open(path, 'a', buffering=1, encoding='utf-8')
+  except OSError as e:
+    raise _cannot_write(path, e) from None
+
+
 def write_json(path: str, obj: Any) -> None:
   _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_default) + '\n').encode())
 

@@ -319,7 +319,7 @@ class Trainer:
         log(STAGE, f"resuming from the checkpoint at step {start}/{self.total_steps}")
       if self.directory is not None:
         _truncate_metrics(files.join(self.directory, 'metrics.jsonl'), start)
-        writer = MetricsWriter(self.directory)
+        writer = MetricsWriter(self.directory, namespace=STAGE)
       return self._run(state, start, ckpt, writer, list(hooks), t_start)
     finally:
       if self._profile is not None:

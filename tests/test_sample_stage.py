@@ -50,6 +50,10 @@ def test_pipeline_writes_samples_that_decode_to_fields(pipeline):
     assert toks[:, prefix:].max() < vocab.num_codes and toks[:, prefix:].min() >= 0
     assert os.path.getsize(os.path.join(d, 'grid.png')) > 0
   assert os.path.getsize(os.path.join(workdir, 'samples', 'generation.gif')) > 0
+  from nfjax import main   # the launcher's closing lines name every picture, per-setting grids included
+  sample_line = next(ln for ln in main.closing_lines(workdir, summaries) if ln.startswith('sample: '))
+  for pic in ['generation.gif'] + [f"{st['name']}/grid.png" for st in s['settings']]:
+    assert pic in sample_line, (pic, sample_line)
   ev = json.load(open(os.path.join(workdir, 'eval', 'summary.json')))
   assert set(ev['settings']) >= {'topk3_t0.8', 'topk0_t1_p0.9'}
 

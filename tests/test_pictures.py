@@ -1,0 +1,115 @@
+"""Pictures that explain themselves: setting titles, captions, shapes beside their ground truth, and
+the launcher's closing lines that list every picture."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from nfjax.utils import images as img_utils
+
+
+def test_setting_title_names_every_field_of_the_setting():
+  t = img_utils.setting_title({'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0})
+  assert t == 'sampling topk3_t0.8: top-k 3, temperature 0.8, top-p off (1)'
+  t = img_utils.setting_title({'name': 'topk0_t1_p0.9', 'top_k': 0, 'temperature': 1.0, 'top_p': 0.9})
+  assert 'top-k off (0)' in t and 'temperature 1' in t and 'top-p 0.9' in t
+  t = img_utils.setting_title({'name': 'beam4', 'top_k': 0, 'temperature': 0.0, 'top_p': 1.0, 'beam_width': 4})
+  assert 'beam search, width 4' in t and t.startswith('sampling beam4')
+  assert 'guidance 2.5' in img_utils.setting_title({'name': 'x', 'top_k': 5, 'temperature': 1.0, 'top_p': 1.0,
+                                                    'guidance': 2.5})
+  assert 'temperature 0 (greedy)' in img_utils.setting_title({'top_k': 1, 'temperature': 0.0, 'top_p': 1.0})
+
+
+def test_captioned_adds_wrapped_lines_above_and_below():
+  img = Image.new('L', (100, 50), 0)
+  out = img_utils.captioned(img, 'a title', 'a caption long enough to wrap over a few lines of the narrow picture')
+  lines = img_utils.wrap('a caption long enough to wrap over a few lines of the narrow picture', out.width - 8)
+  assert len(lines) >= 2
+  assert out.width == 240 and out.height == 50 + img_utils.LINE * (1 + len(lines)) + 8
+  # The title sits above the picture: the picture's rows are pasted below it, unchanged.
+  assert np.asarray(out)[img_utils.LINE + 4:img_utils.LINE + 4 + 50, :100].max() == 0
+  from PIL import ImageFont
+  font = ImageFont.load_default()
+  assert all(font.getlength(ln) <= out.width - 8 for ln in lines)   # nothing clipped at the right edge
+  assert img_utils.captioned(img) is img
+
+
+def test_image_grid_names_its_setting(tmp_path):
+  from nfjax.fields import mlp
+  from nfjax.modalities.images import ImageOutput
+
+  class Fields:
+    meta = {'image_shape': [8, 8]}
+  spec = mlp.FieldSpec(in_dims=2, freqs=(1.0,), hidden=(4,))
+  weights = np.random.default_rng(0).normal(size=(6, spec.num_params)).astype(np.float32)
+  labels = np.arange(6) % 3
+  out = ImageOutput(Fields(), spec)
+  titled = []
+  original = img_utils.captioned
+  try:
+    img_utils.captioned = lambda img, title=(), caption=(), **k: titled.append((title, caption)) or original(
+        img, title, caption, **k)
+    (tmp_path / 'a').mkdir()
+    out.write(str(tmp_path / 'a'), weights, labels, 3, setting={'name': 'topk3_t0.8', 'top_k': 3,
+                                                                  'temperature': 0.8, 'top_p': 1.0})
+  finally:
+    img_utils.captioned = original
+  assert titled[0][0] == 'sampling topk3_t0.8: top-k 3, temperature 0.8, top-p off (1)'
+  assert 'conditioned on' in titled[0][1]
+  bare = img_utils.grid([np.zeros((2, 8, 8))] * 3, row_labels=['class 0', 'class 1', 'class 2'])
+  with Image.open(tmp_path / 'a' / 'grid.png') as png:
+    assert png.height >= bare.height + 2 * img_utils.LINE   # room for the title and the caption
+
+
+def test_shapes_picture_pairs_every_field_with_its_ground_truth(tmp_path, monkeypatch):
+  from test_fit_shapes import shape_config, synthetic_shapes
+  from nfjax.fields import mlp
+  from nfjax.modalities import shapes as fit_shapes
+  data = synthetic_shapes(4, points=256, heldout=4096)
+  truth = fit_shapes.truth_mesh(data, 0)          # no meshes in this set: the held-out points voxelised
+  assert len(truth[1]) > 0 and np.abs(truth[0]).max() <= 0.5
+  box = (np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32), np.array([[0, 1, 2]], np.int32))
+  rows, cols, cells = fit_shapes.shapes_panels(['f0', 'f1', 'f2'], ['t0', 't1', 't2'], np.array([0.5, 0.9, 0.75, 0.1]),
+                                               [np.array([0, 2]), np.array([1])], ['sphere', 'box'])
+  assert rows == [['t0', 'f0', 't1', 'f1'], ['t2', 'f2', None, None]]   # (shape, field) per field, rows padded
+  assert cols == ['shape', 'field', 'shape', 'field']
+  assert cells == [['', 'IoU 0.500', '', 'IoU 0.750'], ['', 'IoU 0.900', '', '']]
+
+  drawn = {}
+  monkeypatch.setattr(fit_shapes.meshing, 'mesh_fields', lambda spec, w, *a, **k: [box] * len(w))
+
+  def grid(rows, **kw):
+    drawn.update(rows=rows, **kw)
+    return Image.new('L', (200, 100))
+  monkeypatch.setattr(fit_shapes.render3d, 'mesh_grid', grid)
+
+  class Stage:
+    def file(self, name):
+      return str(tmp_path / name)
+  config = shape_config(**{'fit.num_reconstructions': 4, 'fit.render_resolution': 8})
+  spec = mlp.FieldSpec.from_config(config.field)
+  arrays = {'weights': np.zeros((4, spec.num_params), np.float32), 'labels': data.labels,
+            'quality': np.array([0.91, 0.82, 0.93, 0.84])}
+  fit_shapes._shapes_png(Stage(), config, spec, arrays, 0.0, True, ['sphere', 'box'], None, data=data)
+  assert [len(r) for r in drawn['rows']] == [4, 4]                 # 2 fields per class, 2 panels per field
+  assert all(len(r[0][1]) > 0 and r[1] is box for r in drawn['rows'])   # truth (non-empty) beside the field
+  assert drawn['cell_labels'] == [['', 'IoU 0.910', '', 'IoU 0.930'], ['', 'IoU 0.820', '', 'IoU 0.840']]
+  assert drawn['row_labels'] == ['sphere', 'box']
+  with Image.open(tmp_path / 'shapes.png') as png:
+    assert png.width >= 200 and png.height > 100 + 2 * img_utils.LINE
+
+
+def test_closing_lines_list_every_picture_per_setting_grids_included(tmp_path):
+  from nfjax import main
+  w = tmp_path / 'work'
+  for rel in ('samples/summary.json', 'samples/generation.gif', 'samples/topk3_t0.8/grid.png',
+              'samples/topk0_t1_p0.9/grid.png', 'samples/topk3_t0.8/weights.npy', 'fields/shapes.png'):
+    os.makedirs(os.path.dirname(w / rel), exist_ok=True)
+    (w / rel).write_bytes(b'x')
+  lines = main.closing_lines(str(w), ['sample', 'fit'])
+  assert len(lines) == 1   # fit is not finished (no summary.json): no line for it
+  assert lines[0].startswith(f"sample: {w}/samples/summary.json  pictures: ")
+  for pic in ('generation.gif', 'topk3_t0.8/grid.png', 'topk0_t1_p0.9/grid.png'):
+    assert pic in lines[0]
+  assert 'weights.npy' not in lines[0]

@@ -12,10 +12,15 @@ id by itself on Cloud TPU VMs, SLURM, Open MPI and Kubernetes; elsewhere give
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or JAX_COORDINATOR_ADDRESS).
 The mesh then spans every process's devices and only process 0 writes logs and metrics. The
 workdir must be one directory that every process sees (a single host, or a shared mount).
+
+Every log line starts with the local time, and a launch tees them (with an error or a traceback that
+ends it) into its own file WORKDIR/logs/<YYYYmmdd-HHMMSS>-<pid>.log, line-buffered, written by
+process 0 only; the last line names it.
 """
 
 from __future__ import annotations
 
+import atexit
 import re
 import sys
 
@@ -28,7 +33,7 @@ from nfjax import pipeline, sharding
 from nfjax.errors import NfjaxError
 from nfjax.io import files
 from nfjax.io import workdir as wd
-from nfjax.utils.logging import log
+from nfjax.utils.logging import capture_log, close_log_file, log, open_log_file, record
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/mnist.py:quick.', lock_config=True)
@@ -102,8 +107,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   local = jax.local_devices()
-  print(f"[main] process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
-        f"{local[0].device_kind} device(s) of {jax.device_count()}", flush=True)
+  log('main', f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
+              f"{local[0].device_kind} device(s) of {jax.device_count()}", every_process=True)
+
+
+def start_log_file(workdir: str) -> str | None:
+  """Tee the launch's log (the lines captured so far included) into WORKDIR/logs/<time>-<pid>.log (process
+  0); the file is closed, its path logged last, when the process exits, however it ends."""
+  path = open_log_file(workdir)
+  if path is not None:
+    atexit.register(close_log_file)
+  return path
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -137,6 +151,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _fail(message: str, usage: bool = False) -> None:
   print(f"nfjax: error: {message}" + ("\n  (python -m nfjax.main --helpfull lists the flags)" if usage else ''),
         file=sys.stderr, flush=True)
+  record(f"nfjax: error: {message}")
   sys.exit(2)
 
 
@@ -147,6 +162,7 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/mnist.py:quick')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  capture_log()   # until the log file opens (it needs the process index): kept for its top
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep JAX's backend probing out of the progress log
   explicit = {'--coordinator_address': _COORDINATOR.value, '--num_processes': _NUM_PROCESSES.value,
               '--process_id': _PROCESS_ID.value}
@@ -160,6 +176,10 @@ def main(argv):
     except ValueError as e:  # no cluster detected and not enough flags
       raise app.UsageError(f"--distributed: {e} JAX detects Cloud TPU VMs, SLURM, Open MPI and Kubernetes; "
                            "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
+  try:
+    start_log_file(_WORKDIR.value)
+  except NfjaxError as e:   # a workdir that cannot be written
+    _fail(str(e))
   if cpu_devices and jax.default_backend() == 'cpu':
     log('main', f"computing on the CPU as {cpu_devices} device(s)"
                 + (": the fit runs on all (one per core), the other stages on one that uses every core"

@@ -29,14 +29,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from nfjax import pipeline, sharding
-from nfjax.errors import NfjaxError
+from nfjax import configs, pipeline, sharding
+from nfjax.errors import ConfigError, NfjaxError
 from nfjax.io import files
 from nfjax.io import workdir as wd
 from nfjax.utils.logging import capture_log, close_log_file, log, open_log_file, record
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file and preset, e.g. configs/mnist.py:quick.', lock_config=True)
+    'config', None, 'Config and preset: a packaged config by name (mnist:quick, shapes:quick) or a config file '
+    '(configs/mnist.py:quick).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every stage\'s artifacts.')
 _STAGES = flags.DEFINE_string('stages', 'all', 'Comma-separated stages to run (fit,tokenize,train,sample,evaluate) or "all".')
 _REDO = flags.DEFINE_string('redo', '', 'Comma-separated stages to do again from scratch (their directories are cleared '
@@ -120,11 +121,27 @@ def start_log_file(workdir: str) -> str | None:
   return path
 
 
+def _packaged_config(argv: list[str]) -> list[str]:
+  """argv with `--config=NAME[:PRESET]` (a bare name: mnist, shapes) turned into the packaged file's
+  path (nfjax/configs/NAME.py), so it works from any directory and from an installed wheel."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config=') or (arg == '--config' and i + 1 < len(out)):
+      j, value = (i, arg.split('=', 1)[1]) if '=' in arg else (i + 1, out[i + 1])
+      name, sep, preset = value.partition(':')
+      try:
+        path = configs.config_path(name)
+      except ConfigError as e:
+        _fail(str(e), usage=True)
+      out[j] = (f'--config={path}' if j == i else path) + sep + preset
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every user mistake (a config file that does not exist or does not
   load, a misspelled or ill-typed override, an unknown flag) as one line and exit code 2."""
   try:
-    args = flags.FLAGS(argv)
+    args = flags.FLAGS(_packaged_config(argv))
     if flags.FLAGS['config'].present:
       flags.FLAGS.config.to_dict()     # the config file loads lazily: fail here, not in the middle of a run
     return args
@@ -159,7 +176,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/mnist.py:quick')
+    raise app.UsageError('--config is required, e.g. --config=mnist:quick')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   capture_log()   # until the log file opens (it needs the process index): kept for its top

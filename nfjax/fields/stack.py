@@ -105,8 +105,8 @@ def block_fields(spec: mlp.FieldSpec, fit_cfg, per_step: int, num_inputs: int) -
     return want
   inputs = per_step if per_step > 0 else num_inputs
   widths = spec.encoded_dims + sum(o for o, _, _ in spec.layer_dims)
-  fit = max(1, BLOCK_BYTES // (4 * (2 * inputs * widths + 4 * spec.num_params)))
-  return 1 << (fit.bit_length() - 1)
+  fitting_fields = max(1, BLOCK_BYTES // (4 * (2 * inputs * widths + 4 * spec.num_params)))
+  return 1 << (fitting_fields.bit_length() - 1)
 
 
 def in_blocks(fit_stack, block: int, feats_axis, params, feats, targets, keys):
@@ -118,8 +118,8 @@ def in_blocks(fit_stack, block: int, feats_axis, params, feats, targets, keys):
   blocks = -(-count // block)
   pad = blocks * block - count
   per_field = (params, targets, keys) + ((feats,) if feats_axis == 0 else ())
-  split = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
-  per_field = jax.tree.map(lambda x: split(x).reshape((blocks, block) + x.shape[1:]), per_field)
+  padded = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+  per_field = jax.tree.map(lambda x: padded(x).reshape((blocks, block) + x.shape[1:]), per_field)
 
   def one(xs):
     p, t, k = xs[:3]
@@ -300,7 +300,7 @@ def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
   fields_done = sum(min(chunk, n - c * chunk) for c in have)
   if have:
     log(STAGE, f"resuming: {len(have)}/{num_chunks} chunks already fitted ({fields_done} fields)")
-  metrics = MetricsWriter(stage.path)
+  metrics = MetricsWriter(stage.path, namespace=STAGE)
   progress = Progress(STAGE, n, 'fields')
   fitted_now = 0
   fit_seconds = 0.0

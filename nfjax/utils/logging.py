@@ -152,14 +152,13 @@ class Progress:
 class MetricsWriter:
   """Appends {'step': s, **metrics} lines to DIR/metrics.jsonl and scalars to TensorBoard (DIR/tensorboard).
 
-  Tags are `<namespace>/<key>`, except that a key `eval_x` is `eval/x` (held-out metrics beside the
-  training ones). namespace: default the stage that writes DIR when DIR is a stage directory
-  (fields/ -> fit, transformer/ -> train), else none (bare keys)."""
+  Tags are `<namespace>/<key>` (the writing stage: fit, train), except that a key `eval_x` is
+  `eval/x` (held-out metrics beside the training ones); no namespace: bare keys."""
 
-  def __init__(self, directory: str, tensorboard: bool = True, namespace: str | None = None):
+  def __init__(self, directory: str, tensorboard: bool = True, namespace: str = ''):
     self.enabled = is_main_process()
     self.path = files.join(directory, 'metrics.jsonl')
-    self.namespace = _namespace(directory) if namespace is None else namespace
+    self.namespace = namespace
     self._tb = None
     if self.enabled:
       files.makedirs(directory)
@@ -200,16 +199,6 @@ def _summary_writer(directory: str):
     return None
   _writers += 1
   return SummaryWriter(files.join(directory, 'tensorboard'), filename_suffix=f'.{os.getpid()}.{_writers}')
-
-
-# The TensorBoard namespace of each stage directory (nfjax/io/workdir.py STAGES: the stage that writes it; a
-# test keeps the two in step): where a MetricsWriter of that directory puts its tags by default.
-DIRECTORY_NAMESPACES = {'fields': 'fit', 'tokenizer': 'tokenize', 'tokens': 'tokenize', 'transformer': 'train',
-                        'samples': 'sample', 'eval': 'eval'}
-
-
-def _namespace(directory: str) -> str:
-  return DIRECTORY_NAMESPACES.get(files.basename(directory.rstrip('/')), '')
 
 
 def namespace(stage: str) -> str:

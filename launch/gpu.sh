@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nfjax on one machine with one or more NVIDIA GPUs: make sure JAX sees the GPUs (installing
-# jax[cuda12] into the virtualenv when it does not), set the XLA flags that matter, run the
-# launcher. One process drives every local GPU: the mesh's data axis (-1) fills them, so no
+# nfjax[cuda12], i.e. nfjax with jax[cuda12] in the project's jax range, into the virtualenv when
+# it does not), set the XLA flags that matter, run the launcher. One process drives every local GPU: the mesh's data axis (-1) fills them, so no
 # --distributed is needed. See launch/README.md.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
@@ -17,7 +17,8 @@ Options (each has an environment variable; flags win):
   --stages LIST        NFJAX_STAGES         default all
   --venv DIR           NFJAX_VENV           virtualenv to use, created when missing (default .venv);
                                             --venv=none uses the python3 on PATH as it is
-  --no-install         NFJAX_NO_INSTALL=1   never pip install; fail if JAX sees no GPU
+  --no-install         NFJAX_NO_INSTALL=1   never pip install; fail if JAX sees no GPU or
+                                            nfjax is not installed
   --gpus LIST          NFJAX_GPUS           e.g. 0,1: the GPUs to use (CUDA_VISIBLE_DEVICES);
                                             default: every GPU JAX sees
   --mem-fraction F     NFJAX_MEM_FRACTION   share of each GPU's memory JAX preallocates
@@ -99,7 +100,7 @@ fi
 [[ -z $GPUS ]] || setenv CUDA_VISIBLE_DEVICES "$GPUS"
 note "one process drives every visible GPU: the mesh's data axis (-1) spreads each step over them"
 
-# --- python and jax[cuda12] ------------------------------------------------------------------
+# --- python and nfjax[cuda12] ----------------------------------------------------------------
 if [[ $VENV == none ]]; then
   PY=python3
 else
@@ -112,18 +113,22 @@ fi
 has_gpu='import jax, sys; sys.exit(0 if any(d.platform == "gpu" for d in jax.devices()) else 1)'
 # Installed (with its dependencies), not merely importable from this directory.
 has_nfjax='import importlib.metadata as m; m.version("nfjax")'
+# One pip call for both: the cuda12 extra of pyproject.toml is jax[cuda12] within its jax range.
+target='.[cuda12]'
 if [[ $DRY_RUN == 1 ]]; then
-  echo "$(cmdline "$PY" -c "$has_gpu") || $(cmdline "$PY" -m pip install "jax[cuda12]$(jax_range)")"
-  echo "$(cmdline "$PY" -c "$has_nfjax") || $(cmdline "$PY" -m pip install -e .)"
+  echo "$(cmdline "$PY" -c "$has_gpu") && $(cmdline "$PY" -c "$has_nfjax") || $(cmdline "$PY" -m pip install -e "$target")"
 else
-  if ! "$PY" -c "$has_gpu" 2>/dev/null; then
-    [[ $NO_INSTALL == 0 ]] || die "JAX in $PY sees no GPU (and --no-install): install jax[cuda12]$(jax_range)"
-    run "$PY" -m pip install --quiet "jax[cuda12]$(jax_range)"
-    "$PY" -c "$has_gpu" || die "JAX still sees no GPU after installing jax[cuda12]: check the NVIDIA driver (nvidia-smi)"
-  fi
-  if ! "$PY" -c "$has_nfjax" 2>/dev/null; then
-    [[ $NO_INSTALL == 0 ]] || die "nfjax is not installed in $PY (and --no-install)"
-    run "$PY" -m pip install --quiet -e .
+  gpu_ok=1 nfjax_ok=1
+  "$PY" -c "$has_gpu" 2>/dev/null || gpu_ok=0
+  "$PY" -c "$has_nfjax" 2>/dev/null || nfjax_ok=0
+  if [[ $gpu_ok == 0 || $nfjax_ok == 0 ]]; then
+    if [[ $NO_INSTALL == 1 ]]; then
+      fix="cd $(shquote "$NFJAX_ROOT") && $(cmdline "$PY" -m pip install -e "$target")"
+      [[ $gpu_ok == 1 ]] || die "JAX in $PY sees no GPU (and --no-install); to install nfjax with JAX for CUDA 12, run: $fix"
+      die "nfjax is not installed in $PY (and --no-install); to install it, run: $fix"
+    fi
+    run "$PY" -m pip install --quiet -e "$target"
+    "$PY" -c "$has_gpu" || die "JAX still sees no GPU after installing nfjax[cuda12]: check the NVIDIA driver (nvidia-smi)"
   fi
   "$PY" -c 'import jax; print("[gpu] jax", jax.__version__, "devices:", ", ".join(f"{d.device_kind} ({d.id})" for d in jax.devices()))'
 fi

@@ -50,15 +50,6 @@ run() {
   fi
 }
 
-# The jax requirement of pyproject.toml, e.g. ">=0.10.2,<0.11", so the accelerator wheels we
-# install are the versions the project was tested with.
-jax_range() {
-  local spec
-  spec=$(grep -Eo '"jax[><=!~][^"]*"' "$NFJAX_ROOT/pyproject.toml" | head -n1 | tr -d '"')
-  [[ -n $spec ]] || die "could not find the jax requirement in $NFJAX_ROOT/pyproject.toml"
-  printf '%s' "${spec#jax}"
-}
-
 # "configs/mnist.py:parity" -> "parity" (the default preset of configs/mnist.py is "quick").
 preset_of() {
   local spec=$1

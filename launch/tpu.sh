@@ -13,7 +13,8 @@ Commands:
   create      create the TPU VM: on-demand, spot, or through a queued resource (--mode);
               a VM (or queued resource) of that name that exists already is reused
   bootstrap   set up every worker (--worker=all), idempotently: Python >= 3.11 virtualenv,
-              jax[tpu] pinned to pyproject.toml's jax range, this checkout (or --repo), pip install -e
+              this checkout (or --repo), pip install -e ~/nfjax[tpu] (the tpu extra: jax[tpu]
+              within pyproject.toml's jax range)
   run         run `python -m nfjax.main ... --distributed` on every worker at once
   fetch       copy worker 0's workdir back: to --bucket (gcloud storage rsync) and to --local-dir
   delete      delete the TPU VM (with --mode=queued: the queued resource and its VM)
@@ -199,9 +200,8 @@ wait_active() {
 }
 
 cmd_bootstrap() {
-  note "bootstrap: every worker of $NAME (source, Python venv, jax[tpu], nfjax); a no-op where done"
-  local jax_spec setup_args remote
-  jax_spec="jax[tpu]$(jax_range)"
+  note "bootstrap: every worker of $NAME (source, Python venv, nfjax[tpu]); a no-op where done"
+  local setup_args remote
   run gcloud compute tpus tpu-vm scp "$NFJAX_ROOT/launch/tpu_worker_setup.sh" "$NAME:nfjax_worker_setup.sh" \
       "${LOC[@]}" --worker=all
   if [[ -n $REPO ]]; then
@@ -214,7 +214,7 @@ cmd_bootstrap() {
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:nfjax-src.tgz" "${LOC[@]}" --worker=all
     setup_args=(--tarball nfjax-src.tgz)
   fi
-  remote="bash nfjax_worker_setup.sh $(cmdline "${setup_args[@]}" --jax-spec "$jax_spec")"
+  remote="bash nfjax_worker_setup.sh $(cmdline "${setup_args[@]}" --extras tpu)"
   ssh_all "$remote"
 }
 

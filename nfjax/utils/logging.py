@@ -7,7 +7,7 @@ only calls `log`.
 TensorBoard tags are namespaced by stage: `fit/...`, `train/...` (a metric named `eval_x` goes to
 `eval/x`), `eval/...` (the evaluate stage's summary numbers) and `<stage>/<picture>` images
 (`log_stage_outputs`). Event files live in `<stage dir>/tensorboard/`; open them with
-`pip install tensorboard && tensorboard --logdir WORKDIR`.
+`pip install -e '.[tb]' && tensorboard --logdir WORKDIR`.
 """
 
 from __future__ import annotations

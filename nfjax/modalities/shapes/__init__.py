@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax import config as cfg_utils
-from nfjax import modalities
+from nfjax import extras, modalities
 from nfjax.data import shapes as shape_data
 from nfjax.errors import ConfigError, DataError
 from nfjax.fields import fitting, meshing, mlp
@@ -280,6 +280,8 @@ class Shapes(Modality):
   headline_keys = shape_eval.HEADLINE_KEYS
 
   def validate(self, config, stages):
+    if stages & {'fit', 'sample', 'evaluate'}:   # meshes: reading them, marching cubes
+      extras.require('shapes')
     if stages & {'fit', 'tokenize', 'evaluate'}:
       shape_data.validate(config)
     if 'fit' in stages:

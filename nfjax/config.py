@@ -48,8 +48,8 @@ def to_dict(config) -> dict:
 
 # Keys that choose how a result is computed, not the result (to float rounding): left out of every
 # fingerprint, so they may change between a run and its resumption, and a workdir made before they
-# existed is still the same config.
-NOT_FINGERPRINTED = ('model.attention',)
+# existed is still the same config. data.download_url: where the sha256-checked IDX files come from.
+NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 
 
 def fingerprint(config, keys: Iterable[str]) -> dict:

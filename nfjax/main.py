@@ -33,6 +33,7 @@ from nfjax import configs, pipeline, sharding
 from nfjax.errors import ConfigError, NfjaxError
 from nfjax.io import files
 from nfjax.io import workdir as wd
+from nfjax.utils import preemption
 from nfjax.utils.logging import capture_log, close_log_file, log, open_log_file, record
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -74,6 +75,17 @@ def run(config, workdir: str, stages: str | None = 'all', redo: str | None = '')
   """Run stages (nfjax/pipeline.py); returns {stage: summary}. What the launcher, notebooks and tests call."""
   _check_multi_process(pipeline.parse(stages, redo), workdir)
   return pipeline.run_stages(config, workdir, stages, redo)
+
+
+def run_or_exit(config, workdir: str, stages: str | None = 'all', redo: str | None = '') -> dict:
+  """`run` as the launcher runs it: a user error is one line and exit 2; a SIGTERM (preemption) saves
+  up to a safe point (nfjax/utils/preemption.py), says so in one line and exits 143."""
+  try:
+    return run(config, workdir, stages, redo)
+  except preemption.Preempted as e:
+    _fail(str(e), code=e.exit_code, kind='stopped')
+  except NfjaxError as e:
+    _fail(str(e))
 
 
 def _check_multi_process(names: list[str], workdir: str) -> None:
@@ -165,11 +177,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {detail}")
 
 
-def _fail(message: str, usage: bool = False) -> None:
-  print(f"nfjax: error: {message}" + ("\n  (python -m nfjax.main --helpfull lists the flags)" if usage else ''),
+def _fail(message: str, usage: bool = False, code: int = 2, kind: str = 'error') -> None:
+  print(f"nfjax: {kind}: {message}" + ("\n  (python -m nfjax.main --helpfull lists the flags)" if usage else ''),
         file=sys.stderr, flush=True)
-  record(f"nfjax: error: {message}")
-  sys.exit(2)
+  record(f"nfjax: {kind}: {message}")
+  sys.exit(code)
 
 
 def main(argv):
@@ -201,10 +213,7 @@ def main(argv):
     log('main', f"computing on the CPU as {cpu_devices} device(s)"
                 + (": the fit runs on all (one per core), the other stages on one that uses every core"
                    if cpu_devices > 1 else ''))
-  try:
-    summaries = run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _REDO.value)
-  except NfjaxError as e:
-    _fail(str(e))
+  summaries = run_or_exit(_CONFIG.value, _WORKDIR.value, _STAGES.value, _REDO.value)
   for line in closing_lines(_WORKDIR.value, summaries):
     log('main', line)
 

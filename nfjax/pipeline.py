@@ -16,6 +16,7 @@ from nfjax.configs import checks
 from nfjax.errors import ArtifactError, NfjaxError
 from nfjax.io import files, lock
 from nfjax.io import workdir as wd
+from nfjax.utils import preemption
 from nfjax.utils.logging import fmt_seconds, is_main_process, log, log_stage_outputs
 
 # Stages whose summary numbers go to TensorBoard when they finish (the evaluate stage's metrics are its
@@ -61,7 +62,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   the stages run in order. A damaged artifact met on the way is reported with the stage that made
   it and the command that redoes it."""
   names = parse(stages, redo)
-  with checks.launch(config, names):   # every selected stage's checks, before any data is read
+  with checks.launch(config, names), preemption.handling():   # checks before any data is read; SIGTERM
     with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
       if is_main_process():
         files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
@@ -71,6 +72,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
             files.remove(wd.path(workdir, d))
       out = {}
       for name in names:
+        preemption.check(name, (f"{', '.join(out)} finished, " if out else '') + f"{name} not started")
         t0 = time.perf_counter()
         log('main', f"stage {name} -> {workdir}")
         before = {d: wd.digest(workdir, d) for d in wd.writes(name)} if is_main_process() else {}

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -155,6 +156,88 @@ def test_train_loss_after_a_resume_is_the_uninterrupted_figure(ref, tmp_path):
     want = json.load(f)
   assert out['resumed_from'] == 3 and out['steps_this_run'] == 3
   assert out['train_loss'] == want['train_loss'] and out['eval_loss'] == want['eval_loss']
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM (preemption): stop at a safe point, keep what is finished, exit 143; the same command resumes
+
+# stage -> (a file whose n-th write is the moment the test sends SIGTERM, n). fit: right after the
+# first of its 2 chunks is written; train: while step 5 of 6 runs (checkpoints are due at 3 and 6);
+# sample: after the first of its 2 settings is written.
+TERM_AT = {'fit': (r'chunks/chunk_00000\.npz$', 1), 'train': (r'metrics\.jsonl$', 5),
+           'sample': (r'/weights\.npy$', 1)}
+TERM_CHILD = textwrap.dedent('''
+    import os, re, sys, time
+    sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
+    from conftest import load_config
+    from nfjax import main
+    from nfjax.io import files
+    from nfjax.utils import preemption
+    workdir, stage, pattern, n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    count = [0]
+    def counted(fn):
+      def wrapper(path, *a, **k):
+        out = fn(path, *a, **k)
+        if re.search(pattern, path.replace(os.sep, '/')):
+          count[0] += 1
+          if count[0] == n:   # ask the test for a SIGTERM and wait for it to arrive
+            print('ready for SIGTERM', flush=True)
+            t0 = time.monotonic()
+            while not preemption.requested() and time.monotonic() - t0 < 60:
+              time.sleep(0.01)
+        return out
+      return wrapper
+    files._atomic_write_bytes = counted(files._atomic_write_bytes)
+    files.append_text = counted(files.append_text)
+    main.run_or_exit(load_config('smoke'), workdir, stage)
+    print('finished without a SIGTERM', flush=True)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', list(TERM_AT))
+def test_sigterm_saves_at_a_safe_point_exits_143_and_the_same_command_resumes_identically(ref, tmp_path, stage):
+  from nfjax import main
+  workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
+  pattern, n = TERM_AT[stage]
+  p = subprocess.Popen([sys.executable, '-c', TERM_CHILD, ROOT, workdir, stage, pattern, str(n)], env=_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in p.stdout:   # the stage's log lines, then the child's request
+      if line.strip() == 'ready for SIGTERM':
+        break
+    else:
+      pytest.fail('the child finished without reaching the point for the SIGTERM')
+    p.send_signal(signal.SIGTERM)
+    t0 = time.perf_counter()
+    out, err = p.communicate(timeout=120)
+    seconds = time.perf_counter() - t0
+  finally:
+    p.kill()
+  assert p.returncode == 143, out + err[-3000:]
+  assert 'Traceback' not in err
+  lines = [ln for ln in err.splitlines() if ln.startswith('nfjax: ')]
+  assert len(lines) == 1 and lines[0].startswith(f'nfjax: stopped: preempted (SIGTERM) during the {stage} stage'), err
+  assert 'Run the same command again' in lines[0] and 'SIGTERM received' in out
+  print(f'{stage}: SIGTERM -> exit in {seconds:.2f}s: {lines[0]}', file=sys.stderr)
+  for d in STAGE_DIRS[stage]:
+    assert not os.path.exists(os.path.join(workdir, d, 'summary.json'))
+  if stage == 'fit':      # the chunk in flight was finished and kept, the next one not started
+    assert sorted(os.listdir(os.path.join(workdir, 'fields', 'chunks'))) == ['chunk_00000.npz']
+  if stage == 'train':    # a checkpoint of the step it stopped at, which no period asked for
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'transformer', 'checkpoints')) if s.isdigit())
+    assert steps == [3, 5], steps
+  if stage == 'sample':   # the finished setting kept, the other not started
+    assert os.path.exists(os.path.join(workdir, 'samples', 'topk3_t0.8', 'weights.npy'))
+    assert not os.path.exists(os.path.join(workdir, 'samples', 'topk0_t1.0', 'weights.npy'))
+  result = main.run(load_config('smoke'), workdir, stage)[stage]            # the same command again
+  for d in STAGE_DIRS[stage]:
+    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
+  if stage == 'train':
+    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
+      want = json.load(f)
+    assert result['resumed_from'] == 5 and result['steps_this_run'] == 1   # not one step lost
+    assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.modalities.base import Quality
+from nfjax.utils import preemption
 from nfjax.utils.logging import MetricsWriter, Progress, log
 
 STAGE = 'fit'
@@ -328,6 +329,9 @@ def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
     metrics.write(fields_done, **{f'{q_name}_mean': mean, f'{q_name}_min': low}, fields_per_sec=rate,
                   flagged=int((flags > 0).sum()))
     fit_seconds = progress.elapsed
+    if preemption.requested():   # SIGTERM: the chunk in flight was finished and written
+      metrics.close()
+      preemption.stop(STAGE, f"{fields_done}/{n} fields fitted and written (chunk {c + 1}/{num_chunks} finished)")
   metrics.close()
   return fitted_now, fit_seconds
 

@@ -36,6 +36,7 @@ from nfjax.fields import mlp
 from nfjax.io import fields as field_io
 from nfjax.io import samples as sample_io
 from nfjax.io import workdir as wd
+from nfjax.utils import preemption
 from nfjax.utils.logging import Progress, log
 
 STAGE = 'sample'
@@ -128,7 +129,13 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       out[lo:hi, :prefix] = prompt[:hi - lo]
       out[lo:hi, prefix:] = new[:hi - lo]
       progress.update(progress.done + hi - lo, st['name'])
+      if hi < n:
+        preemption.check(STAGE, f"{len(settings) - len(todo) + todo.index((si, st))}/{len(settings)} settings "
+                                f"finished and kept; {st['name']} (in progress) is drawn again, identically, on resume")
     finish_setting(st, out, labels)
+    if (si, st) != todo[-1]:
+      preemption.check(STAGE, f"{len(settings) - len(todo) + todo.index((si, st)) + 1}/{len(settings)} settings "
+                              f"finished and kept")
   if output.picture and not stage.exists(output.picture) and settings:
     output.animate(stage, settings, tokenizer.decode, fields, prefix)
   summary = {

@@ -32,6 +32,7 @@ from nfjax import models, sharding
 from nfjax.errors import DataError, NfjaxError
 from nfjax.io import files
 from nfjax.training.tasks import Task
+from nfjax.utils import preemption
 from nfjax.utils.logging import MetricsWriter, Progress, is_main_process, log
 
 STAGE = 'train'
@@ -395,6 +396,16 @@ class Trainer:
         if do_ckpt:
           ckpt.save(done, state['params'], state['opt_state'], self._meta(done, state['rng'], window))
         excluded += time.perf_counter() - t0
+      if done < total and preemption.requested(done):   # SIGTERM: a checkpoint of this step, then stop
+        if pending is not None:
+          consume(*pending)
+          pending = None
+        if ckpt is not None:
+          if not do_ckpt:
+            ckpt.save(done, state['params'], state['opt_state'], self._meta(done, state['rng'], window))
+          ckpt.wait()
+        preemption.stop(STAGE, f"step {done}/{total} " + ("saved as a checkpoint" if ckpt is not None
+                                                          else "reached (no checkpoint directory)"))
     if pending is not None:
       consume(*pending)
     done_steps = total

@@ -191,6 +191,44 @@ def test_nearest_neighbours_brute_force_and_exact_copies():
 
 
 # ---------------------------------------------------------------------------------------------
+# The no-structure row's sampler
+
+def test_histogram_tokens_draw_every_slot_from_the_class_training_histogram():
+  from nfjax.evaluate import no_structure
+  rng = np.random.default_rng(0)
+  # Class 0 (40 sequences): slot 0 always 7; slot 1 is 3 in a quarter of them, 9 otherwise; slot 2
+  # is 0 exactly where slot 1 is 3, else one of {1..4}. Class 1 (20): slot 0 always 8, slot 1
+  # always 5, slot 2 one of {10, 11}.
+  n0, n1 = 40, 20
+  s1 = np.where(np.arange(n0) < n0 // 4, 3, 9)
+  t0 = np.stack([np.full(n0, 7), s1, np.where(s1 == 3, 0, rng.integers(1, 5, n0))], 1)
+  t1 = np.stack([np.full(n1, 8), np.full(n1, 5), 10 + rng.integers(0, 2, n1)], 1)
+  tokens = np.concatenate([t0, t1]).astype(np.int32)
+  labels = np.array([0] * n0 + [1] * n1)
+  perm = rng.permutation(len(tokens))          # the class's rows anywhere in the array
+  tokens, labels = tokens[perm], labels[perm]
+  classes = np.array([0, 1] * 4000)
+  out, pooled = no_structure.histogram_tokens(tokens, labels, classes, seed=3)
+  assert out.shape == (8000, 3) and out.dtype == np.int32 and pooled == []
+  a, b = out[classes == 0], out[classes == 1]
+  assert (a[:, 0] == 7).all() and (b[:, 0] == 8).all() and (b[:, 1] == 5).all()   # one value: always it
+  assert set(np.unique(a[:, 1])) == {3, 9}                                         # two values: both ...
+  assert abs((a[:, 1] == 3).mean() - 0.25) < 0.03                                  # ... at their rate
+  for slot in range(3):   # never a token the class did not have at that slot
+    assert set(np.unique(a[:, slot])) <= set(t0[:, slot]) and set(np.unique(b[:, slot])) <= set(t1[:, slot])
+  counts = np.bincount(a[:, 2], minlength=5) / len(a)
+  np.testing.assert_allclose(counts, np.bincount(t0[:, 2], minlength=5) / n0, atol=0.03)
+  # Slots are drawn independently: slot 2 is 0 exactly where slot 1 is 3 in the data, not in the draws.
+  assert abs((a[a[:, 1] == 3, 2] == 0).mean() - 0.25) < 0.05 and (a[a[:, 1] == 9, 2] == 0).any()
+  # Seeded: the same draw again, another with another seed.
+  np.testing.assert_array_equal(no_structure.histogram_tokens(tokens, labels, classes, seed=3)[0], out)
+  assert not np.array_equal(no_structure.histogram_tokens(tokens, labels, classes, seed=4)[0], out)
+  # A class without training sequences draws from every class's histogram, and says so.
+  out2, pooled = no_structure.histogram_tokens(tokens, labels, np.array([2] * 500), seed=0)
+  assert pooled == [2] and set(np.unique(out2[:, 0])) == {7, 8}
+
+
+# ---------------------------------------------------------------------------------------------
 # The stage
 
 def _workdir_with_fields(smoke_fields, tmp_path):
@@ -203,12 +241,47 @@ SETTINGS = [{'name': 'copies', 'top_k': 1, 'temperature': 1.0, 'top_p': 1.0, 'no
             {'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'noise': 1.0}]
 
 
-def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path):
+def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, capsys):
+  from nfjax.evaluate import no_structure
   wd = _workdir_with_fields(smoke_fields, tmp_path)
   protocol.write_fake_samples(wd, SETTINGS, num_samples=24, nonfinite=2)
   config = load_config('smoke')
   s = main.run(config, wd, 'evaluate')['evaluate']
   ev = os.path.join(wd, 'eval')
+  # Fake samples, no tokens/: no no-structure row, and a note says why.
+  assert 'no_structure' not in s and 'vs_no_structure' not in s
+  assert any('no no_structure row' in n for n in s['notes'])
+
+  # With the pipeline's tokens/ and tokenizer/, the finished eval/ (which lacks the row) is evaluated
+  # again, and gains the row: histogram tokens decoded as samples are, scored like the settings.
+  main.run(load_config('smoke', **{'tokenize.encoder': 'nearest'}), wd, 'tokenize')   # (the quicker encoder)
+  capsys.readouterr()
+  s = stage.run(config, wd)
+  out = capsys.readouterr().out
+  assert 'evaluated without the no_structure row: evaluating again' in out
+  ns, h = s['no_structure'], s['settings']['topk3_t0.8']
+  assert set(h) - {'top_k', 'temperature', 'top_p'} <= set(ns)
+  assert ns['num_samples'] == 24 and ns['num_nonfinite'] == 0 and ns['labels_from'] == 'topk3_t0.8'
+  labels = np.load(os.path.join(wd, 'samples', 'topk3_t0.8', 'labels.npy'))   # the headline's classes
+  assert [v is None for v in ns['class_accuracy_per_class']] == \
+      [not (labels == c).any() for c in range(len(ns['class_accuracy_per_class']))]
+  assert ns['num_train_sequences'] == len(np.load(os.path.join(wd, 'tokens', 'train_idx.npy')))
+  for key in ('class_accuracy', 'frechet_distance', 'ssim_mmd', 'ssim_cov', 'ssim_1nna'):
+    assert np.isfinite(ns[key]), key
+  vs = s['vs_no_structure']
+  assert vs['setting'] == 'topk3_t0.8'
+  for key in ('class_accuracy', 'frechet_distance', 'ssim_cov'):
+    assert vs[key] == pytest.approx(h[key] - ns[key])
+  line = next(ln for ln in out.splitlines() if 'vs no_structure' in ln)
+  a, b = h['class_accuracy'], ns['class_accuracy']
+  assert f"[evaluate] vs no_structure at top-k 3, T 0.8: class consistency {a:.3f} vs {b:.3f} ({a - b:+.3f}), " \
+         f"FD {h['frechet_distance']:.3g} vs {ns['frechet_distance']:.3g}" in line, line
+  assert f"SSIM COV {h['ssim_cov']:.3f} vs {ns['ssim_cov']:.3f}" in line, line
+  assert not any('no no_structure row' in n for n in s['notes'])
+  # The row's weights are the tokenizer's decoding of the seeded histogram draw (the same again).
+  w, _ = no_structure.draw(wd, labels, config.seed + no_structure.STREAM, 561)
+  assert w.shape == (24, 561) and np.isfinite(w).all()
+  np.testing.assert_array_equal(w, no_structure.draw(wd, labels, config.seed + no_structure.STREAM, 561)[0])
 
   assert s['headline_setting'] == 'topk3_t0.8'
   assert s['num_samples'] == 24 and s['num_reference'] == 24 and s['num_heldout_fields'] == 24
@@ -247,7 +320,7 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path):
   assert ref['novelty']['nn_weight_l2']['min'] > 0.0
   assert base['noise'] == 0.1 and base['num_samples'] == 24
   for png in ('novelty.png', 'neighbours_copies.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png',
-              'neighbours_baseline.png'):
+              'neighbours_baseline.png', 'neighbours_no_structure.png'):
     assert os.path.getsize(os.path.join(ev, png)) > 1000, png
 
   # Re-run with the same config and inputs: skipped, nothing rewritten.

@@ -66,7 +66,8 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   assert ev['modality'] == 'shapes' and ev['headline_setting'] == 'topk3_t0.8'
   assert ev['fpd'] is None and ev['fpd_note'].startswith('not computed')
   assert ev['num_samples'] == 8 and ev['num_reference'] == 7 and ev['num_generated'] == 7   # floor(8 / 1.1)
-  rows = {**ev['settings'], 'reference': ev['reference'], 'baseline': ev['baseline']}
+  rows = {**ev['settings'], 'reference': ev['reference'], 'baseline': ev['baseline'],
+          'no_structure': ev['no_structure']}
   assert set(ev['settings']) == {'topk3_t0.8', 'topk0_t1'}
   for name, r in rows.items():
     assert r['num_samples'] == 7, name
@@ -82,6 +83,18 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   for key in ('mmd_cd_x100', 'cov', '1nna'):
     assert ev[key] == h[key] and np.isfinite(ev[key])
   assert h['meshes'].startswith('reused')   # samples/ meshed at the evaluate resolution already
+  # The no-structure row (per-slot histograms of the training tokens): the settings' metrics, the
+  # headline setting's classes, and by how much the headline beats it (the log line's figures).
+  from nfjax.evaluate import protocol
+  from nfjax.modalities.shapes import evaluate as shapes
+  ns = ev['no_structure']
+  assert set(h) - {'top_k', 'temperature', 'top_p', 'meshes'} <= set(ns) and ns['labels_from'] == 'topk3_t0.8'
+  assert ns['num_train_sequences'] == len(np.load(os.path.join(workdir, 'tokens', 'train_idx.npy')))
+  line, diffs = protocol.compare(shapes.ShapeEval, h, ns)
+  assert line.startswith(f"COV {h['cov']:.3f} vs ") and ' 1-NNA ' in line and ' MMD-CDx100 ' in line, line
+  assert ev['vs_no_structure'] == {'setting': 'topk3_t0.8', **diffs}
+  if ns['num_evaluated']:
+    assert diffs['cov'] == pytest.approx(h['cov'] - ns['cov'])
   assert ev['reference']['recon_cd_to_source']['median'] > 0 and ev['copy_threshold_cd'] > 0
   assert ev['timings']['reference'] > 0 and ev['seconds'] > 0
   evd = os.path.join(workdir, 'eval')

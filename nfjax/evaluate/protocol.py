@@ -1,6 +1,6 @@
 """The evaluation protocol: one frame for every modality, with the modality's metrics plugged in.
 
-For every sampling setting in samples/, and for two context rows measured the same way against
+For every sampling setting in samples/, and for three context rows measured the same way against
 the same references, the frame
 
   1. takes the good (unflagged) fields and the first `evaluate.num_samples` samples of each setting;
@@ -9,15 +9,19 @@ the same references, the frame
      of the good fields);
   3. measures the ceiling row ('reference': the held-out fields themselves -- what a perfect
      generator of this field dataset would score), the baseline row ('baseline': training fields +
-     Gaussian noise of evaluate.baseline_noise x each parameter's std, a trivial memorizer), then
-     every setting (its first N_gen samples);
+     Gaussian noise of evaluate.baseline_noise x each parameter's std, a trivial memorizer), the
+     no-structure row ('no_structure': weight tokens drawn independently per position from each
+     class's per-slot histogram of the training tokens, with the headline setting's labels,
+     decoded as samples are: nfjax/evaluate/no_structure.py; only where the workdir has finished
+     tokens/ and tokenizer/), then every setting (its first N_gen samples);
   4. writes eval/per_sample/<setting>.npz, the pictures, and summary.json with the headline
-     setting's numbers (evaluate.headline_top_k / headline_temperature) at the top.
+     setting's numbers (evaluate.headline_top_k / headline_temperature) at the top, and logs by
+     how much the headline setting beats the no-structure row (also `vs_no_structure`).
 
 The modality's `Evaluator` (`Modality.evaluator`) renders weights into candidates (images, meshes),
 measures a candidate set against the references (its metrics, novelty against the training set),
 draws its pictures and names its headline figures. Seeds: the split uses seed + 0xE7A1, the
-baseline seed + 0xBA5E, for every modality.
+baseline seed + 0xBA5E, the no-structure row seed + 0x5107, for every modality.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import numpy as np
 
 from nfjax.errors import DataError
+from nfjax.evaluate import no_structure
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import samples as sample_io
@@ -45,6 +50,9 @@ class Evaluator:
 
   # per_sample key of each sample's distance to its nearest training example (the novelty histogram)
   data_distance: str = ''
+  # (result key, label, format) of the figures the log compares with the no-structure row; () = the
+  # numeric figures of `headline`
+  comparison: tuple[tuple[str, str, str], ...] = ()
 
   def load(self, fields, good: np.ndarray) -> dict:
     """Read what the metrics compare with (real data of the good fields); returns {timing: seconds}."""
@@ -138,6 +146,37 @@ def headline_setting(settings: list[dict], e) -> str:
   return settings[0]['name']
 
 
+def describe_setting(s: dict) -> str:
+  """'top-k 3, T 0.8' (', top-p 0.9' when it filters) of a setting, else its name."""
+  parts = []
+  if s.get('top_k') is not None:
+    parts.append(f"top-k {int(s['top_k'])}")
+  if s.get('temperature') is not None:
+    parts.append(f"T {float(s['temperature']):g}")
+  if s.get('top_p') is not None and float(s['top_p']) < 1.0:
+    parts.append(f"top-p {float(s['top_p']):g}")
+  return ', '.join(parts) or str(s['name'])
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def compare(ev: Evaluator, h: dict, other: dict) -> tuple[str, dict]:
+  """The headline setting's result `h` against another row: ('class consistency 0.612 vs 0.588
+  (+0.024), ...', {key: h[key] - other[key]}) over the evaluator's `comparison` figures."""
+  figures = ev.comparison or tuple((k, k, '.4g') for k, v in ev.headline(h).items() if _finite(v))
+  parts, diffs = [], {}
+  for key, label, fmt in figures:
+    a, b = h.get(key), other.get(key)
+    if _finite(a) and _finite(b):
+      diffs[key] = float(a - b)
+      parts.append(f"{label} {a:{fmt}} vs {b:{fmt}} ({a - b:+{fmt}})")
+    else:
+      parts.append(f"{label} {format(a, fmt) if _finite(a) else '-'} vs {format(b, fmt) if _finite(b) else '-'}")
+  return ', '.join(parts), diffs
+
+
 def perturbed_fields(fields: field_io.FieldDataset, n: int, noise: float, seed: int,
                      pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """n training fields (drawn without replacement when possible) + N(0, (noise * std_j)^2) per
@@ -228,6 +267,20 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   shown['baseline'] = (cands, blab, ps)
   timings['baseline'] = time.perf_counter() - t0
 
+  # --- no structure: tokens from each class's per-slot training-token histogram ------------------
+  head = headline_setting(settings, e)
+  nostruct = None
+  if no_structure.available(workdir):
+    t0 = time.perf_counter()
+    nlab = loaded[head][1][:n_gen]       # the headline setting's classes, as many of each
+    nw, info = no_structure.draw(workdir, nlab, seed + no_structure.STREAM, fields.params_per_field, STAGE)
+    cands = ev.candidates(nw)
+    nostruct, ps = ev.measure(f'{no_structure.NAME} (per-slot token histograms)', cands, nlab, nw, all_pool)
+    nostruct.update({**info, 'labels_from': head})
+    nn_data[no_structure.NAME], nn_weight[no_structure.NAME] = ps[ev.data_distance], ps['nn_weight_l2']
+    shown[no_structure.NAME] = (cands, nlab, ps)
+    timings[no_structure.NAME] = time.perf_counter() - t0
+
   # --- the sampled settings -------------------------------------------------------------------------
   results = {}
   for s in settings:
@@ -253,7 +306,6 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   timings['pictures'] = time.perf_counter() - t0
 
   # --- summary ----------------------------------------------------------------------------------------
-  head = headline_setting(settings, e)
   h = results[head]
   notes = []
   if n_held < n_gen:
@@ -261,12 +313,24 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   notes += ev.notes(results, reference, baseline, n_ref, n_gen)
   if any(len(w) < n_gen for w, _ in loaded.values()):
     notes.append(f"some settings have fewer than {n_gen} samples")
+  versus = {}
+  if nostruct is None:
+    notes.append(f"no finished {wd.TOKENS}/ and {wd.TOKENIZER}/ in the workdir (samples not made by the pipeline): "
+                 f"no {no_structure.NAME} row")
+  else:
+    if nostruct.get('classes_without_training_sequences'):
+      notes.append(f"{no_structure.NAME}: class(es) {nostruct['classes_without_training_sequences']} have no training "
+                   f"sequences; their tokens come from the histograms of all classes")
+    line, versus = compare(ev, h, nostruct)
+    log(STAGE, f"vs {no_structure.NAME} at {describe_setting(next(s for s in settings if s['name'] == head))}: {line}")
   summary = {
       'modality': fields.modality, 'headline_setting': head, **ev.headline(h),
       'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),
       'num_heldout_fields': int(n_held), 'num_fields': int(len(good)),
       **ev.summary(),
       'settings': results, 'reference': reference, 'baseline': baseline,
+      **({no_structure.NAME: nostruct, f'vs_{no_structure.NAME}': {'setting': head, **versus}}
+         if nostruct is not None else {}),
       'per_sample_files': per_sample_files, 'notes': notes,
       'timings': {k: float(v) for k, v in timings.items()},
       'seconds': float(time.perf_counter() - t_start),

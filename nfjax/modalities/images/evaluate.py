@@ -1,6 +1,6 @@
 """The images modality's metrics inside the evaluation protocol (nfjax/evaluate/protocol.py; docs/evaluate.md).
 
-For every candidate set (each sampling setting, the ceiling and the baseline rows) it measures
+For every candidate set (each sampling setting, the ceiling, baseline and no-structure rows) it measures
   class consistency   accuracy of nfjax's own MNIST classifier against the conditioning class
   Fréchet distance    of the classifier's penultimate features, generated vs real images
   SSIM MMD/COV/1-NNA  NeF-GPT's metrics (D = (1 - SSIM) / 2) against reconstructions of the
@@ -184,6 +184,8 @@ class ImageEvaluator(Evaluator):
   """Images in the evaluation protocol: renders, the classifier, SSIM matrices, novelty."""
 
   data_distance = 'nn_image_l2'
+  comparison = (('class_accuracy', 'class consistency', '.3f'), ('frechet_distance', 'FD', '.3g'),
+                ('ssim_cov', 'SSIM COV', '.3f'))
 
   def __init__(self, config, workdir: str, fields, mesh):
     self.config, self.fields, self.mesh = config, fields, mesh

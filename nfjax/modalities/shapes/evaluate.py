@@ -1,6 +1,6 @@
 """The shapes modality's metrics inside the evaluation protocol (nfjax/evaluate/protocol.py;
-docs/shapes_eval.md). For every sampling setting, and for the ceiling and baseline rows measured
-the same way against the same references, it reports
+docs/shapes_eval.md). For every sampling setting, and for the ceiling, baseline and no-structure
+rows measured the same way against the same references, it reports
 
   HyperDiffusion's metrics  MMD-CD (x 10^2), COV-CD, 1-NNA-CD of 2048-point clouds
                             (evaluate.points_per_cloud) sampled from marching-cubes meshes, with
@@ -29,6 +29,9 @@ The sets:
               copy threshold: a sample that close to a training shape counts as a copy
   baseline    training fields + Gaussian noise (evaluate.baseline_noise x each parameter's std): a
               trivial memorizer
+  no_structure  weight tokens drawn independently per position from each class's per-slot histogram
+              of the training tokens, decoded as samples are, with the headline setting's classes
+              (nfjax/evaluate/no_structure.py): what the GPT must beat
 Note that the references are training shapes (HyperDiffusion compares with its test split): the
 set metrics reward copies, so read them beside the novelty numbers.
 """
@@ -266,6 +269,7 @@ class ShapeEval(Evaluator):
   class coverage, FPD, novelty against the training shapes."""
 
   data_distance = 'nn_shape_cd'
+  comparison = (('cov', 'COV', '.3f'), ('1nna', '1-NNA', '.3f'), ('mmd_cd_x100', 'MMD-CDx100', '.3f'))
 
   def __init__(self, config, workdir: str, fields, mesh):
     self.config, self.workdir, self.fields, self.mesh = config, workdir, fields, mesh

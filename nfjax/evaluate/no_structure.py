@@ -1,0 +1,89 @@
+"""The no-structure row: weight tokens drawn independently per position from each class's per-slot
+histogram of the training tokens.
+
+It keeps everything a model could learn one slot at a time (which codes a class uses where) and
+nothing of how the slots go together. The GPT conditions on the class and learns these per-slot
+histograms first (with `model.class_bias` directly), so its numbers mean something only where
+they beat this row. The frame (nfjax/evaluate/protocol.py) decodes the drawn tokens with the
+tokenizer exactly as the sample stage decodes a GPT's samples and scores them with the headline
+setting's labels, set size and metrics.
+
+Inputs: WORKDIR/tokens (the training split `train_idx`, its `labels`, the weight tokens after the
+prefix) and WORKDIR/tokenizer. Seed: config seed + STREAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nfjax import tokenizers
+from nfjax.errors import DataError
+from nfjax.io import tokens as token_io
+from nfjax.io import workdir as wd
+
+STREAM = 0x5107
+NAME = 'no_structure'
+
+
+def histogram_tokens(tokens: np.ndarray, labels: np.ndarray, classes: np.ndarray, seed: int
+                     ) -> tuple[np.ndarray, list[int]]:
+  """Draw one sequence per entry of `classes`: slot j of a class-c sequence is slot j of a uniformly
+  drawn class-c training sequence, independently for every slot -- a draw from the empirical
+  histogram of class c's training tokens at slot j.
+
+  tokens int [N, T] (weight tokens of the training sequences), labels int [N], classes int [n].
+  A class without training sequences draws from the histograms of all of them; those classes are
+  returned. Returns (tokens [n, T] of tokens' dtype, classes drawn from all sequences).
+  """
+  tokens = np.asarray(tokens)
+  labels = np.asarray(labels)
+  classes = np.asarray(classes)
+  if tokens.ndim != 2 or labels.shape != (len(tokens),):
+    raise ValueError(f"tokens [N, T] and labels [N] expected, got {tokens.shape} and {labels.shape}")
+  if len(tokens) == 0:
+    raise DataError("no training sequences to draw the no-structure row from")
+  rng = np.random.default_rng(seed)
+  slots = np.arange(tokens.shape[1])
+  out = np.empty((len(classes), tokens.shape[1]), tokens.dtype)
+  pooled = []
+  for c in np.unique(classes):
+    rows = np.nonzero(labels == c)[0]
+    if len(rows) == 0:
+      rows = np.arange(len(tokens))
+      pooled.append(int(c))
+    which = np.nonzero(classes == c)[0]
+    pick = rows[rng.integers(len(rows), size=(len(which), len(slots)))]
+    out[which] = tokens[pick, slots]
+  return out, pooled
+
+
+def available(workdir: str) -> bool:
+  """Whether the workdir has finished tokens/ and tokenizer/ (a pipeline's; fake samples have none)."""
+  return wd.finished(workdir, wd.TOKENS) and wd.finished(workdir, wd.TOKENIZER)
+
+
+def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate'
+         ) -> tuple[np.ndarray, dict]:
+  """Weights [n, P] float32 of histogram-drawn token sequences, one per label (the conditioning
+  classes), decoded as the sample stage decodes; and what the summary says about them."""
+  for d in (wd.TOKENS, wd.TOKENIZER):
+    wd.require(workdir, d, stage)
+  data = token_io.load(wd.path(workdir, wd.TOKENS))
+  tokenizer = tokenizers.restore(wd.path(workdir, wd.TOKENIZER))
+  if tokenizer.tokens_per_field != data.tokens_per_field:
+    raise DataError(f"the tokenizer in {workdir}/tokenizer makes {tokenizer.tokens_per_field} tokens per field but "
+                    f"{workdir}/tokens has {data.tokens_per_field}: re-run the tokenize stage")
+  train = np.asarray(data.train_idx, np.int64)
+  prefix = data.prefix_len
+  drawn, pooled = histogram_tokens(data.tokens[train, prefix:], data.labels[train], labels, seed)
+  weights = np.asarray(tokenizer.decode(drawn, data.vocab), np.float32)   # as samples are decoded
+  if weights.shape[1] != params_per_field:
+    raise DataError(f"{workdir}/tokenizer decodes {weights.shape[1]} parameters per field but fields/ has "
+                    f"{params_per_field}: re-run the tokenize stage")
+  info = {'what': f"weight tokens drawn independently per position from each class's per-slot histogram of the "
+                  f"{len(train)} training sequences (tokens/ train split), decoded with the tokenizer "
+                  f"(no structure between positions)",
+          'num_train_sequences': int(len(train))}
+  if pooled:
+    info['classes_without_training_sequences'] = pooled
+  return weights, info

@@ -116,7 +116,11 @@ def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> None:
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-  """jax.distributed.initialize(), then one line per process saying what it sees."""
+  """jax.distributed.initialize(), then one line per process saying what it sees. A coordinator on
+  127.0.0.1 / localhost (launch/local.sh) keeps CPU collectives on loopback too."""
+  if (coordinator_address or '').rsplit(':', 1)[0] in ('127.0.0.1', 'localhost'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    sharding.cpu_collectives_on_loopback()
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   local = jax.local_devices()
@@ -174,7 +178,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     cause = e.__cause__ or e
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     detail = next((ln for ln in reversed(lines) if 'Errno' in ln), None) or (lines[-1] if lines else type(e).__name__)
-    _fail(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {detail}")
+    given = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')   # as the user typed it
+    _fail(f"--config={given}: {detail}")
 
 
 def _fail(message: str, usage: bool = False, code: int = 2, kind: str = 'error') -> None:

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Sequence
 
 import jax
 import numpy as np
+
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+try:  # private: the only way to choose gloo's address (cpu_collectives_on_loopback)
+  from jax._src import distributed as _jax_distributed, xla_bridge as _xla_bridge
+  from jax._src.lib import _jax as _jaxlib
+except ImportError:  # pragma: no cover - another JAX layout
+  _jaxlib = None
 
 from nfjax.errors import ConfigError
 from nfjax.utils.logging import log
@@ -180,3 +187,25 @@ def fitted_spec(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[
 
 def fitted(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
   return NamedSharding(mesh, fitted_spec(mesh, logical_axes, shape))
+
+
+def cpu_collectives_on_loopback() -> bool:
+  """Keep a multi-process CPU run's collectives (gloo over TCP) on 127.0.0.1. gloo binds the
+  address the host name resolves to, which on many machines is not loopback (and may be
+  firewalled); launch/local.sh and the tests run every process on this machine. Call before the
+  CPU backend exists (it is created after jax.distributed.initialize). Uses JAX internals: where
+  they are missing, nothing changes (False)."""
+  try:
+    if socket.gethostbyname(socket.gethostname()).startswith('127.'):
+      return True
+  except OSError:
+    pass
+  if _jaxlib is None or not hasattr(_jaxlib, 'make_gloo_tcp_collectives'):
+    return False
+
+  def cpu_backend():
+    collectives = _jaxlib.make_gloo_tcp_collectives(distributed_client=_jax_distributed.global_state.client,
+                                                    hostname='127.0.0.1')
+    return _xla_bridge.make_cpu_client(collectives=collectives)
+  _xla_bridge.register_backend_factory('cpu', cpu_backend, priority=0, fail_quietly=False)
+  return True

@@ -387,3 +387,57 @@ def test_compile_cache_flag_fills_the_directory_and_is_reused(tmp_path):
     entries.append(sorted(os.listdir(cache)))
   assert any('jit__lambda' in e for e in entries[0])
   assert entries[1] == entries[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# launch/local.sh: N processes of one multi-process run on this machine (a real run with a
+# preemption: tests/test_multiprocess.py)
+
+FAKE_PYTHON = '''#!/usr/bin/env bash
+# A stand-in for python: the free-port probe, else one "process" that fails (--process_id=1, with
+# the exit code $FAIL_CODE) or runs until SIGTERM, which it records in $MARKS.
+if [[ $1 == -c ]]; then echo 45678; exit 0; fi
+id=''
+for a in "$@"; do [[ $a == --process_id=* ]] && id=${a#*=}; done
+echo "process $id: $*"
+if [[ $id == 1 && -n ${FAIL_CODE:-} ]]; then sleep 0.3; echo "failing"; exit "$FAIL_CODE"; fi
+trap 'echo "TERM $id" >> "$MARKS"; exit 143' TERM
+for i in $(seq 300); do sleep 0.1; done
+echo "done $id"
+'''
+
+
+def _local(tmp_path, *args, fail_code=None, timeout=60):
+  fake = tmp_path / 'fakepy'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  env = {**os.environ, 'MARKS': str(tmp_path / 'marks'), 'FAIL_CODE': '' if fail_code is None else str(fail_code)}
+  return subprocess.run(['bash', os.path.join(LAUNCH, 'local.sh'), f'--python={fake}', f'--log_dir={tmp_path / "logs"}',
+                         '--grace=5', *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_local_sh_gives_every_process_its_flags_and_stops_the_others_when_one_fails(tmp_path):
+  p = _local(tmp_path, '--num_processes=3', '--', '--config=mnist:smoke', '--workdir=/tmp/w', fail_code=7)
+  assert p.returncode == 7, p.stderr          # the failed process's code
+  assert 'process 1 exited with 7: stopping the other 2' in p.stderr and '[process 1] failing' in p.stderr
+  marks = sorted((tmp_path / 'marks').read_text().split('\n')[:-1])
+  assert marks == ['TERM 0', 'TERM 2']          # the others were stopped, not left running
+  logs = {i: (tmp_path / 'logs' / f'process-{i}.log').read_text() for i in range(3)}
+  for i, text in logs.items():
+    assert (f'-m nfjax.main --distributed --coordinator_address=127.0.0.1:45678 --num_processes=3 '
+            f'--process_id={i} --config=mnist:smoke --workdir=/tmp/w') in text
+  assert 'process 0:' in p.stdout              # process 0 is shown live as well
+
+
+def test_local_sh_dry_run_and_bad_flags(tmp_path):
+  p = _local(tmp_path, '--dry-run', '--port=1234', '--', '--config=mnist:smoke', '--workdir=W')
+  assert p.returncode == 0
+  lines = p.stdout.splitlines()
+  assert len(lines) == 2 and all('--coordinator_address=127.0.0.1:1234 --num_processes=2' in ln for ln in lines)
+  assert '--process_id=1 --config=mnist:smoke --workdir=W > ' in lines[1]
+  for args, msg in ((['--num_processes=0', '--', '--workdir=W'], 'must be a positive integer'),
+                    (['--'], 'no launcher flags'),
+                    (['--', '--workdir=W', '--process_id=3'], 'is set by local.sh'),
+                    (['--bogus'], 'unknown option --bogus')):
+    p = _local(tmp_path, *args)
+    assert p.returncode == 2 and msg in p.stderr and p.stderr.count('\n') == 1, p.stderr

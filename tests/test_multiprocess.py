@@ -18,6 +18,7 @@ their logs shown when they fail. ~60 s on 2 shared CPU cores.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,32 +38,12 @@ MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 1}   # 4 devices: spans bo
 # ------------------------------------------------------------------------------------------------
 # The children: `python tests/test_multiprocess.py KIND PORT ID N OUT -- LAUNCHER FLAGS`
 
-def _gloo_on_loopback():
-  """gloo binds the address the host name resolves to; keep it on loopback when that is not."""
-  try:
-    addr = socket.gethostbyname(socket.gethostname())
-  except OSError:
-    addr = ''
-  if addr.startswith('127.'):
-    return
-  try:  # private, but the only way to choose gloo's address; without it gloo uses the host's address
-    from jax._src import distributed, xla_bridge
-    from jax._src.lib import _jax
-  except ImportError:
-    return
-
-  def cpu_backend():
-    collectives = _jax.make_gloo_tcp_collectives(distributed_client=distributed.global_state.client,
-                                                 hostname='127.0.0.1')
-    return xla_bridge.make_cpu_client(collectives=collectives)
-  xla_bridge.register_backend_factory('cpu', cpu_backend, priority=0, fail_quietly=False)
-
-
 def _child(kind, out_path, argv):
   sys.path[:0] = [ROOT, HERE]
   import jax
+  from nfjax import sharding
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  _gloo_on_loopback()   # before the CPU backend exists (it is created lazily, after initialize)
+  sharding.cpu_collectives_on_loopback()   # before the CPU backend exists (created after initialize)
 
   if kind == 'fit':     # the fit stage itself (the launcher refuses it in multi-process runs)
     from nfjax import main as launcher
@@ -251,3 +232,55 @@ if __name__ == '__main__':
   _kind, _out, _sep, *_argv = sys.argv[1:]
   assert _sep == '--', sys.argv
   _child(_kind, _out, _argv)
+
+
+def test_local_sh_runs_two_processes_and_a_sigterm_stops_them_at_one_agreed_step(smoke_fields, tmp_path):
+  """launch/local.sh starts 2 launcher processes (train across them). SIGTERM to the
+  script reaches both: JAX's preemption service makes them agree on a step, each saves the
+  checkpoint of that step (no checkpoint period is due) and exits 143, and so does the script; the
+  same command then resumes there and finishes."""
+  import shutil
+  import signal
+  reason = _cpu_collectives_reason()
+  if reason:
+    pytest.skip(f"no multi-process CPU collectives: {reason}")
+  workdir = tmp_path / 'wd'
+  shutil.copytree(os.path.join(smoke_fields, 'fields'), workdir / 'fields')
+  from conftest import load_config
+  from nfjax import main
+  main.run(load_config('smoke'), str(workdir), 'tokenize')   # in this process: the test is about train
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COORDINATOR') and k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = ROOT
+  cmd = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), f'--python={sys.executable}', '--grace=20',
+         f'--log_dir={tmp_path / "logs"}', '--', '--config=mnist:smoke', f'--workdir={workdir}',
+         '--stages=train', '--config.train.steps=12', '--config.train.checkpoint_every=1000',
+         '--config.train.log_every=1']
+  p = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       start_new_session=True)
+  try:
+    for line in p.stdout:   # process 0's log: wait until training runs
+      if '[train] 3/12 steps' in line:
+        break
+    else:
+      pytest.fail('local.sh ended before training started:\n' + ''.join(
+          (tmp_path / 'logs' / f'process-{i}.log').read_text()[-2000:] for i in range(2)))
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=CHILD_TIMEOUT)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  logs = [(tmp_path / 'logs' / f'process-{i}.log').read_text() for i in range(2)]
+  assert p.returncode == 143, out[-3000:] + logs[1][-2000:]
+  stops = [re.search(r'nfjax: stopped: preempted \(SIGTERM\) during the train stage: step (\d+)/12 saved', log)
+           for log in logs]
+  assert all(stops), logs
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step and 3 <= step < 12     # one step, agreed by both
+  ckpts = os.listdir(workdir / 'transformer' / 'checkpoints')
+  assert str(step) in ckpts
+  p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+  with open(workdir / 'transformer' / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['resumed_from'] == step and summary['steps'] == 12

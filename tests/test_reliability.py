@@ -395,6 +395,7 @@ def _launch(args, cwd=ROOT):
 
 @pytest.mark.parametrize('args,expect', [
     (['--config=configs/nope.py:smoke'], r"--config=configs/nope.py:smoke: \[Errno 2\] No such file"),
+    (['--config=configs/nope.py:smoke', '--config.train.steps=3'], r"--config=configs/nope.py:smoke: \[Errno 2\]"),
     (['--config=configs/mnist.py:smoke', '--config.fit.stepz=3'],
      r"--config.fit.stepz: 'stepz' is not a key of the config; did you mean 'steps'\?"),
     (['--config=configs/mnist.py:smok'], r"unknown preset 'smok'"),

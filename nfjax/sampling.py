@@ -237,9 +237,10 @@ def unconditional(prompt: np.ndarray, null_class: int) -> np.ndarray:
   return out
 
 
-def code_mask(vocab, num_new: int) -> jax.Array:
-  """allowed [num_new, vocab_size]: only codes (never a special or class token) in weight slots."""
-  allowed = np.zeros((num_new, vocab.vocab_size), bool)
+def code_mask(vocab, num_new: int, model_vocab: int | None = None) -> jax.Array:
+  """allowed [num_new, V]: only codes (never a special or class token) in weight slots. V: the model's
+  vocabulary (`model_vocab`, e.g. + the null class of classifier-free guidance), default the data's."""
+  allowed = np.zeros((num_new, max(vocab.vocab_size, int(model_vocab or 0))), bool)
   allowed[:, :vocab.num_codes] = True
   return jnp.asarray(allowed)
 

@@ -50,12 +50,21 @@ def to_dict(config) -> dict:
 # fingerprint, so they may change between a run and its resumption, and a workdir made before they
 # existed is still the same config. data.download_url: where the sha256-checked IDX files come from.
 NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
+# Keys left out of the fingerprint while they have this value (their default, which computes what the
+# pipeline computed before the key existed): a workdir made before them is still the same config,
+# and a config without the key at all is that default. train.class_dropout: classifier-free guidance.
+OMITTED_AT = {'train.class_dropout': 0.0}
 
 
 def fingerprint(config, keys: Iterable[str]) -> dict:
-  """The parts of the config a stage's artifacts depend on, as a plain dict (NOT_FINGERPRINTED left out)."""
+  """The parts of the config a stage's artifacts depend on, as a plain dict (NOT_FINGERPRINTED left out,
+  OMITTED_AT keys left out at their default)."""
   out = {}
   for key in keys:
+    if key in OMITTED_AT:
+      section, _, leaf = key.rpartition('.')
+      if section not in config or leaf not in config[section] or get(config, key) == OMITTED_AT[key]:
+        continue
     value = get(config, key)
     out[key] = to_dict(value) if isinstance(value, ml_collections.ConfigDict) else value
   for skip in NOT_FINGERPRINTED:

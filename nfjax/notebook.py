@@ -356,7 +356,8 @@ class Sampler:
     self.prefix = self.tokens.prefix_len
     self.num_new = self.tokens.seq_len - self.prefix
     self.num_classes = max(1, self.vocab.num_classes)
-    self._allowed = sampling.code_mask(self.vocab, self.num_new)   # only codes in weight slots
+    # only codes in weight slots (the model's vocabulary: + the null class of classifier-free guidance)
+    self._allowed = sampling.code_mask(self.vocab, self.num_new, self.model.cfg.vocab_size)
     self._generate = sampling.make_generate(self.model, self.num_new, use_cache=use_cache)
 
   @property

@@ -10,6 +10,11 @@ and over a grid of settings in one compiled call.
   masked before filtering, so special tokens never appear where a weight comes next.
 * Per-sample randomness: row b at step i draws with fold_in(keys[b], i); a sample does not depend
   on the batch it is in or on its position in the batch.
+* Classifier-free guidance (`guidance` [B], `null_prompt` [B, T0]): the B conditional rows and
+  their B unconditional twins (the prompt with the null class, `unconditional`) go through one
+  forward / one KV cache of 2B rows; row b samples from uncond + g_b * (cond - uncond) (exactly
+  cond where g_b = 1), computed before the mask, temperature and filters, and feeds the token it
+  drew to both of its rows. Without `guidance` the program is the plain one (B rows).
 """
 
 from __future__ import annotations
@@ -64,12 +69,25 @@ def _pick_rows(logits, keys, step, temperature, top_k, top_p, allowed):
   return jax.vmap(pick)(logits, step_keys, temperature, top_k, top_p)
 
 
+def guide(logits: jax.Array, guidance: jax.Array | None) -> jax.Array:
+  """logits [2B, V] (B conditional rows, then their B unconditional twins) -> the guided logits [B, V]:
+  uncond + g * (cond - uncond), and exactly cond where g == 1. guidance None: logits unchanged."""
+  if guidance is None:
+    return logits
+  b = guidance.shape[0]
+  cond, uncond = logits[:b].astype(jnp.float32), logits[b:].astype(jnp.float32)
+  g = guidance.astype(jnp.float32)[:, None]
+  return jnp.where(g == 1.0, cond, uncond + g * (cond - uncond))
+
+
 def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
              top_p: jax.Array, num_new: int, allowed: jax.Array, use_cache: bool = True,
-             on_step: Callable | None = None, max_len: int | None = None) -> jax.Array:
+             on_step: Callable | None = None, max_len: int | None = None, guidance: jax.Array | None = None,
+             null_prompt: jax.Array | None = None) -> jax.Array:
   """prompt int [B, T0] -> new tokens int [B, num_new]. Call inside jit (see `make_generate`).
 
   allowed: bool [V] or [num_new, V] — which ids may be generated at each new position.
+  guidance float [B] with null_prompt int [B, T0]: classifier-free guidance (module docstring).
   use_cache=False recomputes the whole prefix every step (NeF-GPT's way): the reference.
   max_len: the positions the model works over (the cache length; the no-cache forward's length),
   default T0 + num_new - 1 (what is needed). A longer one gives the same tokens at the cost per
@@ -79,37 +97,42 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
   allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
   total = t0 + num_new
   length = total - 1 if max_len is None else max(int(max_len), total - 1)
+  if (guidance is None) != (null_prompt is None):
+    raise ValueError("classifier-free guidance needs both guidance and null_prompt")
+  rows = prompt if guidance is None else jnp.concatenate([prompt, null_prompt.astype(prompt.dtype)], 0)
+  twice = (lambda tok: tok) if guidance is None else (lambda tok: jnp.concatenate([tok, tok], 0))
 
   if use_cache:
     # The last token is never fed back, so the cache (and the model's context) needs total - 1.
-    cache = model.init_cache(b, length)
-    logits, cache = model.decode(prompt, cache, 0)
+    cache = model.init_cache(rows.shape[0], length)
+    logits, cache = model.decode(rows, cache, 0)
 
     def step(carry, i):
       cache, last = carry
-      tok = _pick_rows(last, keys, i, temperature, top_k, top_p, allowed[i])
-      logits, cache = model.decode(tok[:, None], cache, t0 + i)
+      tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, allowed[i])
+      logits, cache = model.decode(twice(tok)[:, None], cache, t0 + i)
       return (cache, logits[:, 0]), tok
 
     (_, last), toks = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_new - 1))
-    final = _pick_rows(last, keys, num_new - 1, temperature, top_k, top_p, allowed[num_new - 1])
+    final = _pick_rows(guide(last, guidance), keys, num_new - 1, temperature, top_k, top_p, allowed[num_new - 1])
     return jnp.concatenate([toks.T, final[:, None]], axis=1)
 
-  buf = jnp.zeros((b, length + 1), jnp.int32).at[:, :t0].set(prompt)
+  buf = jnp.zeros((rows.shape[0], length + 1), jnp.int32).at[:, :t0].set(rows)
 
   def step_nc(buf, i):
     logits = model(buf[:, :length] if length > 0 else buf)
     last = jax.lax.dynamic_index_in_dim(logits, t0 + i - 1, axis=1, keepdims=False)
-    tok = _pick_rows(last, keys, i, temperature, top_k, top_p, allowed[i])
-    return jax.lax.dynamic_update_index_in_dim(buf, tok, t0 + i, axis=1), tok
+    tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, allowed[i])
+    return jax.lax.dynamic_update_index_in_dim(buf, twice(tok), t0 + i, axis=1), tok
 
   _, toks = jax.lax.scan(step_nc, buf, jnp.arange(num_new))
   return toks.T
 
 
 def make_generate(model, num_new: int, use_cache: bool = True, max_len: int | None = None):
-  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed) -> tokens [B, num_new]
-  (`max_len`: see `generate`).
+  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed[, guidance, null_prompt]) -> tokens
+  [B, num_new] (`max_len`, classifier-free `guidance` / `null_prompt`: see `generate`; a call with them
+  is a second program, of 2B rows).
 
   The model is split into (graphdef, state) once; the compiled function takes the state as an
   argument so it is not baked into the executable as constants.
@@ -117,18 +140,20 @@ def make_generate(model, num_new: int, use_cache: bool = True, max_len: int | No
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def fn(state, prompt, keys, temperature, top_k, top_p, allowed):
+  def fn(state, prompt, keys, temperature, top_k, top_p, allowed, guidance=None, null_prompt=None):
     m = nnx.merge(graphdef, state)
     return generate(m, prompt, keys, temperature, top_k, top_p, num_new, allowed, use_cache=use_cache,
-                    max_len=max_len)
+                    max_len=max_len, guidance=guidance, null_prompt=null_prompt)
 
-  def call(prompt, keys, temperature, top_k, top_p, allowed):
-    return fn(state, prompt, keys, temperature, top_k, top_p, allowed)
+  full = lambda args: tuple(args) + (None,) * (8 - len(args))  # noqa: E731  (no guidance: None, None)
 
-  def compile(prompt, keys, temperature, top_k, top_p, allowed):
+  def call(*args):
+    return fn(state, *full(args))
+
+  def compile(*args):
     """Compile for these shapes without running; returns a callable with `call`'s signature."""
-    exe = fn.lower(state, prompt, keys, temperature, top_k, top_p, allowed).compile()
-    return lambda *args: exe(state, *args)
+    exe = fn.lower(state, *full(args)).compile()
+    return lambda *a: exe(state, *full(a))
 
   call.jitted = fn
   call.compile = compile
@@ -202,9 +227,20 @@ def prompts(vocab, labels: np.ndarray, prefix_len: int) -> np.ndarray:
   return np.stack(cols[:prefix_len], 1).astype(np.int32)
 
 
-def code_mask(vocab, num_new: int) -> jax.Array:
-  """allowed [num_new, vocab_size]: only codes (never a special or class token) in weight slots."""
-  allowed = np.zeros((num_new, vocab.vocab_size), bool)
+def unconditional(prompt: np.ndarray, null_class: int) -> np.ndarray:
+  """The null-class twins of prompts [n, 2] ([SOS, class] -> [SOS, null]): what the unconditional rows
+  of classifier-free guidance start from (the model's GPTConfig.null_class)."""
+  if prompt.shape[1] < 2 or null_class < 0:
+    raise NfjaxError("classifier-free guidance needs [SOS, class] prompts and a model with a null class")
+  out = np.array(prompt, np.int32, copy=True)
+  out[:, 1] = null_class
+  return out
+
+
+def code_mask(vocab, num_new: int, model_vocab: int | None = None) -> jax.Array:
+  """allowed [num_new, V]: only codes (never a special or class token) in weight slots. V: the model's
+  vocabulary (`model_vocab`, e.g. + the null class of classifier-free guidance), default the data's."""
+  allowed = np.zeros((num_new, max(vocab.vocab_size, int(model_vocab or 0))), bool)
   allowed[:, :vocab.num_codes] = True
   return jnp.asarray(allowed)
 

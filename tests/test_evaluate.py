@@ -364,3 +364,13 @@ def test_missing_or_bad_inputs_give_clear_errors(smoke_fields, tmp_path):
     stage.run(config, wd)
   with pytest.raises(NfjaxError, match='heldout_fraction'):
     image_eval.validate(load_config('smoke', **{'evaluate.classifier.heldout_fraction': 1.5}))
+
+
+def test_the_headline_setting_prefers_one_without_guidance():
+  import types
+  from nfjax.evaluate import protocol
+  e = types.SimpleNamespace(headline_top_k=3, headline_temperature=0.8)
+  guided = {'name': 'topk3_t0.8_g2', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'guidance': 2.0}
+  plain = {'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0}
+  assert protocol.headline_setting([guided, plain], e) == 'topk3_t0.8'
+  assert protocol.headline_setting([guided], e) == 'topk3_t0.8_g2'

@@ -18,6 +18,8 @@ def test_setting_title_names_every_field_of_the_setting():
   assert 'beam search, width 4' in t and t.startswith('sampling beam4')
   assert 'guidance 2.5' in img_utils.setting_title({'name': 'x', 'top_k': 5, 'temperature': 1.0, 'top_p': 1.0,
                                                     'guidance': 2.5})
+  t = img_utils.setting_title({'name': 'topk3_t0.8_g2', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'guidance': 2.0})
+  assert t == 'sampling topk3_t0.8_g2: top-k 3, temperature 0.8, top-p off (1), classifier-free guidance 2'
   assert 'temperature 0 (greedy)' in img_utils.setting_title({'top_k': 1, 'temperature': 0.0, 'top_p': 1.0})
 
 

@@ -162,6 +162,54 @@ def test_the_sampler_computes_on_the_device_it_is_given(pipeline, tmp_path, monk
                                   np.load(os.path.join(workdir, 'samples', name, 'tokens.npy')))
 
 
+def test_guided_settings_need_a_null_class_and_are_named_with_their_scale(pipeline, tmp_path, monkeypatch):
+  """Classifier-free guidance end to end: a guided setting on a model trained without class dropout is
+  one ConfigError naming train.class_dropout before anything compiles; a model trained with it
+  samples the guided setting into topk3_t0.8_g2 (its conditional prompts kept) with a second program,
+  and the unguided setting beside it with the plain one."""
+  from nfjax import main, sampling
+  from nfjax.errors import ConfigError
+  from nfjax.stages import sample
+  workdir, _ = pipeline
+  grid = ((3, 0.8, 1.0), (3, 0.8, 1.0, 2.0))
+  other = str(tmp_path / 'w')
+  for d in ('fields', 'tokenizer', 'tokens', 'transformer'):
+    shutil.copytree(os.path.join(workdir, d), os.path.join(other, d))
+  make_generate = sampling.make_generate
+
+  def no_compile(*a, **k):
+    raise AssertionError("refused configs must not reach the sampler")
+  monkeypatch.setattr(sampling, 'make_generate', no_compile)
+  with pytest.raises(ConfigError, match=r'topk3_t0.8_g2 use classifier-free guidance.*train.class_dropout > 0'):
+    sample.run(_config(**{'sample.settings': grid}), other)
+  monkeypatch.setattr(sampling, 'make_generate', make_generate)
+
+  compiled = []   # the programs the stage compiles: by their number of arguments
+
+  def spy(*a, **k):
+    gen = make_generate(*a, **k)
+    compile_for = gen.compile
+    gen.compile = lambda *args: compiled.append(len(args)) or compile_for(*args)
+    return gen
+  monkeypatch.setattr(sampling, 'make_generate', spy)
+  cfg = _config(**{'sample.settings': grid, 'train.class_dropout': 0.5, 'train.steps': 3})
+  shutil.rmtree(os.path.join(other, 'transformer'))
+  s = main.run(cfg, other, 'train,sample')['sample']
+  # The unguided setting runs the plain program (prompt, keys, temperature, top_k, top_p, allowed) as in a
+  # grid without guidance; the guided one a second program (+ guidance, null-class prompts).
+  assert compiled == [6, 8]
+  assert [x['name'] for x in s['settings']] == ['topk3_t0.8', 'topk3_t0.8_g2']
+  assert s['settings'][1]['guidance'] == 2.0 and 'guidance' not in s['settings'][0]
+  model = sampling.load_generator(other)[0]
+  tokens = json.load(open(os.path.join(other, 'tokens', 'vocab.json')))
+  assert model.cfg.null_class == tokens['vocab_size'] and model.cfg.vocab_size == tokens['vocab_size'] + 1
+  d = lambda name, f='tokens.npy': os.path.join(other, 'samples', name, f)  # noqa: E731
+  plain, guided = np.load(d('topk3_t0.8')), np.load(d('topk3_t0.8_g2'))
+  np.testing.assert_array_equal(guided[:, :2], plain[:, :2])      # the conditional prompts [SOS, class]
+  assert not np.array_equal(guided, plain) and guided[:, 2:].max() < tokens['num_codes']
+  assert os.path.getsize(d('topk3_t0.8_g2', 'grid.png')) > 0
+
+
 def nnx_state(model):
   from flax import nnx
   return nnx.to_pure_dict(nnx.state(model))

@@ -111,3 +111,66 @@ def test_beam_search_width_1_is_greedy_and_wider_beams_score_higher(model):
   np.testing.assert_allclose(np.asarray(s4), _logprob(model, prompt, b4, allowed), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(s1), _logprob(model, prompt, b1, allowed), rtol=1e-4, atol=1e-4)
   assert np.all(np.asarray(s4) >= np.asarray(s1) - 1e-5)
+
+
+# Classifier-free guidance. Token ids: 16 PAD, 17 SOS, 18..21 classes, 22 the null class; class
+# embedding and class bias on (with the null class's own bias row), made non-zero so the class matters.
+NULL = 22
+
+
+@pytest.fixture(scope='module')
+def cfg_model():
+  cfg = GPTConfig(num_layers=2, num_heads=2, embed_dim=32, block_size=T0 + NEW - 1, vocab_size=V,
+                  cond_position=1, cond_classes=5, cond_first_token=18, null_class=NULL)
+  m = GPT(cfg, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  m.wce[...] = jnp.asarray(rng.normal(0, 0.5, m.wce[...].shape), jnp.float32)
+  m.wcb[...] = jnp.asarray(rng.normal(0, 1.0, m.wcb[...].shape), jnp.float32)
+  return m
+
+
+_GENS = {}   # one sampler per (model, use_cache): its plain and guided programs compile once each
+
+
+def _guided(model, use_cache, guidance, b=6, null=False, temperature=1.0, top_k=0, top_p=1.0):
+  """Sample with guidance (a scalar or [b]); null=True: plain sampling from the null-class prompts."""
+  prompt = np.stack([np.full((b,), 17), 18 + np.arange(b) % 4], 1).astype(np.int32)
+  keys = sampling.sample_keys(0, 0, np.arange(b))
+  allowed = jnp.arange(V) < CODES
+  full = lambda x, dt: jnp.full((b,), x, dt)  # noqa: E731
+  args = (keys, full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32), allowed)
+  gen = _GENS.setdefault((id(model), use_cache), sampling.make_generate(model, NEW, use_cache=use_cache))
+  if guidance is None:
+    return np.asarray(gen(jnp.asarray(sampling.unconditional(prompt, NULL) if null else prompt), *args))
+  g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
+  return np.asarray(gen(jnp.asarray(prompt), *args, g, jnp.asarray(sampling.unconditional(prompt, NULL))))
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_guidance_1_is_plain_conditional_and_0_is_unconditional_sampling(cfg_model, use_cache):
+  plain = _guided(cfg_model, use_cache, None)
+  np.testing.assert_array_equal(_guided(cfg_model, use_cache, 1.0), plain)
+  uncond = _guided(cfg_model, use_cache, None, null=True)
+  np.testing.assert_array_equal(_guided(cfg_model, use_cache, 0.0), uncond)
+  assert not np.array_equal(plain, uncond)       # the class matters in this model ...
+  strong = _guided(cfg_model, use_cache, 3.0)
+  assert not np.array_equal(strong, plain)       # ... and so does the scale
+
+
+def test_guided_kv_cache_equals_the_uncached_reference(cfg_model):
+  g = [0.0, 1.0, 1.5, 3.0, 7.0, 0.5]              # per-row scales: a grid in one batch
+  for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.8, 3, 0.9)]:
+    a = _guided(cfg_model, True, g, temperature=temperature, top_k=top_k, top_p=top_p)
+    b = _guided(cfg_model, False, g, temperature=temperature, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(a, b)
+  # Per-row scales are per row: each row equals its setting sampled on its own.
+  for row in (0, 1, 4):
+    np.testing.assert_array_equal(_guided(cfg_model, True, g[row])[row], _guided(cfg_model, True, g)[row])
+
+
+def test_guide_combines_cond_and_uncond_logits():
+  cond, uncond = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[3.0, 2.0, 0.0]])
+  both = jnp.concatenate([cond, uncond])
+  np.testing.assert_allclose(sampling.guide(both, jnp.array([2.0])), [[-1.0, 2.0, 6.0]])
+  np.testing.assert_array_equal(sampling.guide(both, jnp.array([1.0])), cond)
+  np.testing.assert_array_equal(sampling.guide(both, jnp.array([0.0])), uncond)

@@ -326,3 +326,56 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(tmp_path):
   assert len(floats) > len(jax.tree.leaves(state['params'])) and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
   logits = task.model.bind(state['params'])(jnp.asarray(task.train['tokens'][:2, :-1]))
   assert logits.dtype == jnp.float32
+
+
+def test_class_dropout_off_leaves_task_batches_and_fingerprint_as_before(tmp_path):
+  """train.class_dropout = 0 (the default) is today's training exactly: no null class in the model (nor
+  in its saved dict), batches without the drop mask (the same compiled step), and the train stage's
+  fingerprint of a config that never had the key."""
+  from nfjax import config as config_lib
+  from nfjax import models
+  cfg, task = _tiny_task(tmp_path)
+  assert cfg.train.class_dropout == 0.0 and task.augment is None
+  assert task.model.cfg.null_class == -1 and task.model.cfg.vocab_size == 18 and task.model.cfg.cond_classes == 3
+  assert 'null_class' not in models.to_dict(task.model.cfg)
+  assert set(trainer_lib.BatchStream(task.train, 8, 0, task.augment).batch(5)) == {'tokens', 'weight'}
+  fp = config_lib.fingerprint(cfg, train.KEYS)
+  old = config(**MESH_1)
+  with old.unlocked():
+    del old.train['class_dropout']     # a config from before the key existed
+  assert fp == config_lib.fingerprint(old, train.KEYS) and 'train.class_dropout' not in fp
+  assert config_lib.fingerprint(config(**{'train.class_dropout': 0.1}), train.KEYS)['train.class_dropout'] == 0.1
+
+
+def test_class_dropout_adds_a_null_class_and_draws_from_seed_and_step(tmp_path):
+  from nfjax import models
+  from nfjax.configs import checks
+  cfg, task = _tiny_task(tmp_path, **{'train.class_dropout': 0.5})
+  m = task.model.cfg
+  # The null class is the class token after the data's last one: its own embedding rows and bias row.
+  assert m.null_class == 18 and m.vocab_size == 19 and m.cond_classes == 4 and m.cond_first_token == 15
+  assert models.config_from_dict(models.to_dict(m)) == m
+  with pytest.raises(NfjaxError, match=r'model.vocab_size=18 is smaller.*\+ 1 for the null class'):
+    tasks.make_task(config(**{'train.class_dropout': 0.5, 'model.vocab_size': 18}), str(tmp_path))
+  with pytest.raises(NfjaxError, match=r"train.class_dropout=0.5 needs class tokens.*\['sos'\]"):
+    tasks.model_config(cfg, vocab_size=15, seq_len=19, prefix=('sos',))
+  with pytest.raises(ConfigError, match=r'train.class_dropout=1.0 must be in \[0, 1\)'):
+    checks.validate(config(**{'train.class_dropout': 1.0}), ('train',))
+  # Which rows lose their class: a pure function of (seed, step), about p of them.
+  stream = lambda seed: trainer_lib.BatchStream(task.train, 8, seed, task.augment)  # noqa: E731
+  a = np.concatenate([stream(1).batch(s)['null_rows'] for s in range(200)])
+  np.testing.assert_array_equal(stream(1).batch(7)['null_rows'], a[56:64])   # a fresh stream, straight to step 7
+  assert not np.array_equal(np.concatenate([stream(2).batch(s)['null_rows'] for s in range(200)]), a)
+  assert 0.45 < a.mean() < 0.55
+  # The loss feeds the null class in place of the class token; the targets keep the class.
+  from nfjax.models.gpt import cross_entropy
+  rng = np.random.default_rng(0)   # any parameters do (and are quicker than the model's init)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), task.model.abstract_params)
+  toks = jnp.asarray(task.train['tokens'][:4])
+  drop = np.array([True, False, True, False])
+  loss = jax.jit(lambda p, d: task.loss(task.model.bind(p), {'tokens': toks, 'weight': jnp.ones(4), 'null_rows': d},
+                                        None)['loss_sum'])
+  x = toks[:, :-1].at[:, 1].set(jnp.where(jnp.asarray(drop), 18, toks[:, 1]))
+  ref = jax.jit(lambda p: cross_entropy(task.model.bind(p)(x), toks[:, 1:])[:, 1:].sum())  # loss from slot 1
+  np.testing.assert_allclose(float(loss(params, drop)), float(ref(params)), rtol=1e-6)
+  assert float(loss(params, ~drop)) != float(loss(params, drop))

@@ -111,6 +111,12 @@ def _train(config) -> None:
   if decay <= t.warmup_steps:
     raise ConfigError(f"train.decay_steps ({decay}, -1 = train.steps) must exceed train.warmup_steps "
                       f"({t.warmup_steps})")
+  p_drop = float(t.get('class_dropout', 0.0))
+  if not 0.0 <= p_drop < 1.0:
+    raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")
+  if p_drop > 0 and m.kind != 'gpt':
+    raise ConfigError(f"config key train.class_dropout={p_drop!r} is for model.kind='gpt' (classifier-free "
+                      f"guidance of its sampler); set it to 0")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}")
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh)))
@@ -128,11 +134,14 @@ def _sample(config) -> None:
   if not settings:
     raise ConfigError("config key sample.settings is empty: give (top_k, temperature, top_p) triples")
   for s in settings:
-    if len(s) != 3:
-      raise ConfigError(f"config key sample.settings: {s!r} is not a (top_k, temperature, top_p) triple")
-    k, t, p = s
+    if len(s) not in (3, 4):
+      raise ConfigError(f"config key sample.settings: {s!r} is not a (top_k, temperature, top_p) triple "
+                        f"(or (top_k, temperature, top_p, guidance))")
+    k, t, p = s[:3]
     if int(k) < 0 or float(t) < 0 or not 0 < float(p) <= 1:
       raise ConfigError(f"config key sample.settings: {s!r} needs top_k >= 0, temperature >= 0, 0 < top_p <= 1")
+    if len(s) == 4 and not 0 <= float(s[3]) < float('inf'):
+      raise ConfigError(f"config key sample.settings: {s!r} needs a finite guidance scale >= 0 (its 4th element)")
 
 
 def _evaluate(config) -> None:

@@ -142,6 +142,11 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0          # global-norm clipping; 0 = off
   c.train.grad_accum = 1           # micro-batches per step (batch_size must divide)
   c.train.loss_on_prefix = False   # also train on prefix targets (the class token after SOS; NeF-GPT: yes)
+  # Classifier-free guidance: the share of training sequences whose class token (the input; targets
+  # keep it) is replaced by a learned null class, drawn per sequence from (seed, step). > 0 adds the
+  # null class to the model (one token id, + a class_bias row) and lets sample.settings carry a
+  # guidance scale. 0 = off (the model and every artifact as without the key). Typical: 0.1.
+  c.train.class_dropout = 0.0
   c.train.eval_every = 250         # eval loss on the val split every N steps (and at the end)
   c.train.eval_batches = 8         # val batches per eval; -1 = the whole val split
   c.train.log_every = 50
@@ -159,7 +164,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.sample.num_samples = 250       # per setting (4 settings: 1,000 samples); classes cycle 0, 1, 2, ...
   c.sample.batch_size = 250        # rows per compiled call (one compile for the whole grid)
   # (top_k, temperature, top_p): NeF-GPT's grid, top-k {3, 5} x T {0.8, 1.0}. top_k 0 = off,
-  # temperature 0 = greedy, top_p 1 = off.
+  # temperature 0 = greedy, top_p 1 = off. An optional 4th element is the classifier-free guidance
+  # scale g (default 1 = plain conditional sampling): logits = uncond + g * (cond - uncond), before
+  # temperature and filters; g != 1 needs a model trained with train.class_dropout > 0 and names the
+  # setting with a suffix (topk3_t0.8_g2); g = 0 samples unconditionally.
   c.sample.settings = ((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))
   c.sample.use_cache = True        # False: recompute the whole prefix per token (NeF-GPT's way)
   c.sample.beam_width = 0          # > 0 adds a setting 'beam<W>': the most likely field per class

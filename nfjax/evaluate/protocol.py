@@ -135,8 +135,9 @@ def load_samples(workdir: str, settings: list[dict], params_per_field: int, cap:
 
 
 def headline_setting(settings: list[dict], e) -> str:
-  """The setting whose numbers head the summary: evaluate.headline_top_k / headline_temperature."""
-  for s in settings:
+  """The setting whose numbers head the summary: evaluate.headline_top_k / headline_temperature (one
+  without classifier-free guidance first, then a guided one)."""
+  for s in sorted(settings, key=lambda s: 'guidance' in s):
     try:
       if int(s.get('top_k') or -1) == int(e.headline_top_k) and \
           abs(float(s.get('temperature')) - float(e.headline_temperature)) < 1e-6:
@@ -291,6 +292,8 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
     cands, how = ev.setting_candidates(workdir, name, w)
     res, ps = ev.measure(name, cands, lab, w, all_pool)
     res.update({k: s.get(k) for k in ('top_k', 'temperature', 'top_p')})
+    if 'guidance' in s:
+      res['guidance'] = s['guidance']
     if how:
       res['meshes'] = how
     results[name] = res

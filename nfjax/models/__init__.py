@@ -50,9 +50,12 @@ __all__ = ['GPT', 'GPTConfig', 'KVCache', 'ModelDef', 'RegressionConfig', 'Regre
 def to_dict(cfg: TransformerConfig) -> dict:
   """The model config as saved (model.json, checkpoint meta). `attention` is left out: how attention
   is computed is not part of the model (all ways agree to float rounding), so a model trained with
-  cuDNN attention on a GPU loads with the default ('auto') on a CPU."""
+  cuDNN attention on a GPU loads with the default ('auto') on a CPU. A GPT's `null_class` is there only
+  when set (>= 0)."""
   d = {'kind': cfg.kind, **dataclasses.asdict(cfg)}
   d.pop('attention')
+  if d.get('null_class') == -1:   # no classifier-free guidance: the dict of a model made before it existed
+    d.pop('null_class')
   return d
 
 

@@ -371,6 +371,12 @@ class GPTConfig(TransformerConfig):
   # histogram is learned directly rather than through the blocks. 0 = off (needs cond_position).
   cond_classes: int = 0
   cond_first_token: int = 0
+  # Classifier-free guidance: the token id of the "null class" that replaces the class token of a
+  # train.class_dropout share of the training sequences (the unconditional model). It is one more
+  # class token (= cond_first_token + number of classes, the first id after the data's vocabulary),
+  # with its own rows in wte / wce and, with class_bias, its own row of wcb. -1 = none (not trained
+  # unconditionally; models.to_dict leaves it out, so older model.json / checkpoints load unchanged).
+  null_class: int = -1
 
   @property
   def kind(self) -> str:

@@ -6,11 +6,18 @@ grid is top-k {3, 5} x T {0.8, 1.0}) it generates `sample.num_samples` sequences
 all settings share one compiled program (settings are per-row arrays), per-sample keys make a
 sample independent of its batch, and special tokens are masked wherever a weight comes next.
 
+Classifier-free guidance: a setting's optional 4th element is its guidance scale g (default 1).
+Settings with g != 1 (named with a suffix, topk3_t0.8_g2) run through a second compiled program, the
+guided one, shared by all of them: each batch's conditional rows and their [SOS, null class] twins
+in one KV cache (nfjax/sampling.py). They need a model trained with train.class_dropout > 0 (its
+null class); settings with g = 1 are sampled exactly as without guidance.
+
 Tokens and weights are the same for every modality; how samples are shown is the modality's
 (`Modality.sample_output`: image grids and a generation GIF, or meshes, grids and a turntable).
 
 WORKDIR/samples/ (nfjax/io/samples.py):
-  settings.json                 {"settings": [{name, top_k, temperature, top_p}, ...]}
+  settings.json                 {"settings": [{name, top_k, temperature, top_p[, guidance]}, ...]}
+                                (guidance only where it is not 1)
   <name>/tokens.npy             int32 [S, L]   full sequences (prompt + generated)
   <name>/weights.npy            float32 [S, P] decoded weight vectors (layout of fields/meta.json)
   <name>/labels.npy             int32 [S]      conditioning class
@@ -43,9 +50,18 @@ STAGE = 'sample'
 KEYS = ('seed', 'sample')
 
 
-def setting_name(top_k: int, temperature: float, top_p: float) -> str:
+def setting_name(top_k: int, temperature: float, top_p: float, guidance: float = 1.0) -> str:
   name = f"topk{int(top_k)}_t{float(temperature):g}"
-  return name + (f"_p{float(top_p):g}" if float(top_p) < 1.0 else '')
+  name += f"_p{float(top_p):g}" if float(top_p) < 1.0 else ''
+  return name + (f"_g{float(guidance):g}" if float(guidance) != 1.0 else '')
+
+
+def setting_entry(t) -> dict:
+  """A sample.settings element (top_k, temperature, top_p[, guidance]) -> its settings.json entry."""
+  st = dict(name=setting_name(*t), top_k=int(t[0]), temperature=float(t[1]), top_p=float(t[2]))
+  if len(t) > 3 and float(t[3]) != 1.0:
+    st['guidance'] = float(t[3])
+  return st
 
 
 def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
@@ -74,8 +90,13 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     raise NfjaxError(f"the model's context ({block}) is shorter than the token sequences need ({seq_len - 1})")
   num_classes = max(1, vocab.num_classes)
   s = config.sample
-  settings = [dict(name=setting_name(*t), top_k=int(t[0]), temperature=float(t[1]), top_p=float(t[2]))
-              for t in s.settings]
+  settings = [setting_entry(t) for t in s.settings]
+  null_class = int(getattr(model.cfg, 'null_class', -1))
+  guided = [st['name'] for st in settings if 'guidance' in st]
+  if guided and null_class < 0:
+    raise ConfigError(f"config key sample.settings: {', '.join(guided)} use classifier-free guidance (a 4th element "
+                      f"!= 1), but the model in {workdir}/transformer was trained without a null class: train it "
+                      f"with train.class_dropout > 0 (e.g. 0.1), or drop the guidance scales")
   beam = int(s.beam_width)
   if beam > 0:
     settings.append(dict(name=f'beam{beam}', top_k=0, temperature=0.0, top_p=1.0, beam_width=beam))
@@ -84,8 +105,8 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   sample_io.write_settings(workdir, settings)
   n = int(s.num_samples)
   batch = int(s.batch_size)
-  allowed = sampling.code_mask(vocab, num_new)
-  gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))
+  allowed = sampling.code_mask(vocab, num_new, model.cfg.vocab_size)
+  gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))   # plain and guided programs
 
   def finish_setting(st, out, labels):
     weights = tokenizer.decode(out[:, prefix:], vocab)
@@ -106,8 +127,9 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
                f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
-  compiled = None
+  compiled = {}   # False: the plain program, True: the guided one (settings with guidance != 1)
   for si, st in todo:
+    g = st.get('guidance')
     labels = (np.arange(n) % num_classes).astype(np.int32)
     out = np.zeros((n, seq_len), np.int32)
     for lo in range(0, n, batch):
@@ -117,13 +139,16 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
               jnp.full((batch,), st['temperature'], jnp.float32), jnp.full((batch,), st['top_k'], jnp.int32),
               jnp.full((batch,), st['top_p'], jnp.float32), allowed)
-      if compiled is None:
+      if g is not None:
+        args += (jnp.full((batch,), g, jnp.float32), jnp.asarray(sampling.unconditional(prompt, null_class)))
+      if (g is not None) not in compiled:
         t0 = time.perf_counter()
-        compiled = gen.compile(*args)   # one executable for every setting and batch
-        log(STAGE, f"compiled the sampler in {time.perf_counter() - t0:.1f}s")
-        progress.start()
+        compiled[g is not None] = gen.compile(*args)   # one executable for every setting and batch (of its kind)
+        log(STAGE, f"compiled the {'guided ' if g is not None else ''}sampler in {time.perf_counter() - t0:.1f}s")
+        if len(compiled) == 1:
+          progress.start()
       t0 = time.perf_counter()
-      new = np.asarray(compiled(*args))
+      new = np.asarray(compiled[g is not None](*args))
       gen_seconds += time.perf_counter() - t0
       gen_tokens += (hi - lo) * num_new
       out[lo:hi, :prefix] = prompt[:hi - lo]

@@ -32,7 +32,8 @@ STAGE = 'train'
 # between a run and its resumption). The data it trains on is tracked by the tokens/ and fields/ digests.
 KEYS = ('seed', 'model') + tuple(f'train.{k}' for k in (
     'steps', 'batch_size', 'lr', 'warmup_steps', 'decay_steps', 'end_lr', 'b1', 'b2', 'eps', 'weight_decay',
-    'decay_embeddings', 'grad_clip', 'grad_accum', 'loss_on_prefix', 'init_from'))
+    'decay_embeddings', 'grad_clip', 'grad_accum', 'loss_on_prefix', 'init_from', 'class_dropout'))
+# (train.class_dropout is fingerprinted only when > 0: nfjax.config.OMITTED_AT.)
 
 
 def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]] = ()) -> dict:

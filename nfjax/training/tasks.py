@@ -33,6 +33,8 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
 
   GPT: sequences of seq_len tokens give seq_len-1 inputs, every one a training target, so
   block_size must be >= seq_len-1 and vocab_size >= the data's vocabulary (-1 = exactly that).
+  train.class_dropout > 0 adds the null class: token id vocab_size (one more class token after the
+  data's), so the vocabulary needs one id more, and class_bias one row more.
   Regression: a field of num_params weights gives num_params inputs (start + P-1 weights).
   """
   m = config.model
@@ -49,12 +51,22 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
           f"model.block_size={block} is too short for the token sequences: they have {seq_len} tokens "
           f"(prefix + weights), i.e. {need} model inputs, and every weight must be a training target. "
           f"Set model.block_size={need} or -1 (= fit the data). (NeF-GPT's 561 never trained on the last weight.)")
-    vocab = vocab_size if m.vocab_size == -1 else int(m.vocab_size)
-    if vocab < vocab_size:
-      raise NfjaxError(f"model.vocab_size={vocab} is smaller than the token vocabulary ({vocab_size} ids: codes, "
-                       f"specials, classes; see tokens/vocab.json). Set model.vocab_size=-1 to fit it.")
-    cond = -1
     conditioned = 'class' in prefix
+    p_drop = float(config.train.get('class_dropout', 0.0))
+    null = -1
+    if p_drop > 0:
+      if not conditioned or num_classes < 1:
+        raise NfjaxError(f"train.class_dropout={p_drop:g} needs class tokens in the sequences, but their prefix is "
+                         f"{list(prefix)} (one class, or tokenize.class_token='no'): set train.class_dropout=0")
+      null = vocab_size   # the class token after the last one: the data never holds it
+    need_vocab = vocab_size + (null >= 0)
+    vocab = need_vocab if m.vocab_size == -1 else int(m.vocab_size)
+    if vocab < need_vocab:
+      raise NfjaxError(f"model.vocab_size={vocab} is smaller than the token vocabulary ({vocab_size} ids: codes, "
+                       f"specials, classes; see tokens/vocab.json"
+                       + (f"; + 1 for the null class of train.class_dropout={p_drop:g}" if null >= 0 else '')
+                       + "). Set model.vocab_size=-1 to fit it.")
+    cond = -1
     if not conditioned and (bool(m.class_embedding) or bool(m.class_bias)):
       log(STAGE, f"the tokens' prefix is {list(prefix)} (no class token: one class, or tokenize.class_token='no'): "
                  f"model.class_embedding / class_bias have nothing to condition on and are off")
@@ -64,10 +76,10 @@ def model_config(config, *, vocab_size: int | None = None, seq_len: int | None =
     if bool(m.class_bias) and conditioned:
       if cond < 0 or num_classes < 1 or class_token0 < 0:
         raise NfjaxError("model.class_bias=True needs model.class_embedding=True and class tokens in the sequences")
-      classes = int(num_classes)
+      classes = int(num_classes) + (null >= 0)   # the null class has its own bias row
     return models.GPTConfig(**common, block_size=block, vocab_size=vocab, tie_embeddings=bool(m.tie_embeddings),
                             cond_position=cond, cond_classes=classes,
-                            cond_first_token=class_token0 if classes else 0)
+                            cond_first_token=class_token0 if classes else 0, null_class=null)
   need = num_params
   block = need if m.block_size == -1 else int(m.block_size)
   if block < need:
@@ -91,22 +103,41 @@ class Task:
   val: dict[str, np.ndarray]
   tokens_per_example: int
   info: dict = dataclasses.field(default_factory=dict)
+  # augment(batch, seed, step) -> batch: a change to each training batch that is a pure function of
+  # (seed, step) like the data order (class dropout); None = the batches as they are. Not applied to eval.
+  augment: Callable | None = None
 
 
-def gpt_loss(prefix_len: int, loss_on_prefix: bool) -> Callable:
+def gpt_loss(prefix_len: int, loss_on_prefix: bool, class_column: int = -1, null_class: int = -1) -> Callable:
   """Next-token cross-entropy. Inputs tokens[:, :-1], targets tokens[:, 1:]; targets inside the
-  prefix (e.g. the class token after SOS) count only with loss_on_prefix (NeF-GPT: yes)."""
+  prefix (e.g. the class token after SOS) count only with loss_on_prefix (NeF-GPT: yes).
+
+  Class dropout: a batch with 'null_rows' (bool [B], see `class_dropout`) has the class token of
+  those rows (input column class_column) replaced by null_class in the inputs only: the targets
+  keep the true class, so loss_on_prefix still trains P(class | SOS)."""
   first = 0 if loss_on_prefix else max(0, prefix_len - 1)
 
   def loss(module, batch, rng):
     tokens = batch['tokens']
     x, y = tokens[:, :-1], tokens[:, 1:]
+    if 'null_rows' in batch:
+      x = x.at[:, class_column].set(jnp.where(batch['null_rows'], null_class, x[:, class_column]))
     logits = module(x, rng=rng)
     ce = cross_entropy(logits, y)
     w = (jnp.arange(y.shape[1]) >= first).astype(jnp.float32)[None, :] * batch['weight'][:, None]
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     return {'loss_sum': jnp.sum(ce * w), 'count': jnp.sum(w), 'correct': jnp.sum(correct * w)}
   return loss
+
+
+def class_dropout(p: float) -> Callable:
+  """Task.augment of classifier-free training: 'null_rows' bool [B], each row True with probability p,
+  drawn from numpy's generator seeded by (seed, 0xC1A55, step): a pure function of (seed, step), so
+  a resumed run drops the same rows."""
+  def augment(batch, seed, step):
+    n = len(batch['tokens'])
+    return {**batch, 'null_rows': np.random.default_rng([int(seed), 0xC1A55, int(step)]).random(n) < p}
+  return augment
 
 
 def regression_loss(kind: str) -> Callable:
@@ -146,8 +177,14 @@ def gpt_task(config, workdir: str) -> Task:
   info = {'data': 'tokens', 'vocab': ds.vocab.to_dict(), 'seq_len': int(seq_len), 'prefix_len': ds.prefix_len,
           'num_train': int(len(ds.train_idx)), 'num_val': int(len(ds.val_idx)),
           'data_hash': _hash_arrays(tokens, ds.train_idx, ds.val_idx)}
-  loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix))
-  return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info)
+  if cfg.null_class < 0:
+    loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix))
+    return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info)
+  prefix = list(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len]))
+  loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix), prefix.index('class'), cfg.null_class)
+  info['class_dropout'] = float(config.train.class_dropout)
+  return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info,
+              augment=class_dropout(float(config.train.class_dropout)))
 
 
 def regression_task(config, workdir: str) -> Task:

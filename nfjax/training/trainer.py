@@ -7,8 +7,9 @@ metrics, checkpoints and progress. The train stage (nfjax/stages/train.py) is a 
 Semantics worth knowing:
 * Data order is a pure function of (seed, step): example k of the infinite stream is row
   perm_e[k mod N] with e = k // N and perm_e a permutation seeded by (seed, e). Step s reads
-  stream examples [s*B, (s+1)*B). Dropout keys are fold_in(run key, step). So a run killed anywhere
-  and started again with the same command continues the exact loss trajectory.
+  stream examples [s*B, (s+1)*B). Dropout keys are fold_in(run key, step); the task's batch
+  augmentation (class dropout: which rows lose their class) is drawn from (seed, step) too. So a
+  run killed anywhere and started again with the same command continues the exact loss trajectory.
 * The state is created abstract-first (eval_shape -> shardings -> jitted init), the step is
   `jax.jit(..., in_shardings, out_shardings, donate_argnums=0)` compiled once ahead of time.
 * Metrics are fetched one step late (the device always has the next step queued); a non-finite
@@ -64,8 +65,9 @@ def make_optimizer(t, mdef: models.ModelDef):
 class BatchStream:
   """Batches as a pure function of (seed, step): see the module docstring."""
 
-  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, augment=None):
     self.arrays = arrays
+    self.augment = augment   # Task.augment: fn(batch, seed, step) -> batch, or None
     self.n = len(next(iter(arrays.values())))
     if self.n == 0:
       raise DataError("the training split is empty")
@@ -92,7 +94,7 @@ class BatchStream:
     idx = self.indices(step)
     out = {k: v[idx] for k, v in self.arrays.items()}
     out['weight'] = np.ones((self.batch_size,), np.float32)
-    return out
+    return out if self.augment is None else self.augment(out, self.seed, step)
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: int) -> list[dict[str, np.ndarray]]:
@@ -148,7 +150,7 @@ class Trainer:
         {'step': jax.ShapeDtypeStruct((), jnp.int32), 'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
          'params': self.mdef.abstract_params, 'opt_state': abstract_opt}, self.state_shardings)
 
-    self.stream = BatchStream(task.train, self.batch_size, self.seed)
+    self.stream = BatchStream(task.train, self.batch_size, self.seed, getattr(task, 'augment', None))
     if self.batch_size > self.stream.n:
       log(STAGE, f"WARNING: train.batch_size={self.batch_size} is larger than the {self.stream.n} training "
                  f"examples: every step repeats examples; lower train.batch_size or fit more fields")
@@ -230,7 +232,8 @@ class Trainer:
     if self._eval_fn is None and self.eval_data:
       t0 = time.perf_counter()
       rep = sharding.replicated(self.mesh)
-      ev = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings), out_shardings=rep)
+      eval_shardings = {k: self.batch_shardings[k] for k in self.eval_data[0]}   # no augmentation keys
+      ev = jax.jit(self._eval_step, in_shardings=(self.param_shardings, eval_shardings), out_shardings=rep)
       abstract_eval = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
                        for k, v in self.eval_data[0].items()}
       self._eval_fn = ev.lower(self.abstract_state['params'], abstract_eval).compile()

@@ -209,3 +209,11 @@ def test_gs_without_the_gcs_extra_is_one_error_naming_it(tmp_path):
   line = _one_error_line(p)
   assert "[gcs] extra" in line and "pip install 'nfjax[gcs]'" in line, line
   assert os.listdir(tmp_path) == []
+
+
+def test_a_bucket_that_does_not_exist_is_one_error(emulator, tmp_path):
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', f'--config={CONFIG}', '--workdir=gs://nobucket/run'],
+                     cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+  line = _one_error_line(p)
+  assert line.startswith("nfjax: error: cannot write gs://nobucket/run/logs/") and "no bucket 'nobucket'" in line, line
+  assert os.listdir(tmp_path) == []

@@ -413,9 +413,11 @@ def _url(p: str) -> str:
 
 
 def _remote_error(path: str, e: Exception) -> NfjaxError:
-  return NfjaxError(f"cannot write {path}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}. "
-                    f"Check the bucket exists and that you may write to it (credentials, or STORAGE_EMULATOR_HOST "
-                    f"for an emulator)")
+  bucket = path.split('://', 1)[-1].split('/', 1)[0]
+  why = (f"no bucket {bucket!r} (or it is not visible with these credentials)" if isinstance(e, FileNotFoundError)
+         else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+  return NfjaxError(f"cannot write {path}: {why}. Use a --workdir in a bucket you can write to (credentials: "
+                    f"gcloud auth application-default login; an emulator: STORAGE_EMULATOR_HOST)")
 
 
 _appended: dict[str, bytearray] = {}   # gs:// files appended to by this process: their whole contents
@@ -423,7 +425,7 @@ _appended: dict[str, bytearray] = {}   # gs:// files appended to by this process
 
 def _forget(path: str) -> None:
   prefix = path.rstrip('/') + '/'
-  for k in [k for k in _appended if k == path or k.startswith(prefix)]:
+  for k in [k for k in list(_appended) if k == path or k.startswith(prefix)]:
     del _appended[k]
 
 
@@ -471,12 +473,17 @@ def _r_append(path: str, text: str) -> None:
 
 class _RemoteLog:
   """A log file in a bucket: lines are kept and the whole object uploaded at most every LOG_UPLOAD_SECONDS
-  (and on flush / close), so a killed job loses at most the last few seconds of its log."""
+  (and on flush / close), so a killed job loses at most the last few seconds of its log. The first upload
+  (when it opens) raises NfjaxError for a bucket that cannot be written; a later failed upload is retried
+  at the next one (the console has every line)."""
 
   def __init__(self, path: str):
     self.path, self._text, self._last, self.closed = path, [], 0.0, False
     self._lock = threading.Lock()
-    self._upload()
+    try:
+      self._upload()
+    except OSError as e:
+      raise _remote_error(path, e) from None
 
   def write(self, text: str) -> int:
     if self.closed:
@@ -484,25 +491,28 @@ class _RemoteLog:
     with self._lock:
       self._text.append(text)
     if time.monotonic() - self._last >= LOG_UPLOAD_SECONDS:
-      self._upload()
+      self._try_upload()
     return len(text)
 
   def _upload(self) -> None:
     with self._lock:
       data = ''.join(self._text).encode('utf-8')
       self._last = time.monotonic()
+    _fs().pipe_file(self.path, data)
+
+  def _try_upload(self) -> None:
     try:
-      _fs().pipe_file(self.path, data)
-    except OSError as e:
-      raise _remote_error(self.path, e) from None
+      self._upload()
+    except Exception:  # noqa: BLE001 - gcsfs / aiohttp raise many kinds; retried at the next upload
+      pass
 
   def flush(self) -> None:
     if not self.closed:
-      self._upload()
+      self._try_upload()
 
   def close(self) -> None:
     if not self.closed:
-      self._upload()
+      self._try_upload()
       self.closed = True
 
 

@@ -214,7 +214,10 @@ class _StagedEvents:
 
   def _upload(self) -> None:
     self._last = time.monotonic()
-    files.upload_dir(self.local, self.remote)
+    try:
+      files.upload_dir(self.local, self.remote)
+    except Exception as e:  # noqa: BLE001 - the run's results stand; only their TensorBoard copy lags
+      log('main', f"WARNING: could not upload TensorBoard events to {self.remote}: {e}")
 
   def close(self) -> None:
     self._writer.close()

@@ -217,3 +217,26 @@ def test_a_bucket_that_does_not_exist_is_one_error(emulator, tmp_path):
   line = _one_error_line(p)
   assert line.startswith("nfjax: error: cannot write gs://nobucket/run/logs/") and "no bucket 'nobucket'" in line, line
   assert os.listdir(tmp_path) == []
+
+
+def test_the_lease_refuses_a_live_holder_and_takes_over_a_stale_or_dead_one(emulator):
+  import socket as socket_lib
+  from nfjax.errors import NfjaxError
+  from nfjax.io import files, lock
+  workdir = f'gs://{BUCKET}/leased'
+  path = f'{workdir}/{lock.NAME}'
+  me = socket_lib.gethostname()
+  live = {'pid': os.getppid(), 'host': me, 'started': 'then', 'command': 'nfjax.main --workdir=...',
+          'token': 'x', 'heartbeat': time.time()}
+  for holder in (live, {**live, 'host': 'another-host', 'pid': 1}):   # a live process here; a fresh lease elsewhere
+    files.write_json(path, holder)
+    with pytest.raises(NfjaxError, match=r"is in use by another launch \(pid \d+ on host " + holder['host']):
+      with lock.hold(workdir):
+        pass
+  stale = {**live, 'host': 'another-host', 'heartbeat': time.time() - lock.LEASE_SECONDS - 1}
+  dead = {**live, 'pid': 2 ** 22 + 12345}   # no such process on this host
+  for holder in (stale, dead):
+    files.write_json(path, holder)
+    with lock.hold(workdir) as info:
+      assert info['pid'] == os.getpid() and files.read_json(path)['pid'] == os.getpid()
+    assert not files.exists(path)   # released

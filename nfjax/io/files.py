@@ -75,7 +75,10 @@ def makedirs(path: str) -> None:
 def listdir(path: str) -> list[str]:
   if is_remote(path):
     fs = _fs()
-    return sorted({p.rstrip('/').rsplit('/', 1)[-1] for p in fs.ls(path, detail=False)}) if fs.isdir(path) else []
+    if not fs.isdir(path):
+      return []
+    here = path.split('://', 1)[1].rstrip('/')
+    return sorted({p.rstrip('/').rsplit('/', 1)[-1] for p in fs.ls(path, detail=False) if p.rstrip('/') != here})
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 

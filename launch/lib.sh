@@ -56,13 +56,15 @@ preset_of() {
   if [[ $spec == *:* ]]; then printf '%s' "${spec##*:}"; else printf 'quick'; fi
 }
 
-# nfjax writes its artifacts with local file APIs (os.makedirs, np.save, json): a gs:// workdir
-# would silently become a local directory named "gs:". Refuse it; --bucket syncs results instead.
+# nfjax itself writes gs:// workdirs (nfjax[gcs]), but these scripts keep the workdir on the VM: they
+# mkdir it, tee launch.log into it, put the compile cache in it and fetch it with rsync/scp. Refuse a
+# URL here; --bucket syncs the results, or run `python -m nfjax.main --workdir=gs://...` directly.
 check_local_workdir() {
   case $1 in
-    gs://*|s3://*|*://*) die "--workdir=$1: nfjax writes its artifacts with local file APIs, so the workdir must be a
-  local (or mounted) path. Use a local --workdir and --bucket=gs://... to copy the results there
-  after the run (see launch/README.md, 'Workdirs and buckets').";;
+    gs://*|s3://*|*://*) die "--workdir=$1: the launch scripts keep the workdir on the VM (they create it, tee
+  launch.log and the compile cache into it and fetch it from there), so it must be a local (or mounted)
+  path. Use a local --workdir and --bucket=gs://... to copy the results there after the run, or run
+  python -m nfjax.main --workdir=gs://... yourself (see launch/README.md, 'Workdirs and buckets').";;
   esac
 }
 

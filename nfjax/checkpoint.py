@@ -12,13 +12,16 @@ complete; leftovers of a killed save are ignored and cleaned up):
 Restores target the *current* mesh: pass abstract arrays carrying the shardings you want, and
 Orbax reshards (a run saved on 8 devices resumes on 1 or 2, and vice versa).
 
+A gs:// directory is written straight to the bucket (Orbax through tensorstore; on an object store
+a step is finished when its commit marker is written, not by a rename); with STORAGE_EMULATOR_HOST,
+nfjax.io.files.configure_emulator points tensorstore at the emulator.
+
 `load_params(directory)` reads only the parameters onto one device (the default backend's first, or any
 given one), without a mesh, an optimizer or the training config: what the sample stage and notebooks use.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import jax
@@ -27,6 +30,7 @@ from jax.sharding import SingleDeviceSharding
 
 from nfjax import models
 from nfjax.errors import NfjaxError
+from nfjax.io import files
 from nfjax.utils.logging import log
 
 ITEMS = ('params', 'opt_state', 'meta')
@@ -41,7 +45,7 @@ class Checkpointer:
   """Save/restore (params, opt_state, meta) by step; keeps the newest `keep` steps."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.absolute(directory)   # a gs:// URL as it is: Orbax writes straight to the bucket
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True, create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
@@ -107,8 +111,8 @@ def load_params(directory: str, step: int | None = None, device: jax.Device | No
   onto the host. `meta['model']` is the model config dict: rebuild the model with
   `nfjax.models.build(meta['model'])` and call `.bind(params)`.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = files.absolute(directory)
+  if not files.isdir(directory):
     raise NfjaxError(f"no checkpoints at {directory}: run the train stage first")
   mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
                                options=ocp.CheckpointManagerOptions(create=False))

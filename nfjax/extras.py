@@ -18,6 +18,7 @@ from nfjax.errors import MissingExtraError
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     'shapes': ('3D shape fields (mesh files, marching cubes)', ('trimesh', 'skimage')),
     'tfds': ("data.source='tfds' (TensorFlow Datasets)", ('tensorflow_datasets', 'importlib_resources')),
+    'gcs': ('a gs:// workdir (Google Cloud Storage)', ('gcsfs',)),
 }
 
 

@@ -202,6 +202,10 @@ def main(argv):
               '--process_id': _PROCESS_ID.value}
   if not _DISTRIBUTED.value and any(v is not None for v in explicit.values()):
     raise app.UsageError(f"{', '.join(k for k, v in explicit.items() if v is not None)} need --distributed")
+  try:
+    files.check_workdir(_WORKDIR.value)   # a scheme nfjax cannot write, or gs:// without [gcs]: before any work
+  except NfjaxError as e:
+    _fail(str(e))
   cpu_devices = sharding.split_cpu(_CPU_DEVICES.value)
   enable_compile_cache(_COMPILE_CACHE.value, _COMPILE_CACHE_MIN_SECS.value)   # before anything compiles
   if _DISTRIBUTED.value:

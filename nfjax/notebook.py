@@ -104,7 +104,7 @@ def _tuples(value):
 def resolve_workdir(workdir: str, preset: str) -> str:
   """'' -> a default per preset: /content/workdirs/<preset> on Colab, ./workdirs/<preset> else."""
   if workdir:
-    return os.path.abspath(os.path.expanduser(workdir))
+    return workdir if files.is_remote(workdir) else os.path.abspath(os.path.expanduser(workdir))
   base = '/content/workdirs' if in_colab() else os.path.join(repo_root() or os.getcwd(), 'workdirs')
   return os.path.join(base, preset.rsplit(':', 1)[-1])
 
@@ -126,7 +126,7 @@ def _display(obj) -> None:
 def show(path: str, width: int | None = None) -> None:
   """Display a PNG/GIF file (IPython.display.Image: works headless and in Colab)."""
   from IPython.display import Image
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"{path} does not exist: has the stage that writes it run?")
   fmt = os.path.splitext(path)[1].lower().lstrip('.')
   _display(Image(data=files.read_bytes(path), format='jpeg' if fmt == 'jpg' else fmt, width=width))

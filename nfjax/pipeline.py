@@ -61,6 +61,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   writer per workdir, nfjax/io/lock.py; process 0 of a multi-process run), config.json written and
   the stages run in order. A damaged artifact met on the way is reported with the stage that made
   it and the command that redoes it."""
+  files.check_workdir(workdir)   # a scheme nfjax cannot write (or gs:// without [gcs]): one error, no work
   names = parse(stages, redo)
   with checks.launch(config, names), preemption.handling():   # checks before any data is read; SIGTERM
     with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
@@ -102,7 +103,7 @@ def _to_tensorboard(workdir: str, name: str, before: dict) -> None:
 def _advice(e: ArtifactError, workdir: str, stage: str) -> str:
   """The error, plus the stage that wrote the file and how to redo it (unless it says so already)."""
   message = str(e)
-  rel = os.path.relpath(os.path.abspath(e.path), os.path.abspath(workdir))
+  rel = os.path.relpath(files.absolute(e.path), files.absolute(workdir))
   top = rel.split(os.sep)[0]
   if 'written by the' in message or top.startswith('..') or top not in {d for out, _ in wd.STAGES.values() for d in out}:
     return message

@@ -168,7 +168,7 @@ def test_tpu_bootstrap_from_git_is_the_same_setup(env):
 
 
 def test_tpu_bad_arguments(env):
-  for args, message in [(['--workdir=gs://b/w', 'run'], 'local file APIs'),
+  for args, message in [(['--workdir=gs://b/w', 'run'], 'keep the workdir on the VM'),
                         (['--mode=preemptible', 'create'], 'use on-demand, spot or queued'),
                         (['--spot', 'create'], '--spot goes with --mode=queued'),
                         (['--bucket=/tmp/x', 'fetch'], 'must start with gs://'),
@@ -221,7 +221,7 @@ def test_gpu_dry_run(env):
   assert nfjax.startswith('python3 -c') and 'm.version("nfjax")' in nfjax
   assert len([c for c in cmds if 'pip' in c]) == 1
   p = sh('gpu.sh', '--dry-run', '--workdir=gs://b/w', env=env, check=False)
-  assert p.returncode == 2 and 'local file APIs' in p.stderr
+  assert p.returncode == 2 and 'keep the workdir on the VM' in p.stderr
 
 
 # A stand-in for the virtualenv's python, for gpu.sh without --dry-run: logs its arguments; JAX

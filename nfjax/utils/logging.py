@@ -8,6 +8,11 @@ TensorBoard tags are namespaced by stage: `fit/...`, `train/...` (a metric named
 `eval/x`), `eval/...` (the evaluate stage's summary numbers) and `<stage>/<picture>` images
 (`log_stage_outputs`). Event files live in `<stage dir>/tensorboard/`; open them with
 `pip install -e '.[tb]' && tensorboard --logdir WORKDIR`.
+
+In a gs:// workdir the event file is written in a local temporary directory and uploaded (the whole
+file, through nfjax.io.files) at most every EVENTS_UPLOAD_SECONDS when the writer flushes, and when it
+closes: tensorboardX's own GCS writer does not follow STORAGE_EMULATOR_HOST, and this keeps every
+byte that reaches the bucket on the one I/O path.
 """
 
 from __future__ import annotations
@@ -187,6 +192,39 @@ class MetricsWriter:
 
 
 _writers = 0
+EVENTS_UPLOAD_SECONDS = 10.0
+
+
+class _StagedEvents:
+  """A tensorboardX writer for a gs:// directory: events go to a local staging directory, uploaded to
+  DIR/tensorboard on flush (at most every EVENTS_UPLOAD_SECONDS) and on close."""
+
+  def __init__(self, writer_cls, remote: str, suffix: str):
+    self.remote, self.local = remote, files.staging_dir()
+    self._writer = writer_cls(self.local, filename_suffix=suffix)
+    self._last = time.monotonic()
+
+  def __getattr__(self, name):   # add_scalar, add_image, ...
+    return getattr(self._writer, name)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    if time.monotonic() - self._last >= EVENTS_UPLOAD_SECONDS:
+      self._upload()
+
+  def _upload(self) -> None:
+    self._last = time.monotonic()
+    try:
+      files.upload_dir(self.local, self.remote)
+    except Exception as e:  # noqa: BLE001 - the run's results stand; only their TensorBoard copy lags
+      log('main', f"WARNING: could not upload TensorBoard events to {self.remote}: {e}")
+
+  def close(self) -> None:
+    self._writer.close()
+    try:
+      self._upload()
+    finally:
+      files.remove(self.local)
 
 
 def _summary_writer(directory: str):
@@ -198,6 +236,8 @@ def _summary_writer(directory: str):
   except ImportError:  # pragma: no cover
     return None
   _writers += 1
+  if files.is_remote(directory):
+    return _StagedEvents(SummaryWriter, files.join(directory, 'tensorboard'), f'.{os.getpid()}.{_writers}')
   return SummaryWriter(files.join(directory, 'tensorboard'), filename_suffix=f'.{os.getpid()}.{_writers}')
 
 

@@ -393,7 +393,7 @@ def test_compile_cache_flag_fills_the_directory_and_is_reused(tmp_path):
 # launch/local.sh: N processes of one multi-process run on this machine (a real run with a
 # preemption: tests/test_multiprocess.py)
 
-FAKE_PYTHON = '''#!/usr/bin/env bash
+LOCAL_FAKE_PYTHON = '''#!/usr/bin/env bash
 # A stand-in for python: the free-port probe, else one "process" that fails (--process_id=1, with
 # the exit code $FAIL_CODE) or runs until SIGTERM, which it records in $MARKS.
 if [[ $1 == -c ]]; then echo 45678; exit 0; fi
@@ -409,7 +409,7 @@ echo "done $id"
 
 def _local(tmp_path, *args, fail_code=None, timeout=60):
   fake = tmp_path / 'fakepy'
-  fake.write_text(FAKE_PYTHON)
+  fake.write_text(LOCAL_FAKE_PYTHON)
   fake.chmod(0o755)
   env = {**os.environ, 'MARKS': str(tmp_path / 'marks'), 'FAIL_CODE': '' if fail_code is None else str(fail_code)}
   return subprocess.run(['bash', os.path.join(LAUNCH, 'local.sh'), f'--python={fake}', f'--log_dir={tmp_path / "logs"}',

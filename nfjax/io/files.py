@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from nfjax import extras
 from nfjax.errors import ArtifactError, NfjaxError
 
 join = os.path.join
@@ -375,7 +376,6 @@ def check_workdir(path: str) -> None:
                      f"gs:// one")
   if not path[len(s) + 3:].strip('/'):
     raise NfjaxError(f"--workdir={path}: name a bucket, e.g. gs://my-bucket/runs/quick")
-  from nfjax import extras
   extras.require('gcs', f"a gs:// workdir ({path})")
   _fs()
 
@@ -404,7 +404,6 @@ def _fs():
   global _gcs
   if _gcs is None:
     configure_emulator()
-    from nfjax import extras
     gcsfs = extras.load('gcsfs', 'gcs')
     _gcs = gcsfs.GCSFileSystem(use_listings_cache=False)
   return _gcs

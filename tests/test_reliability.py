@@ -98,29 +98,42 @@ def test_a_second_launch_on_a_held_workdir_stops_and_a_killed_holder_frees_it(tm
 # kill -9 in every stage: the same command resumes to the same artifacts
 
 KILL_AFTER = {'fit': 3, 'tokenize': 2, 'train': 5, 'sample': 4, 'evaluate': 4}
+# The child runs a stage as the launcher does (main.run_or_exit) and, at the n-th write to a path (relative
+# to the workdir) that matches a pattern, either kills itself with -9 ('kill') or asks the test for a
+# SIGTERM and waits for it to arrive ('term').
 CHILD = textwrap.dedent('''
-    import os, signal, sys
+    import os, re, signal, sys, time
     sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
     from conftest import load_config
     from nfjax import main
     from nfjax.io import files
-    workdir, stage, n, dirs = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].split(',')
+    from nfjax.utils import preemption
+    workdir, stage, pattern, n, action = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
     count = [0]
     def counted(fn):
       def wrapper(path, *a, **k):
         out = fn(path, *a, **k)
-        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir)).split(os.sep)[0]
-        if rel in dirs:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir)).replace(os.sep, '/')
+        if re.search(pattern, rel):
           count[0] += 1
-          if count[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)   # kill -9 right after the n-th write of the stage
+          if count[0] == n and action == 'kill':
+            os.kill(os.getpid(), signal.SIGKILL)   # kill -9 right after the n-th write
+          if count[0] == n and action == 'term':
+            print('ready for SIGTERM', flush=True)
+            t0 = time.monotonic()
+            while not preemption.requested() and time.monotonic() - t0 < 60:
+              time.sleep(0.01)
         return out
       return wrapper
     files._atomic_write_bytes = counted(files._atomic_write_bytes)
     files.append_text = counted(files.append_text)
-    main.run(load_config('smoke'), workdir, stage)
+    main.run_or_exit(load_config('smoke'), workdir, stage)
     print('finished without being killed', flush=True)
 ''')
+
+
+def _child(workdir, stage, pattern, n, action):
+  return [sys.executable, '-c', CHILD, ROOT, workdir, stage, pattern, str(n), action]
 
 
 @pytest.mark.slow
@@ -128,8 +141,8 @@ CHILD = textwrap.dedent('''
 def test_kill_9_in_every_stage_resumes_to_the_same_artifacts(ref, tmp_path, stage):
   from nfjax import main
   workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
-  p = subprocess.run([sys.executable, '-c', CHILD, ROOT, workdir, stage, str(KILL_AFTER[stage]),
-                      ','.join(STAGE_DIRS[stage])], env=_env(), capture_output=True, text=True, timeout=600)
+  p = subprocess.run(_child(workdir, stage, f"^({'|'.join(STAGE_DIRS[stage])})/", KILL_AFTER[stage], 'kill'),
+                     env=_env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-2000:]
   for d in STAGE_DIRS[stage]:
     assert not os.path.exists(os.path.join(workdir, d, 'summary.json'))   # killed mid-stage
@@ -166,32 +179,6 @@ def test_train_loss_after_a_resume_is_the_uninterrupted_figure(ref, tmp_path):
 # sample: after the first of its 2 settings is written.
 TERM_AT = {'fit': (r'chunks/chunk_00000\.npz$', 1), 'train': (r'metrics\.jsonl$', 5),
            'sample': (r'/weights\.npy$', 1)}
-TERM_CHILD = textwrap.dedent('''
-    import os, re, sys, time
-    sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
-    from conftest import load_config
-    from nfjax import main
-    from nfjax.io import files
-    from nfjax.utils import preemption
-    workdir, stage, pattern, n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-    count = [0]
-    def counted(fn):
-      def wrapper(path, *a, **k):
-        out = fn(path, *a, **k)
-        if re.search(pattern, path.replace(os.sep, '/')):
-          count[0] += 1
-          if count[0] == n:   # ask the test for a SIGTERM and wait for it to arrive
-            print('ready for SIGTERM', flush=True)
-            t0 = time.monotonic()
-            while not preemption.requested() and time.monotonic() - t0 < 60:
-              time.sleep(0.01)
-        return out
-      return wrapper
-    files._atomic_write_bytes = counted(files._atomic_write_bytes)
-    files.append_text = counted(files.append_text)
-    main.run_or_exit(load_config('smoke'), workdir, stage)
-    print('finished without a SIGTERM', flush=True)
-''')
 
 
 @pytest.mark.slow
@@ -200,8 +187,8 @@ def test_sigterm_saves_at_a_safe_point_exits_143_and_the_same_command_resumes_id
   from nfjax import main
   workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
   pattern, n = TERM_AT[stage]
-  p = subprocess.Popen([sys.executable, '-c', TERM_CHILD, ROOT, workdir, stage, pattern, str(n)], env=_env(),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen(_child(workdir, stage, pattern, n, 'term'), env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
   try:
     for line in p.stdout:   # the stage's log lines, then the child's request
       if line.strip() == 'ready for SIGTERM':

@@ -128,7 +128,8 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
   compiled = {}   # False: the plain program, True: the guided one (settings with guidance != 1)
-  for si, st in todo:
+  for k, (si, st) in enumerate(todo):
+    kept = len(settings) - len(todo) + k   # settings finished before this one
     g = st.get('guidance')
     labels = (np.arange(n) % num_classes).astype(np.int32)
     out = np.zeros((n, seq_len), np.int32)
@@ -155,12 +156,11 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       out[lo:hi, prefix:] = new[:hi - lo]
       progress.update(progress.done + hi - lo, st['name'])
       if hi < n:
-        preemption.check(STAGE, f"{len(settings) - len(todo) + todo.index((si, st))}/{len(settings)} settings "
+        preemption.check(STAGE, f"{kept}/{len(settings)} settings "
                                 f"finished and kept; {st['name']} (in progress) is drawn again, identically, on resume")
     finish_setting(st, out, labels)
-    if (si, st) != todo[-1]:
-      preemption.check(STAGE, f"{len(settings) - len(todo) + todo.index((si, st)) + 1}/{len(settings)} settings "
-                              f"finished and kept")
+    if k + 1 < len(todo):
+      preemption.check(STAGE, f"{kept + 1}/{len(settings)} settings finished and kept")
   if output.picture and not stage.exists(output.picture) and settings:
     output.animate(stage, settings, tokenizer.decode, fields, prefix)
   summary = {

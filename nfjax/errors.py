@@ -21,6 +21,9 @@ class ArtifactError(DataError):
     super().__init__(message)
     self.path = path
 
+  def __reduce__(self):   # picklable (handed from process 0 to the others, nfjax/processes.py)
+    return type(self), (str(self), self.path)
+
 
 class MissingExtraError(NfjaxError):
   """An optional extra of the package (pyproject.toml) is needed and not installed; the message

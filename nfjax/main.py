@@ -10,8 +10,10 @@ Multi-process (`--distributed`): every process runs this same command. It calls
 `jax.distributed.initialize()`, which finds the coordinator, the process count and this process's
 id by itself on Cloud TPU VMs, SLURM, Open MPI and Kubernetes; elsewhere give
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or JAX_COORDINATOR_ADDRESS).
-The mesh then spans every process's devices and only process 0 writes logs and metrics. The
-workdir must be one directory that every process sees (a single host, or a shared mount).
+Every stage runs so: fit, train and sample spread their work over every process's devices; tokenize,
+evaluate and the final writes of a stage run on process 0 (nfjax/processes.py). Only process 0
+writes the workdir, which must be one directory every process sees (a bucket, a shared mount, or
+one machine's disk for launch/local.sh): the launch checks that first.
 
 Every log line starts with the local time, and a launch tees them (with an error or a traceback that
 ends it) into its own file WORKDIR/logs/<YYYYmmdd-HHMMSS>-<pid>.log, line-buffered, written by
@@ -64,16 +66,8 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s id, 0..N-1 '
                                    '(default: detected from the cluster).', lower_bound=0)
 
-# Stages that run with their work spread over several processes (jax.process_count() > 1), each
-# checked by a 2-process CPU run (tests/test_multiprocess.py). The others still fetch arrays that
-# live on other processes' devices (fit, evaluate) or load the model onto device 0 of process 0
-# (sample); they stop at once in a multi-process run rather than after hours of work.
-MULTI_PROCESS_STAGES = ('tokenize', 'train')
-
-
 def run(config, workdir: str, stages: str | None = 'all', redo: str | None = '') -> dict:
   """Run stages (nfjax/pipeline.py); returns {stage: summary}. What the launcher, notebooks and tests call."""
-  _check_multi_process(pipeline.parse(stages, redo), workdir)
   return pipeline.run_stages(config, workdir, stages, redo)
 
 
@@ -86,19 +80,6 @@ def run_or_exit(config, workdir: str, stages: str | None = 'all', redo: str | No
     _fail(str(e), code=e.exit_code, kind='stopped')
   except NfjaxError as e:
     _fail(str(e))
-
-
-def _check_multi_process(names: list[str], workdir: str) -> None:
-  """In a multi-process run, refuse stages that cannot run across processes yet (unless finished)."""
-  if jax.process_count() == 1:
-    return
-  blocked = [n for n in names if n not in MULTI_PROCESS_STAGES
-             and not all(wd.finished(workdir, d) for d in wd.writes(n))]
-  if blocked:
-    raise NfjaxError(
-        f"stage(s) {', '.join(blocked)} cannot run across {jax.process_count()} processes yet; the stages that "
-        f"can are: {', '.join(MULTI_PROCESS_STAGES)}. Run {', '.join(blocked)} on one host without --distributed "
-        f"(into the same workdir, or copy its directory there), then the rest with --distributed.")
 
 
 def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> None:

@@ -12,6 +12,7 @@ import importlib
 import os
 import time
 
+from nfjax import processes
 from nfjax.configs import checks
 from nfjax.errors import ArtifactError, NfjaxError
 from nfjax.io import files, lock
@@ -32,6 +33,9 @@ PIPELINE: dict[str, str] = {
     'evaluate': 'nfjax.stages.evaluate',
 }
 assert tuple(PIPELINE) == tuple(wd.STAGES) == checks.STAGES
+# Stages with no work worth spreading over processes: in a multi-process run process 0 runs them on
+# its own devices while the others wait (nfjax/processes.py). fit, train and sample spread their work.
+ON_MAIN = ('tokenize', 'evaluate')
 
 
 def _names(stages: str | None, flag: str) -> list[str]:
@@ -63,7 +67,8 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   it and the command that redoes it."""
   files.check_workdir(workdir)   # a scheme nfjax cannot write (or gs:// without [gcs]): one error, no work
   names = parse(stages, redo)
-  with checks.launch(config, names), preemption.handling():   # checks before any data is read; SIGTERM
+  with checks.launch(config, names), preemption.handling(), processes.begin(workdir):
+    # checks before any data is read; SIGTERM; in a multi-process run a shared workdir, one writer
     with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
       if is_main_process():
         files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
@@ -71,6 +76,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
           for d in wd.writes(name):
             log('main', f"--redo={name}: clearing {wd.path(workdir, d)}")
             files.remove(wd.path(workdir, d))
+      processes.barrier('launch prepared')
       out = {}
       for name in names:
         preemption.check(name, (f"{', '.join(out)} finished, " if out else '') + f"{name} not started")
@@ -78,10 +84,13 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
         log('main', f"stage {name} -> {workdir}")
         before = {d: wd.digest(workdir, d) for d in wd.writes(name)} if is_main_process() else {}
         try:
-          out[name] = get(name).run(config, workdir)
+          stage = get(name)
+          out[name] = (processes.on_main(name, lambda: stage.run(config, workdir)) if name in ON_MAIN
+                       else stage.run(config, workdir))
         except ArtifactError as e:
           raise ArtifactError(_advice(e, workdir, name), e.path) from None
         _to_tensorboard(workdir, name, before)
+        processes.barrier(f'{name} finished')
         log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
   return out
 

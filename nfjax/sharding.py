@@ -9,6 +9,7 @@ checks (nfjax/configs/checks.py: the batch must divide data x fsdp) know the mes
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -31,6 +32,7 @@ MESH_AXES = ('data', 'fsdp', 'model')
 _WARNED: set = set()
 CPU_DEVICES_MAX = 8
 _PER_CORE_CPU = False  # set by split_cpu: this process's CPU devices are one per core
+_THIS_PROCESS = False  # inside this_process_only: meshes use this process's devices only
 
 # logical axis -> mesh axes (None = replicated).
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -86,13 +88,26 @@ def devices(per_core: bool = False) -> list[jax.Device]:
   """The devices a stage computes on: all of them, except on a CPU that `split_cpu` made one device
   per core, where only `per_core` work (fields fitted independently) uses them all and the rest
   one device per process."""
-  every = jax.devices()
+  every = jax.local_devices() if _THIS_PROCESS else jax.devices()
   if per_core or not _PER_CORE_CPU or every[0].platform != 'cpu':
     return every
   first = {}
   for d in every:
     first.setdefault(d.process_index, d)
   return [first[p] for p in sorted(first)]
+
+
+@contextlib.contextmanager
+def this_process_only():
+  """Meshes made in this block use this process's own devices (work process 0 does alone in a
+  multi-process run, nfjax/processes.py `on_main`); `config.mesh` applies where it fits them, else
+  the mesh is every local device on the data axis."""
+  global _THIS_PROCESS
+  before, _THIS_PROCESS = _THIS_PROCESS, True
+  try:
+    yield
+  finally:
+    _THIS_PROCESS = before
 
 
 def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, ...]:
@@ -118,13 +133,31 @@ def make_mesh(mesh_cfg, pool: Sequence[jax.Device] | None = None, per_core: bool
   """A mesh over the first prod(shape) devices of `pool` (default `devices(per_core)`; all of them
   when an axis is -1)."""
   pool = list(pool if pool is not None else devices(per_core))
-  shape = mesh_shape(mesh_cfg, len(pool))
+  try:
+    shape = mesh_shape(mesh_cfg, len(pool))
+  except ConfigError:
+    if not _THIS_PROCESS:
+      raise
+    shape = (len(pool), 1, 1)   # the multi-process run's mesh does not fit one process: data-parallel
   used = pool[:math.prod(shape)]
   if len(used) < len(pool) and (shape, len(pool)) not in _WARNED:
     _WARNED.add((shape, len(pool)))
     log('main', f"WARNING: mesh {dict(zip(MESH_AXES, shape))} uses {len(used)} of the {len(pool)} devices; "
                 f"{len(pool) - len(used)} stay idle (set one mesh axis to -1 to use them all)")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=used)
+
+
+def put(x, shardings):
+  """Host arrays (a pytree; the same values on every process) -> jax.Arrays with `shardings` (one, or
+  a matching pytree), which may span several processes' devices: each process places its shards."""
+  def one(a, s):
+    if s.is_fully_addressable:
+      return jax.device_put(a, s)
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda a: one(a, shardings), x)
+  return jax.tree.map(one, x, shardings)
 
 
 def logical_spec(*logical_axes: str | None) -> P:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from nfjax import config as config_lib
-from nfjax import sharding
+from nfjax import processes, sharding
 from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
@@ -171,7 +171,7 @@ class StackFitter:
     self.spec, self.config, self.mesh = spec, config, mesh
     self.points, self.per_step = points, int(per_step)
     self.shards = sharding.axis_size(mesh, 'fields')
-    self.feats = None if feats is None else jax.device_put(feats, sharding.replicated(mesh))
+    self.feats = None if feats is None else sharding.put(np.asarray(feats), sharding.replicated(mesh))
     self.score = score
     self.formulation = stacked.resolve(str(config.fit.formulation), points)
     self._compiled = {}
@@ -224,16 +224,17 @@ class StackFitter:
     keys = keys[sel]
     rows = tuple(np.asarray(r)[sel] for r in rows)
     init = shared[sel] if shared is not None and shared.ndim == 2 else shared
-    params = _initial_params(self.spec, init, keys)
+    params = jax.tree.map(np.asarray, _initial_params(self.spec, init, keys))
     compiled = self.compile(steps, padded, rows, l2)
     mesh = self.mesh
-    params = jax.device_put(params, sharding.leading_axis_sharding(mesh, params))
-    rows = tuple(jax.device_put(r, sharding.named(mesh, 'fields', *([None] * (r.ndim - 1)))) for r in rows)
-    keys = jax.device_put(keys, sharding.named(mesh, 'fields'))
+    params = sharding.put(params, sharding.leading_axis_sharding(mesh, params))
+    rows = tuple(sharding.put(r, sharding.named(mesh, 'fields', *([None] * (r.ndim - 1)))) for r in rows)
+    keys = sharding.put(np.asarray(keys), sharding.named(mesh, 'fields'))
     feats, tgt, extra = self._split(rows)
     params, loss, score = compiled(params, feats, tgt, keys, *extra)
-    w = np.asarray(mlp.flatten(self.spec, params), np.float32)[:n]
-    return w, np.asarray(loss)[:n], np.asarray(score, np.float32)[:n]
+    # every process gets the whole stack (its fields live on every process's devices)
+    w = processes.gather(mlp.flatten(self.spec, params)).astype(np.float32)[:n]
+    return w, processes.gather(loss)[:n], processes.gather(score).astype(np.float32)[:n]
 
 
 def search_shared_init(fitter: StackFitter, config, targets, seed: int,
@@ -282,8 +283,9 @@ def shared_init(stage, fitter: StackFitter, config, targets, seed: int,
   if config.fit.init != 'shared':
     return None
   init_path = stage.file('shared_init.npy')
-  if files.exists(init_path):
-    return files.read_npy(init_path)
+  found = processes.agree('shared init', lambda: files.read_npy(init_path) if files.exists(init_path) else None)
+  if found is not None:
+    return found
   shared, info = search_shared_init(fitter, config, targets, seed, quality)
   files.write_json(stage.file('shared_init.json'), info)
   files.write_npy(init_path, shared)
@@ -297,7 +299,7 @@ def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
   n = _num_rows(targets)
   chunk = int(config.fit.chunk_size)
   num_chunks = -(-n // chunk)
-  have = {c for c in field_io.finished_chunks(stage.path) if c < num_chunks}
+  have = processes.agree('chunks', lambda: {c for c in field_io.finished_chunks(stage.path) if c < num_chunks})
   fields_done = sum(min(chunk, n - c * chunk) for c in have)
   if have:
     log(STAGE, f"resuming: {len(have)}/{num_chunks} chunks already fitted ({fields_done} fields)")
@@ -329,7 +331,7 @@ def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
     metrics.write(fields_done, **{f'{q_name}_mean': mean, f'{q_name}_min': low}, fields_per_sec=rate,
                   flagged=int((flags > 0).sum()))
     fit_seconds = progress.elapsed
-    if preemption.requested():   # SIGTERM: the chunk in flight was finished and written
+    if preemption.requested(step=c):   # SIGTERM: the chunk in flight was finished and written
       metrics.close()
       preemption.stop(STAGE, f"{fields_done}/{n} fields fitted and written (chunk {c + 1}/{num_chunks} finished)")
   metrics.close()
@@ -351,9 +353,14 @@ def refit(stage, config, fitter, targets, shared, seed, num_chunks, chunk,
   if threshold <= 0:
     return None
   path = stage.file('chunks', 'refit.npz')
-  if files.exists(path):
-    return files.read_npz(path)
-  q = np.concatenate([field_io.read_chunk(stage.path, c)['quality'] for c in range(num_chunks)])
+
+  def read():   # process 0 reads what it wrote, for everyone
+    if files.exists(path):
+      return files.read_npz(path), None
+    return None, np.concatenate([field_io.read_chunk(stage.path, c)['quality'] for c in range(num_chunks)])
+  done, q = processes.agree('refit', read)
+  if done is not None:
+    return done
   ids = np.nonzero(~(q >= threshold))[0]
   steps = int(config.fit.steps) * int(config.fit.refit_steps_factor)
   out = {'ids': ids, 'weights': np.zeros((0, fitter.spec.num_params), np.float32),
@@ -386,8 +393,10 @@ def merge_chunks(stage, config, num_chunks, refit, quality: Quality) -> dict[str
 
 
 def fit_dataset(stage, config, fitter: StackFitter, rows: tuple, labels: np.ndarray, source_index: np.ndarray,
-                quality: Quality) -> tuple[dict[str, np.ndarray], dict | None, int, float]:
-  """Shared init, every missing chunk, refits, merge: (arrays, refit, fields fitted now, fit seconds)."""
+                quality: Quality) -> tuple[dict | None, int, float]:
+  """Shared init, every missing chunk, refits: (refit, fields fitted now, fit seconds). Every process
+  of a multi-process run takes part (each fits its devices' share of every stack); the chunks are
+  then on disk for `merge_chunks`."""
   n = _num_rows(rows)
   seed = int(config.seed)
   chunk = int(config.fit.chunk_size)
@@ -395,5 +404,5 @@ def fit_dataset(stage, config, fitter: StackFitter, rows: tuple, labels: np.ndar
   shared = shared_init(stage, fitter, config, rows, seed, quality)
   fitted_now, fit_seconds = fit_chunks(stage, config, fitter, rows, labels, source_index, shared, seed, quality)
   redo = refit(stage, config, fitter, rows, shared, seed, num_chunks, chunk, quality)
-  return merge_chunks(stage, config, num_chunks, redo, quality), redo, fitted_now, fit_seconds
+  return redo, fitted_now, fit_seconds
 

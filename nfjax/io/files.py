@@ -58,6 +58,14 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()
+_writes = True   # False on the processes of a multi-process run that do not write (nfjax/processes.py)
+
+
+def writes_allowed(on: bool) -> None:
+  """Whether this process writes: in a multi-process run only process 0 does (nfjax/processes.py);
+  the others' makedirs, writes, appends and removals do nothing."""
+  global _writes
+  _writes = bool(on)
 
 
 def _cannot_write(path: str, e: OSError) -> NfjaxError:
@@ -65,7 +73,7 @@ def _cannot_write(path: str, e: OSError) -> NfjaxError:
 
 
 def makedirs(path: str) -> None:
-  if is_remote(path):
+  if is_remote(path) or not _writes:
     return   # an object store has no directories: a prefix exists once an object is written under it
   try:
     os.makedirs(path, exist_ok=True)
@@ -91,6 +99,8 @@ def glob(pattern: str) -> list[str]:
 
 def remove(path: str) -> None:
   """Delete a file or a directory tree; nothing there is fine."""
+  if not _writes:
+    return
   if is_remote(path):
     return _r_remove(path)
   if os.path.isdir(path) and not os.path.islink(path):
@@ -113,6 +123,8 @@ def _fsync_dir(d: str) -> None:
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+  if not _writes:
+    return
   if is_remote(path):
     return _r_write(path, data)
   d = os.path.dirname(os.path.abspath(path))
@@ -163,6 +175,8 @@ def read_text(path: str) -> str:
 
 def append_text(path: str, text: str) -> None:
   """Append to a log-like file (metrics.jsonl): whole lines, each complete when written."""
+  if not _writes:
+    return
   if is_remote(path):
     return _r_append(path, text)
   makedirs(os.path.dirname(os.path.abspath(path)))
@@ -542,6 +556,8 @@ def staging_dir() -> str:
 
 def upload_dir(local: str, remote: str) -> None:
   """Every file of a local directory -> the same relative path under `remote` (whole-object uploads)."""
+  if not _writes:
+    return
   for rel in walk(local):
     with open(os.path.join(local, rel), 'rb') as f:
       _r_write(join(remote, rel), f.read())

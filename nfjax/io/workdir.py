@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 
 from nfjax import config as config_lib
+from nfjax import processes
 from nfjax.errors import ArtifactError, DataError, NfjaxError
 from nfjax.io import files
 from nfjax.utils.logging import log
@@ -161,7 +162,11 @@ class StageDir:
     return {d: digest(self.workdir, d) for d in self.consumes}
 
   def claim(self) -> None:
-    """Refuse another config's directory; clear a stale one; record fingerprint and inputs."""
+    """Refuse another config's directory; clear a stale one; record fingerprint and inputs (process
+    0 of a multi-process run decides and writes; the others wait for it)."""
+    processes.agree(f'claim {self.name}', self._claim)
+
+  def _claim(self) -> None:
     fp_path = self.file('fingerprint.json')
     if files.exists(fp_path):
       old = files.read_json(fp_path)
@@ -186,8 +191,12 @@ class StageDir:
 
   def finished(self) -> dict | None:
     """The summary if this stage already finished with the same config and inputs and its files
-    are intact, else None (a directory that fails verification is made unfinished, see above)."""
-    self.claim()
+    are intact, else None (a directory that fails verification is made unfinished, see above).
+    Process 0 of a multi-process run decides for every process."""
+    return processes.agree(f'finished {self.name}', self._finished)
+
+  def _finished(self) -> dict | None:
+    self._claim()
     summary = self.summary
     if summary is None:
       return None

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from nfjax import config as config_lib
-from nfjax import modalities, sharding
+from nfjax import modalities, processes, sharding
 from nfjax.configs import checks
 from nfjax.fields import mlp, stack
 from nfjax.io import fields as field_io
@@ -51,9 +51,19 @@ def run(config, workdir: str) -> dict:
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "
              f"{mesh.size} {mesh.devices.flat[0].device_kind} device(s); {config.fit.steps} steps per field; "
              f"init={config.fit.init}; {fitter.formulation} fit")
-  arrays, refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows,
-                                                             np.asarray(data.labels), np.asarray(data.source_index),
-                                                             quality)
+  refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows, np.asarray(data.labels),
+                                                     np.asarray(data.source_index), quality)
+  # The dataset, its pictures and summary: process 0 alone in a multi-process run (nfjax/processes.py).
+  return processes.on_main(STAGE, lambda: _write(stage, config, spec, modality, data, refit, fitted_now, fit_seconds,
+                                                 fitter.compile_seconds, t_start, mesh))
+
+
+def _write(stage, config, spec, modality, data, refit, fitted_now, fit_seconds, compile_seconds, t_start,
+           fit_mesh) -> dict:
+  """The finished chunks -> the dataset (fields/), its pictures (on this process's devices) and summary."""
+  quality = modality.quality
+  chunk = int(config.fit.chunk_size)
+  arrays = stack.merge_chunks(stage, config, -(-len(data) // chunk), refit, quality)
   meta = {
       'modality': modality.name, 'field': spec.to_dict(), 'layout': spec.layout,
       'params_per_field': spec.num_params, 'num_fields': len(arrays['weights']), 'num_classes': int(data.num_classes),
@@ -62,9 +72,9 @@ def run(config, workdir: str) -> dict:
       **data.meta, **modality.fit_meta(config, spec, data),
   }
   field_io.write(stage.path, arrays, meta)
-  modality.fit_pictures(stage, config, spec, data, arrays, mesh)
-  return _finish(stage, config, spec, quality, arrays, refit, fitted_now, fit_seconds, fitter.compile_seconds,
-                 time.perf_counter() - t_start, mesh, data.source, modality.fit_summary(config))
+  modality.fit_pictures(stage, config, spec, data, arrays, sharding.make_mesh(config.mesh, per_core=True))
+  return _finish(stage, config, spec, quality, arrays, refit, fitted_now, fit_seconds, compile_seconds,
+                 time.perf_counter() - t_start, fit_mesh, data.source, modality.fit_summary(config))
 
 
 def _finish(stage, config, spec: mlp.FieldSpec, quality, arrays, refit, fitted_now, fit_seconds, compile_seconds,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfjax import modalities, sampling
+from nfjax import modalities, processes, sampling
 from nfjax.configs import checks
 from nfjax.errors import ConfigError, NfjaxError
 from nfjax.fields import mlp
@@ -108,14 +108,19 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   allowed = sampling.code_mask(vocab, num_new, model.cfg.vocab_size)
   gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))   # plain and guided programs
 
-  def finish_setting(st, out, labels):
-    weights = tokenizer.decode(out[:, prefix:], vocab)
-    output.write(stage.file(st['name']), weights, labels, num_classes, setting=st)
-    sample_io.write_setting(workdir, st['name'], out, weights, labels)   # weights last: the setting is done
+  def finish_setting(st, out, labels):   # process 0 alone in a multi-process run (nfjax/processes.py)
+    def write():
+      weights = tokenizer.decode(out[:, prefix:], vocab)
+      output.write(stage.file(st['name']), weights, labels, num_classes, setting=st)
+      sample_io.write_setting(workdir, st['name'], out, weights, labels)   # weights last: the setting is done
+    processes.on_main(f"sample {st['name']}", write)
 
   log(STAGE, f"{len(settings)} setting(s) x {n} samples, {num_new} tokens each, batch {batch}, "
-             f"{'KV cache' if s.use_cache else 'no cache'}, on {device.device_kind} ({device})")
-  todo = [(i, st) for i, st in enumerate(settings) if not sample_io.setting_done(workdir, st['name'])]
+             f"{'KV cache' if s.use_cache else 'no cache'}, on {device.device_kind} ({device})"
+             + (f" on each of {processes.count()} processes, which share every setting's batches"
+                if processes.spread() else ''))
+  todo = processes.agree('settings to draw', lambda: [
+      (i, st) for i, st in enumerate(settings) if not sample_io.setting_done(workdir, st['name'])])
   if beam > 0 and todo and 'beam_width' in todo[-1][1]:   # the most likely field of each class
     st = todo.pop()[1]
     t0 = time.perf_counter()
@@ -133,8 +138,13 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     g = st.get('guidance')
     labels = (np.arange(n) % num_classes).astype(np.int32)
     out = np.zeros((n, seq_len), np.int32)
-    for lo in range(0, n, batch):
+    batches = processes.mine(-(-n // batch))   # round robin over the processes
+    rows = np.zeros(n, bool)
+    for b, lo in enumerate(range(0, n, batch)):
+      if not batches[b]:
+        continue
       hi = min(n, lo + batch)
+      rows[lo:hi] = True
       ids = np.arange(lo, lo + batch)
       prompt = sampling.prompts(vocab, labels[np.minimum(ids, n - 1)], prefix)
       args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
@@ -154,23 +164,28 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       gen_tokens += (hi - lo) * num_new
       out[lo:hi, :prefix] = prompt[:hi - lo]
       out[lo:hi, prefix:] = new[:hi - lo]
-      progress.update(progress.done + hi - lo, st['name'])
+      progress.update(min(k * n + hi, progress.done + (hi - lo) * processes.count()), st['name'])
       if hi < n:
         preemption.check(STAGE, f"{kept}/{len(settings)} settings "
                                 f"finished and kept; {st['name']} (in progress) is drawn again, identically, on resume")
-    finish_setting(st, out, labels)
+    finish_setting(st, processes.gather_rows(out, rows), labels)
     if k + 1 < len(todo):
       preemption.check(STAGE, f"{kept + 1}/{len(settings)} settings finished and kept")
-  if output.picture and not stage.exists(output.picture) and settings:
-    output.animate(stage, settings, tokenizer.decode, fields, prefix)
-  summary = {
-      'num_samples': n * (len(settings) - (beam > 0)) + (num_classes if beam > 0 else 0),
-      'samples_per_setting': n,
-      'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
-      'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),
-      'tokens_per_sample': num_new, 'device_kind': device.device_kind, 'device': str(device),
-      **output.summary(stage, settings),
-  }
-  stage.write_summary(summary)
-  log(STAGE, f"done: {summary['num_samples']} samples, {summary['tokens_per_sec']:.0f} tokens/s -> {stage.path}")
-  return summary
+  counts = processes.every('sampled', (gen_tokens, gen_seconds))   # every process's share
+  gen_tokens, gen_seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+
+  def finish():
+    if output.picture and not stage.exists(output.picture) and settings:
+      output.animate(stage, settings, tokenizer.decode, fields, prefix)
+    summary = {
+        'num_samples': n * (len(settings) - (beam > 0)) + (num_classes if beam > 0 else 0),
+        'samples_per_setting': n,
+        'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
+        'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),
+        'tokens_per_sample': num_new, 'device_kind': device.device_kind, 'device': str(device),
+        'num_processes': len(counts), **output.summary(stage, settings),
+    }
+    stage.write_summary(summary)
+    log(STAGE, f"done: {summary['num_samples']} samples, {summary['tokens_per_sec']:.0f} tokens/s -> {stage.path}")
+    return summary
+  return processes.on_main(STAGE, finish)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import jax
 
-from nfjax import models, sharding
+from nfjax import models, processes, sharding
 from nfjax.configs import checks
 from nfjax.io import files
 from nfjax.io import workdir as wd
@@ -68,30 +68,34 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
              f"{mesh.devices.flat[0].device_kind}")
   trainer = Trainer(task, t, mesh, int(config.seed), stage.path, model_meta=model_meta)
   res = trainer.run(hooks)
-  train_loss = res['train_loss']
-  if train_loss is None:  # nothing trained in this run (resumed at the end): the last logged value
-    train_loss = _last_logged(stage.file('metrics.jsonl'), 'loss')
-  summary = {
-      'steps': res['steps'], 'train_loss': train_loss, 'eval_loss': res['eval_loss'],
-      'eval_accuracy': res['eval_accuracy'], 'tokens_per_sec': res['tokens_per_sec'],
-      'params': mdef.num_params, 'params_non_embedding': mdef.num_non_embedding_params,
-      'model': task.name, 'num_layers': mdef.cfg.num_layers, 'embed_dim': mdef.cfg.embed_dim,
-      'num_heads': mdef.cfg.num_heads, 'block_size': mdef.cfg.block_size,
-      'vocab_size': getattr(mdef.cfg, 'vocab_size', None), 'batch_size': int(t.batch_size),
-      'tokens_per_step': trainer.tokens_per_step, 'num_train': task.info['num_train'],
-      'num_val': task.info['num_val'], 'epochs': res['steps'] * int(t.batch_size) / max(1, task.info['num_train']),
-      'final_lr': float(trainer.schedule(res['steps'])), 'resumed_from': res['resumed_from'],
-      'steps_this_run': res['steps_this_run'], 'train_seconds': res['train_seconds'],
-      'compile_seconds': res['compile_seconds'], 'seconds': time.perf_counter() - t_start,
-      'device_kind': mesh.devices.flat[0].device_kind, 'num_devices': int(mesh.size), 'mesh': dict(mesh.shape),
-      'checkpoint_dir': stage.file('checkpoints'),
-  }
-  if task.name == 'regression':
-    summary.update(value_mean=task.info['value_mean'], value_std=task.info['value_std'], loss=mdef.cfg.loss)
-  stage.write_summary(summary)
-  log(STAGE, f"done: {res['steps']} steps, train loss {train_loss or float('nan'):.4f}, eval loss {res['eval_loss']:.4f}, "
-             f"{res['tokens_per_sec']:,.0f} tokens/s, {fmt_seconds(summary['seconds'])} -> {stage.path}")
-  return summary
+
+  def finish():   # on process 0; its summary is every process's (nfjax/processes.py)
+    train_loss = res['train_loss']
+    if train_loss is None:  # nothing trained in this run (resumed at the end): the last logged value
+      train_loss = _last_logged(stage.file('metrics.jsonl'), 'loss')
+    summary = {
+        'steps': res['steps'], 'train_loss': train_loss, 'eval_loss': res['eval_loss'],
+        'eval_accuracy': res['eval_accuracy'], 'tokens_per_sec': res['tokens_per_sec'],
+        'params': mdef.num_params, 'params_non_embedding': mdef.num_non_embedding_params,
+        'model': task.name, 'num_layers': mdef.cfg.num_layers, 'embed_dim': mdef.cfg.embed_dim,
+        'num_heads': mdef.cfg.num_heads, 'block_size': mdef.cfg.block_size,
+        'vocab_size': getattr(mdef.cfg, 'vocab_size', None), 'batch_size': int(t.batch_size),
+        'tokens_per_step': trainer.tokens_per_step, 'num_train': task.info['num_train'],
+        'num_val': task.info['num_val'], 'epochs': res['steps'] * int(t.batch_size) / max(1, task.info['num_train']),
+        'final_lr': float(trainer.schedule(res['steps'])), 'resumed_from': res['resumed_from'],
+        'steps_this_run': res['steps_this_run'], 'train_seconds': res['train_seconds'],
+        'compile_seconds': res['compile_seconds'], 'seconds': time.perf_counter() - t_start,
+        'device_kind': mesh.devices.flat[0].device_kind, 'num_devices': int(mesh.size), 'mesh': dict(mesh.shape),
+        'checkpoint_dir': stage.file('checkpoints'),
+    }
+    if task.name == 'regression':
+      summary.update(value_mean=task.info['value_mean'], value_std=task.info['value_std'], loss=mdef.cfg.loss)
+    stage.write_summary(summary)
+    log(STAGE, f"done: {res['steps']} steps, train loss {train_loss or float('nan'):.4f}, eval loss "
+               f"{res['eval_loss']:.4f}, {res['tokens_per_sec']:,.0f} tokens/s, {fmt_seconds(summary['seconds'])} "
+               f"-> {stage.path}")
+    return summary
+  return processes.on_main(STAGE, finish)
 
 
 def _last_logged(path: str, key: str):

@@ -17,14 +17,16 @@ second SIGTERM kills the process at once (every file is written atomically, so n
 written is ever read as complete).
 
 Across processes (`--distributed`) SIGTERM belongs to JAX's preemption service, which
-`jax.distributed.initialize` starts: it tells every process and agrees on the step at which all
-of them save (`multihost_utils.reached_preemption_sync_point`, called by the trainer every step).
-No Python handler is installed then.
+`jax.distributed.initialize` starts: it tells every process and agrees on the step (train) or
+chunk (fit) at which all of them stop (`multihost_utils.reached_preemption_sync_point`, called by
+every process at every step and chunk). No Python handler is installed then; the sample stage,
+which draws its batches without collectives, runs on (its finished settings are kept either way).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -39,6 +41,7 @@ from nfjax.utils.logging import log
 EXIT_CODE = 128 + signal.SIGTERM
 
 _requested = threading.Event()
+_sync_points = itertools.count()
 _received_at: list[float] = []
 
 
@@ -77,8 +80,8 @@ def requested(step: int | None = None) -> bool:
   """Whether to stop now. `step`: the trainer's step, for the multi-process agreement (every
   process must call it at every step, with increasing steps)."""
   if step is not None and jax.process_count() > 1:
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
+    try:   # JAX wants increasing sync points over the process's life: one count for every stage's calls
+      return multihost_utils.reached_preemption_sync_point(next(_sync_points))
     except RuntimeError:   # the preemption service is off (jax_enable_preemption_service=False)
       return False
   return _requested.is_set()

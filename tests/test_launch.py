@@ -10,15 +10,17 @@ installs nothing. No network; ~5 s.
 import gzip
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
-SCRIPTS = ('tpu.sh', 'gpu.sh', 'lib.sh', 'tpu_worker_setup.sh')
+SCRIPTS = ('tpu.sh', 'gpu.sh', 'lib.sh', 'tpu_worker_setup.sh', 'tpu_job.sh')
 
 # Logs its arguments; `describe` fails (nothing exists) unless it asks for a --format (the queued
 # resource's state: ACTIVE); the call whose arguments contain $GCLOUD_FAIL exits 7.
@@ -346,6 +348,114 @@ def test_worker_setup_is_idempotent(tmp_path):
   assert pip == []
   out, pip = setup('--extras', '')                      # none: plain pip install -e ~/nfjax
   assert pip == [upgrade_pip, install]
+
+
+# ------------------------------------------------------------------------------------------------
+# tpu_job.sh: the detached job on each TPU worker, run here for real
+
+def job_env(tmp_path, env, worker='1'):
+  return {**env, 'NFJAX_JOBS_DIR': str(tmp_path / 'jobs'), 'NFJAX_WORKER': worker, 'NFJAX_LOG_COPY_SECS': '1'}
+
+
+def job(action, *args, env, cwd, check=None, timeout=30):
+  p = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_job.sh'), action, *args], env=env, cwd=cwd,
+                     capture_output=True, text=True, timeout=timeout)
+  if check is not None:
+    assert p.returncode == check, (action, args, p.returncode, p.stdout, p.stderr)
+  return p
+
+
+# Prints nfjax-like progress lines until the file `go` exists, then exits with $JOB_RC; counts the
+# SIGTERMs it gets in the file `terms` and exits 143 after one.
+FAKE_JOB = r'''
+trap 'echo TERM >> terms; echo "got SIGTERM"; exit 143' TERM
+i=0
+until [[ -f go ]]; do i=$((i + 1)); echo "2026-12-02 10:00:00 [train] step $i"; sleep 0.1; done
+echo "not a log line"
+exit "${JOB_RC:-0}"
+'''
+
+
+def start_fake(tmp_path, env, run='r1', *copy):
+  (tmp_path / 'job.sh').write_text(FAKE_JOB)
+  return job('start', f'--run={run}', *copy, '--', 'bash', 'job.sh', env=env, cwd=tmp_path)
+
+
+def test_job_runs_detached_refuses_a_second_copy_and_records_its_exit_code(env, tmp_path):
+  env = {**job_env(tmp_path, env), 'JOB_RC': '5'}
+  runs = tmp_path / 'jobs' / 'r1'
+  p = start_fake(tmp_path, env, 'r1', f'--copy-log-to={tmp_path / "work" / "logs"}')
+  assert p.returncode == 0 and '[worker 1] run r1 started' in p.stdout, p.stderr
+  # `start` has returned; the job runs on in a session of its own (no hangup reaches it).
+  pid = int((runs / 'pid').read_text())
+  os.kill(pid, 0)
+  assert os.getsid(pid) == pid != os.getsid(0)
+  log = runs / 'worker-1.log'
+  assert log.is_symlink() and os.readlink(log).startswith('worker-1-') and os.readlink(log).endswith('.log')
+
+  again = job('start', '--run=r1', '--', 'true', env=env, cwd=tmp_path, check=3)
+  assert again.stderr.count('\n') == 1 and f'run r1 is already running on worker 1 (pid {pid}' in again.stderr
+  assert 'launch/tpu.sh stop' in again.stderr and int((runs / 'pid').read_text()) == pid
+
+  time.sleep(0.5)
+  status = job('status', '--run=r1', env=env, cwd=tmp_path, check=0).stdout.splitlines()
+  assert f'run r1 running for 0h00m (pid {pid})' in status[0]
+  assert status[1].startswith('[worker 1]   last: 2026-12-02 10:00:00 [train] step ')
+  (tmp_path / 'go').touch()
+  follow = job('logs', '--run=r1', '--follow', '--lines=all', env=env, cwd=tmp_path, check=5)   # the job's code
+  lines = follow.stdout.splitlines()
+  assert lines[0].startswith('==== nfjax_job.sh: run r1 on ') and '(worker 1)' in lines[0]
+  assert lines[1] == '==== command: bash job.sh' and lines[2] == '2026-12-02 10:00:00 [train] step 1'
+  assert lines[-1].endswith('with exit code 5') and 'failed (exit code 5)' in follow.stderr
+  assert (runs / 'exit_code').read_text() == '5\n'
+  status = job('status', '--run=r1', env=env, cwd=tmp_path, check=0).stdout.splitlines()
+  assert 'run r1 failed (exit code 5)' in status[0] and '[train] step' in status[1]   # the last nfjax line
+  copied, = (tmp_path / 'work' / 'logs').iterdir()                    # the log, copied when it ended
+  assert copied.name == os.readlink(log) and copied.read_text() == log.read_text()
+  assert job('logs', '--run=r1', '--lines=2', env=env, cwd=tmp_path, check=0).stdout.splitlines() == lines[-2:]
+
+  job('start', '--run=r1', '--', 'true', env=env, cwd=tmp_path, check=0)   # ended: may start again
+  assert job('logs', '--run=r1', '--follow', env=env, cwd=tmp_path, check=0)
+  assert len([f for f in runs.iterdir() if f.name.startswith('worker-1-')]) == 2   # one log per start
+  assert 'never started here' in job('status', '--run=r2', env=env, cwd=tmp_path, check=0).stdout
+  assert job('logs', '--run=r2', env=env, cwd=tmp_path, check=4).stderr.startswith('nfjax_job.sh: error: no log')
+
+
+@pytest.mark.parametrize('how', ['stop', 'shutdown'])
+def test_job_gets_one_sigterm(env, tmp_path, how):
+  """`stop` signals the command; a shutdown signals every process (the wrapper too), and the
+  wrapper does not pass it on: nfjax's second SIGTERM would kill it at once."""
+  env = job_env(tmp_path, env)
+  start_fake(tmp_path, env)
+  runs = tmp_path / 'jobs' / 'r1'
+  time.sleep(0.3)
+  if how == 'stop':
+    assert 'sent SIGTERM' in job('stop', '--run=r1', env=env, cwd=tmp_path, check=0).stdout
+  else:
+    os.killpg(int((runs / 'pid').read_text()), signal.SIGTERM)
+  follow = job('logs', '--run=r1', '--follow', env=env, cwd=tmp_path, check=143)
+  assert 'got SIGTERM' in follow.stdout and 'the same run command resumes it' in follow.stderr
+  assert (tmp_path / 'terms').read_text() == 'TERM\n'
+  assert 'is not running here' in job('stop', '--run=r1', env=env, cwd=tmp_path, check=0).stdout
+
+
+def test_job_copies_its_log_to_a_bucket_and_knows_a_killed_one(env, tmp_path):
+  env = {**job_env(tmp_path, env), 'TPU_WORKER_ID': '4'}
+  del env['NFJAX_WORKER']                              # the index from TPU_WORKER_ID
+  start_fake(tmp_path, env, 'r1', '--copy-log-to=gs://bkt/nfjax/parity/logs/')
+  runs = tmp_path / 'jobs' / 'r1'
+  time.sleep(2.5)
+  name = os.readlink(runs / 'worker-4.log')
+  cps = [c for c in gcloud_calls(env) if c.startswith('storage cp')]
+  assert len(cps) >= 1 and cps[0] == f'storage cp --quiet {runs / name} gs://bkt/nfjax/parity/logs/{name}'
+  # Killed outright (no exit code written): the status says so, and so does follow (exit 1).
+  os.killpg(int((runs / 'pid').read_text()), signal.SIGKILL)
+  time.sleep(0.3)
+  assert 'left no exit code' in job('status', '--run=r1', env=env, cwd=tmp_path, check=0).stdout
+  assert 'left no exit code' in job('logs', '--run=r1', '--follow', env=env, cwd=tmp_path, check=1).stderr
+  # A pid file naming a live process that is not this run's wrapper (a pid reused after a reboot).
+  (runs / 'pid').write_text(f'{os.getpid()}\n')
+  assert job('start', '--run=r1', '--', 'true', env=env, cwd=tmp_path, check=0)
 
 
 # ------------------------------------------------------------------------------------------------

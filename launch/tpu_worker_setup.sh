@@ -49,6 +49,19 @@ done
 [[ -n $TARBALL || -n $REPO ]] || { echo "tpu_worker_setup.sh: give --tarball or --repo" >&2; exit 2; }
 say() { echo "[setup $(hostname)] $*"; }
 
+# A job that launch/tpu.sh run started here is still running (`all` run again after a dropped
+# connection): leave the source and packages it runs on as they are.
+busy=''
+for p in "$HOME"/nfjax_jobs/*/pid; do
+  if [[ -f $p ]] && pid=$(<"$p") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    busy+="${busy:+, }$(basename "$(dirname "$p")") (pid $pid)"
+  fi
+done
+if [[ -n $busy ]]; then
+  say "a job is running here: $busy; source and packages left as they are"
+  exit 0
+fi
+
 # 1. source ------------------------------------------------------------------------------------
 if [[ -n $TARBALL ]]; then
   sum=$(gzip -dc "$TARBALL" | sha256sum | cut -c1-64)   # of the tar stream: a gzip header's timestamp is no change

@@ -9,9 +9,11 @@
 #   2. python   a virtualenv ~/nfjax-venv on Python >= 3.11 (jax 0.10 needs it; the TPU
 #               images are Ubuntu 22.04 with Python 3.10, so a newer interpreter is fetched
 #               with uv when none is installed)
-#   3. packages `pip install -e ~/nfjax[tpu]`: nfjax and, through its `tpu` extra, jax[tpu]
-#               within the project's jax range (it brings libtpu), in one pip call; skipped
-#               when the stamp file (extras + pyproject.toml hash + python) matches
+#   3. packages `pip install -e ~/nfjax[tpu]` (tpu.sh asks for [tpu,gcs]): nfjax and, through
+#               its `tpu` extra, jax[tpu] within the project's jax range (it brings libtpu), in
+#               one pip call; skipped when the stamp file (extras + pyproject.toml hash + python)
+#               matches
+# Nothing is changed while a job that tpu.sh run started (~/nfjax_jobs/*/pid) is running here.
 set -euo pipefail
 
 usage() {

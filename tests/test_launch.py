@@ -5,8 +5,9 @@ Every test puts a recording stub `gcloud` first on PATH, so no test can reach th
 the failure tests run `tpu.sh all` for real against the stub to check the VM is deleted however
 the run ends, and `create` against a stub VM that was preempted. tpu_worker_setup.sh runs twice
 against a stub Python to check that the second run installs nothing. tpu_job.sh (what `tpu.sh run /
-status / logs / stop` call on each worker) runs here for real with small shell jobs. No network;
-~15 s.
+status / logs / stop` call on each worker) runs here for real with small shell jobs, also under
+`tpu.sh run / status / logs` through a gcloud stand-in whose ssh runs the command in a fake worker
+home. No network; ~30 s on 2 cores.
 """
 
 import gzip
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -634,6 +636,75 @@ def test_job_copies_its_log_to_a_bucket_and_knows_a_killed_one(env, tmp_path):
   (runs / 'pid').write_text(f'{os.getpid()}\n')
   assert job('start', '--run=r1', '--', 'true', env=env, cwd=tmp_path, check=0)
 
+
+# ------------------------------------------------------------------------------------------------
+# tpu.sh run / status / logs with the job script for real: a gcloud stand-in whose `ssh` runs the
+# command in a fake worker home on this machine (one worker), with a stand-in for the venv's python.
+
+WORKER_GCLOUD = r'''#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$GCLOUD_LOG"
+case "$*" in
+  *describe*) [[ "$*" != *--format* ]] || echo READY;;
+  *' ssh '*) for a in "$@"; do [[ $a == --command=* ]] && cmd=${a#--command=}; done
+             cd "$WORKER_HOME" && HOME=$WORKER_HOME exec bash -c "$cmd";;
+esac
+exit 0
+'''
+
+# Records its arguments, prints nfjax-like lines until $WORKER_HOME/go exists, exits $FAKE_RC.
+WORKER_PYTHON = r'''#!/usr/bin/env bash
+printf '%s\n' "$PWD" "$@" > "$WORKER_HOME/argv"
+echo "2026-12-02 10:00:00 [main] process 0 of 1"
+until [[ -f $WORKER_HOME/go ]]; do echo "2026-12-02 10:00:01 [train] step 5/9 loss 3.1"; sleep 0.1; done
+exit "${FAKE_RC:-0}"
+'''
+
+
+@pytest.fixture
+def worker(env, tmp_path):
+  home = tmp_path / 'worker'
+  (home / 'nfjax').mkdir(parents=True)
+  (home / 'nfjax-venv' / 'bin').mkdir(parents=True)
+  py = home / 'nfjax-venv' / 'bin' / 'python'
+  py.write_text(WORKER_PYTHON)
+  py.chmod(0o755)
+  (home / 'nfjax_job.sh').write_text(open(os.path.join(LAUNCH, 'tpu_job.sh')).read())   # what bootstrap copies
+  stub = tmp_path / 'bin' / 'gcloud'
+  stub.write_text(WORKER_GCLOUD)
+  env.update(WORKER_HOME=str(home), NFJAX_WORKER='0', NFJAX_LOG_COPY_SECS='1')
+  return home
+
+
+def test_tpu_run_status_logs_through_the_job_script(env, worker):
+  """`run` starts the job detached through ~/nfjax_job.sh, follows it and exits with its code; the
+  remote command's quoting (~, $HOME, gs://) holds in a real shell."""
+  env['FAKE_RC'] = '143'
+  args = ['--config=configs/mnist.py:smoke', '--workdir=gs://bkt/nfjax/smoke']
+  p = sh('tpu.sh', *args, '--detach', 'run', env=env)
+  argv = (worker / 'argv').read_text().splitlines()
+  assert argv[0] == str(worker / 'nfjax')                                   # cd ~/nfjax
+  assert argv[1:] == ['-m', 'nfjax.main', '--config=configs/mnist.py:smoke', '--stages=all', '--distributed',
+                      '--compile_cache=gs://bkt/nfjax/smoke/jax_cache', '--workdir=gs://bkt/nfjax/smoke']
+  assert '[worker 0] run smoke started' in p.stdout
+
+  again = sh('tpu.sh', *args, 'run', env=env, check=False)                 # running: refused, not followed
+  assert again.returncode == 3 and 'run smoke is already running on worker 0' in again.stderr
+  status = sh('tpu.sh', *args, 'status', env=env).stdout.splitlines()
+  assert status[0] == 'TPU VM nfjax-alice: READY' and 'run smoke running for' in status[1]
+  assert status[2] == '[worker 0]   last: 2026-12-02 10:00:01 [train] step 5/9 loss 3.1'
+
+  (worker / 'go').touch()
+  follow = sh('tpu.sh', *args, 'logs', '--follow', '--lines=all', env=env, check=False)
+  assert follow.returncode == 143 and follow.stdout.splitlines()[-1].endswith('with exit code 143')
+  assert 'stopped by SIGTERM' in sh('tpu.sh', *args, 'status', env=env).stdout
+  log = os.readlink(worker / 'nfjax_jobs' / 'smoke' / 'worker-0.log')
+  assert f'storage cp --quiet {worker}/nfjax_jobs/smoke/{log} gs://bkt/nfjax/smoke/logs/{log}' in gcloud_calls(env)
+
+  env['FAKE_RC'] = '0'
+  (worker / 'go').unlink()
+  threading.Timer(1.0, (worker / 'go').touch).start()
+  p = sh('tpu.sh', *args, 'run', env=env)                                   # ended: starts again, follows to the end
+  assert p.returncode == 0 and '[train] step 5/9' in p.stdout and p.stdout.splitlines()[-1].endswith('exit code 0')
 
 # ------------------------------------------------------------------------------------------------
 # The launcher's multi-process flags (the 2-process runs themselves: tests/test_multiprocess.py)

@@ -13,7 +13,8 @@ Usage: launch/gpu.sh [OPTIONS] [-- EXTRA LAUNCHER FLAGS]
 
 Options (each has an environment variable; flags win):
   --config SPEC        NFJAX_CONFIG         default configs/mnist.py:parity
-  --workdir DIR        NFJAX_WORKDIR        default workdirs/<preset>; a local path (not gs://)
+  --workdir DIR        NFJAX_WORKDIR        default workdirs/<preset>; a local path, or
+                                            gs://BUCKET/PATH (installs nfjax[cuda12,gcs])
   --stages LIST        NFJAX_STAGES         default all
   --venv DIR           NFJAX_VENV           virtualenv to use, created when missing (default .venv);
                                             --venv=none uses the python3 on PATH as it is
@@ -25,7 +26,8 @@ Options (each has an environment variable; flags win):
                                             (XLA_CLIENT_MEM_FRACTION; default: its value in the
                                             environment, else 0.90; JAX's own default is 0.75)
   --no-xla-flags       NFJAX_NO_XLA_FLAGS=1 leave XLA_FLAGS as they are
-  --bucket gs://B/P    NFJAX_BUCKET         after the run, gcloud storage rsync the workdir to gs://B/P/<run>
+  --bucket gs://B/P    NFJAX_BUCKET         with a local workdir: after the run, gcloud storage
+                                            rsync it to gs://B/P/<run>
   --dry-run            NFJAX_DRY_RUN=1      print the environment and commands, run nothing
   -h, --help
 
@@ -38,6 +40,8 @@ XLA flags added to XLA_FLAGS (unless already set there):
 
 Anything after `--` goes to nfjax.main, e.g. -- --config.train.steps=1000
 Example: launch/gpu.sh --config=configs/mnist.py:parity --workdir=/scratch/parity
+It runs in the foreground; to survive a dropped ssh connection start it under tmux/screen or
+  nohup launch/gpu.sh ... > gpu.log 2>&1 &     (the same command again resumes the run)
 EOF
 }
 
@@ -73,10 +77,11 @@ while [[ $# -gt 0 ]]; do
     *) usage >&2; die "unknown argument $1";;
   esac
 done
-check_bucket "$BUCKET"
 RUN_NAME=$(preset_of "$CONFIG")
 WORKDIR=${WORKDIR:-workdirs/$RUN_NAME}
-check_local_workdir "$WORKDIR"
+WORKDIR=${WORKDIR%/}
+check_workdir "$WORKDIR"
+check_bucket "$BUCKET" "$WORKDIR"
 export DRY_RUN
 cd "$NFJAX_ROOT"
 
@@ -100,7 +105,7 @@ fi
 [[ -z $GPUS ]] || setenv CUDA_VISIBLE_DEVICES "$GPUS"
 note "one process drives every visible GPU: the mesh's data axis (-1) spreads each step over them"
 
-# --- python and nfjax[cuda12] ----------------------------------------------------------------
+# --- python and nfjax[cuda12] (and [gcs]) ---------------------------------------------------
 if [[ $VENV == none ]]; then
   PY=python3
 else
@@ -113,8 +118,13 @@ fi
 has_gpu='import jax, sys; sys.exit(0 if any(d.platform == "gpu" for d in jax.devices()) else 1)'
 # Installed (with its dependencies), not merely importable from this directory.
 has_nfjax='import importlib.metadata as m; m.version("nfjax")'
-# One pip call for both: the cuda12 extra of pyproject.toml is jax[cuda12] within its jax range.
+# One pip call for both: the cuda12 extra of pyproject.toml is jax[cuda12] within its jax range;
+# for a gs:// workdir also the gcs extra (gcsfs).
 target='.[cuda12]'
+if is_gs "$WORKDIR"; then
+  has_nfjax+='; m.version("gcsfs")'
+  target='.[cuda12,gcs]'
+fi
 if [[ $DRY_RUN == 1 ]]; then
   echo "$(cmdline "$PY" -c "$has_gpu") && $(cmdline "$PY" -c "$has_nfjax") || $(cmdline "$PY" -m pip install -e "$target")"
 else
@@ -128,7 +138,7 @@ else
       die "nfjax is not installed in $PY (and --no-install); to install it, run: $fix"
     fi
     run "$PY" -m pip install --quiet -e "$target"
-    "$PY" -c "$has_gpu" || die "JAX still sees no GPU after installing nfjax[cuda12]: check the NVIDIA driver (nvidia-smi)"
+    "$PY" -c "$has_gpu" || die "JAX still sees no GPU after installing nfjax${target#.}: check the NVIDIA driver (nvidia-smi)"
   fi
   "$PY" -c 'import jax; print("[gpu] jax", jax.__version__, "devices:", ", ".join(f"{d.device_kind} ({d.id})" for d in jax.devices()))'
 fi

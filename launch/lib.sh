@@ -56,18 +56,19 @@ preset_of() {
   if [[ $spec == *:* ]]; then printf '%s' "${spec##*:}"; else printf 'quick'; fi
 }
 
-# nfjax itself writes gs:// workdirs (nfjax[gcs]), but these scripts keep the workdir on the VM: they
-# mkdir it, tee launch.log into it, put the compile cache in it and fetch it with rsync/scp. Refuse a
-# URL here; --bucket syncs the results, or run `python -m nfjax.main --workdir=gs://...` directly.
-check_local_workdir() {
+# A workdir the scripts can use: a local (or mounted) path, or a gs:// URL, which nfjax writes
+# through its gcs extra (gcsfs; the scripts install it). Other URL schemes are refused.
+check_workdir() {
   case $1 in
-    gs://*|s3://*|*://*) die "--workdir=$1: the launch scripts keep the workdir on the VM (they create it, tee
-  launch.log and the compile cache into it and fetch it from there), so it must be a local (or mounted)
-  path. Use a local --workdir and --bucket=gs://... to copy the results there after the run, or run
-  python -m nfjax.main --workdir=gs://... yourself (see launch/README.md, 'Workdirs and buckets').";;
+    gs://?*) ;;
+    *://*) die "--workdir=$1: give a local path or a gs://BUCKET/PATH URL (nfjax writes Google Cloud Storage; no other object store)";;
   esac
 }
 
+is_gs() { [[ $1 == gs://* ]]; }
+
+# check_bucket BUCKET WORKDIR: --bucket is a gs:// URL, and only for a local workdir.
 check_bucket() {
   [[ -z $1 || $1 == gs://* ]] || die "--bucket=$1 must start with gs://"
+  [[ -z $1 ]] || ! is_gs "$2" || die "--bucket=$1 is for a local --workdir; --workdir=$2 is in Cloud Storage already (leave --bucket out)"
 }

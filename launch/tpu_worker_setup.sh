@@ -9,9 +9,11 @@
 #   2. python   a virtualenv ~/nfjax-venv on Python >= 3.11 (jax 0.10 needs it; the TPU
 #               images are Ubuntu 22.04 with Python 3.10, so a newer interpreter is fetched
 #               with uv when none is installed)
-#   3. packages `pip install -e ~/nfjax[tpu]`: nfjax and, through its `tpu` extra, jax[tpu]
-#               within the project's jax range (it brings libtpu), in one pip call; skipped
-#               when the stamp file (extras + pyproject.toml hash + python) matches
+#   3. packages `pip install -e ~/nfjax[tpu]` (tpu.sh asks for [tpu,gcs]): nfjax and, through
+#               its `tpu` extra, jax[tpu] within the project's jax range (it brings libtpu), in
+#               one pip call; skipped when the stamp file (extras + pyproject.toml hash + python)
+#               matches
+# Nothing is changed while a job that tpu.sh run started (~/nfjax_jobs/*/pid) is running here.
 set -euo pipefail
 
 usage() {
@@ -48,6 +50,19 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n $TARBALL || -n $REPO ]] || { echo "tpu_worker_setup.sh: give --tarball or --repo" >&2; exit 2; }
 say() { echo "[setup $(hostname)] $*"; }
+
+# A job that launch/tpu.sh run started here is still running (`all` run again after a dropped
+# connection): leave the source and packages it runs on as they are.
+busy=''
+for p in "$HOME"/nfjax_jobs/*/pid; do
+  if [[ -f $p ]] && pid=$(<"$p") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    busy+="${busy:+, }$(basename "$(dirname "$p")") (pid $pid)"
+  fi
+done
+if [[ -n $busy ]]; then
+  say "a job is running here: $busy; source and packages left as they are"
+  exit 0
+fi
 
 # 1. source ------------------------------------------------------------------------------------
 if [[ -n $TARBALL ]]; then

@@ -64,6 +64,51 @@ def test_image_grid_names_its_setting(tmp_path):
     assert png.height >= bare.height + 2 * img_utils.LINE   # room for the title and the caption
 
 
+def test_row_accuracy_counts_each_class_and_non_finite_samples_as_wrong():
+  from nfjax.modalities.images import evaluate as image_eval
+  labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 0])
+  pred = np.array([0, 1, 1, 3, -1, 2, 0, 1, 0])
+  # class 0: 3 of 4 right; class 1: 2 of 3 (the non-finite one is wrong); class 2: 1 of 2; 3, 4: no samples
+  assert image_eval.row_accuracy(labels, pred, 5) == [(0, 3, 4), (1, 2, 3), (2, 1, 2)]
+  assert image_eval.row_accuracy(labels, labels, 3) == [(0, 4, 4), (1, 3, 3), (2, 2, 2)]
+
+
+def test_eval_class_grid_labels_rows_and_frames_exactly_the_misclassified_tiles():
+  from nfjax.modalities.images import evaluate as image_eval
+  rng = np.random.default_rng(0)
+  labels = np.arange(30) % 3
+  images = rng.uniform(size=(30, 12, 12)).astype(np.float32)
+  pred = labels.copy()
+  wrong = {4: 2, 9: -1, 12: 1}            # sample -> predicted class (-1: non-finite)
+  for k, p in wrong.items():
+    pred[k] = p
+  captured = {}
+  original = img_utils.grid
+  try:
+    img_utils.grid = lambda rows, **kw: captured.update(kw) or original(rows, **kw)
+    marked = image_eval.class_grid(images, labels, pred, 3, per_class=5)
+  finally:
+    img_utils.grid = original
+  # rows: class, then its accuracy over all its samples (not just the shown ones)
+  assert captured['row_labels'] == ['class 0\n0.80 (8/10)', 'class 1\n0.90 (9/10)', 'class 2\n1.00 (10/10)']
+  clean = image_eval.class_grid(images, labels, labels, 3, per_class=5)
+  bare = img_utils.grid([images[labels == c][:5] for c in range(3)], row_labels=['a'] * 3,
+                        label_width=image_eval.GRID_LABEL_WIDTH)
+  assert marked.mode == 'RGB' and marked.size == clean.size and marked.width == bare.width
+  assert marked.height > bare.height + img_utils.LINE          # the caption under the grid
+  diff = (np.asarray(marked) != np.asarray(clean)).any(-1)
+  diff[:bare.height, :image_eval.GRID_LABEL_WIDTH] = False     # the row labels differ (their accuracies)
+  # sample k is tile (class k % 3, k // 3) of the first 5 per class: 4 -> (1, 1), 9 -> (0, 3), 12 -> (0, 4)
+  expect = np.zeros_like(diff)
+  h = w = 12 * 3
+  for i, j in ((1, 1), (0, 3), (0, 4)):
+    x0, y0, x1, y1 = img_utils.tile_box(i, j, h, w, left=image_eval.GRID_LABEL_WIDTH)
+    assert diff[y0:y1 + 1, x0:x1 + 1].any(), (i, j)
+    assert (np.asarray(marked)[y0, x0:x1 + 1] == img_utils.MARK).all()     # a red frame
+    expect[y0:y1 + 1, x0:x1 + 1] = True
+  assert not (diff & ~expect).any()                            # nothing outside those tiles changed
+
+
 def test_shapes_picture_pairs_every_field_with_its_ground_truth(tmp_path, monkeypatch):
   from test_fit_shapes import shape_config, synthetic_shapes
   from nfjax.fields import mlp

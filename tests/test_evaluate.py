@@ -343,7 +343,8 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert os.path.getmtime(os.path.join(ev, 'classifier', 'params.npz')) == mtimes['classifier/params.npz']
   assert again['classifier_heldout_accuracy'] == s['classifier_heldout_accuracy']
   assert not os.path.exists(os.path.join(ev, 'neighbours_copies.png'))  # no stale pictures
-  assert not os.path.exists(os.path.join(ev, 'grid_copies.png')) and os.path.exists(os.path.join(ev, 'grid_topk3_t0.8.png'))
+  assert not os.path.exists(os.path.join(ev, 'grid_copies.png'))
+  assert os.path.exists(os.path.join(ev, 'grid_topk3_t0.8.png'))
   assert not os.path.exists(os.path.join(ev, 'per_sample', 'copies.npz'))
 
   # A different evaluate config in the same workdir is refused, not mixed in.

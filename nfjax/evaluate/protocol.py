@@ -15,7 +15,8 @@ the same references, the frame
      decoded as samples are: nfjax/evaluate/no_structure.py; only where the workdir has finished
      tokens/ and tokenizer/), then every setting (its first N_gen samples);
   4. writes eval/per_sample/<setting>.npz, the pictures (eval/grid_<setting>.png: each setting's samples
-     by class, titled with the setting and its numbers, each row with its class's figure), and summary.json with the headline
+     by class, titled with the setting and its numbers, each row with its class's figure), and
+     summary.json with the headline
      setting's numbers (evaluate.headline_top_k / headline_temperature) at the top, and logs by
      how much the headline setting beats the no-structure row (also `vs_no_structure`).
 

@@ -177,9 +177,9 @@ def _neighbours_png(stage, ctx, name, images, labels, per_sample, k):
 GRID_PER_CLASS = 10   # samples per row of eval/grid_<setting>.png (as samples/<setting>/grid.png)
 GRID_LABEL_WIDTH = 100
 GRID_CAPTION = ("rows: the class the samples were conditioned on, then the classifier's accuracy on every evaluated "
-                f"sample of that class in this setting (correct/total; the first {GRID_PER_CLASS} are shown); red frame: a sample "
-                "the classifier puts in another class, with that class in its corner ('x': non-finite weights, "
-                "not rendered, counted wrong)")
+                f"sample of that class in this setting (correct/total; the first {GRID_PER_CLASS} are shown); red "
+                "frame: a sample the classifier puts in another class, with that class in its corner ('x': "
+                "non-finite weights, not rendered, counted wrong)")
 
 
 def row_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> list[tuple[int, int, int]]:

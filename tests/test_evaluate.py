@@ -299,6 +299,9 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
     assert ps['valid'].sum() == 22 and (ps['pred'][~ps['valid']] == -1).all()
     assert r['class_accuracy'] == pytest.approx((ps['pred'] == labels).mean())
     assert r['class_accuracy_valid'] == pytest.approx((ps['pred'] == labels)[ps['valid']].mean())
+    # eval/grid_<setting>.png labels each class's row with that class's accuracy in the summary
+    for c, right, total in image_eval.row_accuracy(labels, ps['pred'], len(r['class_accuracy_per_class'])):
+      assert r['class_accuracy_per_class'][c] == pytest.approx(right / total), (name, c)
   assert s['class_accuracy'] == s['settings']['topk3_t0.8']['class_accuracy']
 
   # Exact copies of training fields: their nearest training weights are themselves (distance 0),
@@ -320,8 +323,12 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert ref['novelty']['nn_weight_l2']['min'] > 0.0
   assert base['noise'] == 0.1 and base['num_samples'] == 24
   for png in ('novelty.png', 'neighbours_copies.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png',
-              'neighbours_baseline.png', 'neighbours_no_structure.png'):
+              'neighbours_baseline.png', 'neighbours_no_structure.png', 'grid_copies.png', 'grid_topk3_t0.8.png'):
     assert os.path.getsize(os.path.join(ev, png)) > 1000, png
+  listed = json.load(open(os.path.join(ev, 'manifest.json')))['files']
+  assert {'grid_copies.png', 'grid_topk3_t0.8.png'} <= set(listed)                       # one per setting
+  assert not any(os.path.exists(os.path.join(ev, f'grid_{x}.png')) for x in ('reference', 'baseline', 'no_structure'))
+  assert 'grid_topk3_t0.8.png' in main.pictures(ev)
 
   # Re-run with the same config and inputs: skipped, nothing rewritten.
   mtimes = {f: os.path.getmtime(os.path.join(ev, f)) for f in ('summary.json', 'classifier/params.npz')}
@@ -336,6 +343,8 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert os.path.getmtime(os.path.join(ev, 'classifier', 'params.npz')) == mtimes['classifier/params.npz']
   assert again['classifier_heldout_accuracy'] == s['classifier_heldout_accuracy']
   assert not os.path.exists(os.path.join(ev, 'neighbours_copies.png'))  # no stale pictures
+  assert not os.path.exists(os.path.join(ev, 'grid_copies.png'))
+  assert os.path.exists(os.path.join(ev, 'grid_topk3_t0.8.png'))
   assert not os.path.exists(os.path.join(ev, 'per_sample', 'copies.npz'))
 
   # A different evaluate config in the same workdir is refused, not mixed in.

@@ -98,8 +98,11 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   assert ev['reference']['recon_cd_to_source']['median'] > 0 and ev['copy_threshold_cd'] > 0
   assert ev['timings']['reference'] > 0 and ev['seconds'] > 0
   evd = os.path.join(workdir, 'eval')
-  for png in ('novelty.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png', 'neighbours_baseline.png'):
+  for png in ('novelty.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png', 'neighbours_baseline.png',
+              *(f'grid_{name}.png' for name in ev['settings'])):
     assert os.path.getsize(os.path.join(evd, png)) > 1000, png
+  listed = json.load(open(os.path.join(evd, 'manifest.json')))['files']
+  assert {f'grid_{name}.png' for name in ev['settings']} <= set(listed)
   ps = np.load(os.path.join(evd, ev['per_sample_files']['topk3_t0.8']))
   assert ps['nonempty'].sum() == 7 - h['num_empty']
   assert np.isfinite(ps['nn_shape_cd'][ps['nonempty']]).all()
@@ -132,6 +135,8 @@ def test_rerun_skips_and_new_samples_are_evaluated_again(pipeline):
   ev = stage.run(_config(), workdir)
   assert set(ev['settings']) == {'topk3_t0.8', 'noisy'}
   assert not os.path.exists(os.path.join(evd, 'neighbours_topk0_t1.png'))     # no stale pictures
+  assert not os.path.exists(os.path.join(evd, 'grid_topk0_t1.png'))
+  assert os.path.exists(os.path.join(evd, 'grid_noisy.png'))
   assert not os.path.exists(os.path.join(evd, 'per_sample', 'topk0_t1.npz'))
   copies = ev['settings']['topk3_t0.8']
   assert copies['meshes'].startswith('meshed')

@@ -14,7 +14,9 @@ the same references, the frame
      class's per-slot histogram of the training tokens, with the headline setting's labels,
      decoded as samples are: nfjax/evaluate/no_structure.py; only where the workdir has finished
      tokens/ and tokenizer/), then every setting (its first N_gen samples);
-  4. writes eval/per_sample/<setting>.npz, the pictures, and summary.json with the headline
+  4. writes eval/per_sample/<setting>.npz, the pictures (eval/grid_<setting>.png: each setting's samples
+     by class, titled with the setting and its numbers, each row with its class's figure), and
+     summary.json with the headline
      setting's numbers (evaluate.headline_top_k / headline_temperature) at the top, and logs by
      how much the headline setting beats the no-structure row (also `vs_no_structure`).
 
@@ -98,6 +100,10 @@ class Evaluator:
 
   def pictures(self, stage, shown: dict, nn_data: dict, nn_weight: dict, k: int) -> None:
     """eval/novelty.png and eval/neighbours_<set>.png; shown: {set: (candidates, labels, per_sample)}."""
+
+  def setting_picture(self, stage, setting: dict, shown, result: dict) -> None:
+    """eval/grid_<setting>.png: the setting's samples, one row per class, titled with the setting and its
+    numbers, each row labelled with that class's figure; shown = (candidates, labels, per_sample)."""
 
   def headline(self, result: dict) -> dict:
     """The summary's headline figures from the headline setting's result."""
@@ -306,6 +312,8 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
 
   t0 = time.perf_counter()
   ev.pictures(stage, shown, nn_data, nn_weight, int(e.num_neighbours))
+  for s in settings:
+    ev.setting_picture(stage, s, shown[s['name']], results[s['name']])
   timings['pictures'] = time.perf_counter() - t0
 
   # --- summary ----------------------------------------------------------------------------------------

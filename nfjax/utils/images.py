@@ -33,17 +33,50 @@ def grid(rows: Sequence[np.ndarray], row_labels: Sequence[str] | None = None,
   canvas = Image.new('L', (left + ncol * (w + pad) + pad, top + len(rows) * (h + below + pad) + pad), 40)
   draw = ImageDraw.Draw(canvas)
   for i, r in enumerate(rows):
-    y = top + pad + i * (h + below + pad)
+    y = tile_box(i, 0, h, w, pad, left, top, below)[1]
     if row_labels:
-      draw.text((4, y + h // 2 - 6), row_labels[i], fill=255)
+      lines = str(row_labels[i]).count('\n') + 1
+      draw.text((4, y + h // 2 - 6 * lines), row_labels[i], fill=255)
     for j, img in enumerate(r):
-      x = left + pad + j * (w + pad)
+      x = tile_box(i, j, h, w, pad, left, top, below)[0]
       canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (x, y))
       if col_labels and i == 0 and j < len(col_labels):
         draw.text((x + 1, 1), col_labels[j], fill=255)
       if cell_labels and i < len(cell_labels) and j < len(cell_labels[i]) and cell_labels[i][j]:
         draw.text((x + 1, y + h), cell_labels[i][j], fill=255)
   return canvas
+
+
+def tile_box(i: int, j: int, h: int, w: int, pad: int = 2, left: int = 0, top: int = 0, below: int = 0
+             ) -> tuple[int, int, int, int]:
+  """(x0, y0, x1, y1), inclusive, of tile j of row i of a `grid` (tiles h x w pixels once scaled; `left`
+  = its label width where it has row labels, `top` = 14 where it has column labels, `below` = CELL_TEXT
+  where it has cell labels)."""
+  x = left + pad + j * (w + pad)
+  y = top + pad + i * (h + below + pad)
+  return x, y, x + w - 1, y + h - 1
+
+
+MARK = (230, 40, 40)   # the frame of a marked tile (e.g. a misclassified sample)
+
+
+def mark_tiles(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], texts: Sequence[str] = (),
+               color=MARK, width: int = 2) -> Image.Image:
+  """An RGB copy of `image` with a `width`-pixel frame of `color` drawn inside each box (`tile_box`) and
+  texts[k] (if given and not empty) in the top-left corner of box k: only those boxes' pixels change."""
+  out = image.convert('RGB')
+  draw = ImageDraw.Draw(out)
+  for k, (x0, y0, x1, y1) in enumerate(boxes):
+    draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
+    text = texts[k] if k < len(texts) else ''
+    font = ImageFont.load_default()
+    while text and font.getlength(text) + 3 > x1 - x0 - 2 * width:   # stays inside the tile
+      text = text[:-1]
+    if text:
+      tw = int(font.getlength(text)) + 3
+      draw.rectangle((x0 + width, y0 + width, x0 + width + tw, min(y1 - width, y0 + width + 11)), fill=color)
+      draw.text((x0 + width + 1, y0 + width), text, fill=(255, 255, 255))
+  return out
 
 
 def wrap(text: str, width: int) -> list[str]:

@@ -28,6 +28,7 @@ from nfjax.evaluate.protocol import Evaluator
 from nfjax.fields import mlp
 from nfjax.io import files
 from nfjax.io.workdir import EVAL
+from nfjax.utils import images as img_utils
 from nfjax.utils import picks
 from nfjax.utils.logging import log
 
@@ -173,6 +174,56 @@ def _neighbours_png(stage, ctx, name, images, labels, per_sample, k):
                          ctx.recon[w_nn], per_sample['nn_weight_l2'][show])
 
 
+GRID_PER_CLASS = 10   # samples per row of eval/grid_<setting>.png (as samples/<setting>/grid.png)
+GRID_LABEL_WIDTH = 100
+GRID_CAPTION = ("rows: the class the samples were conditioned on, then the classifier's accuracy on every evaluated "
+                f"sample of that class in this setting (correct/total; the first {GRID_PER_CLASS} are shown); red "
+                "frame: a sample the classifier puts in another class, with that class in its corner ('x': "
+                "non-finite weights, not rendered, counted wrong)")
+
+
+def row_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> list[tuple[int, int, int]]:
+  """(class c, correct, total) for every class c < num_classes that has samples: how many of the samples
+  conditioned on c the classifier puts in c (pred -1, a non-finite sample, is wrong). correct / total is
+  the setting's class_accuracy_per_class[c]."""
+  labels, pred = np.asarray(labels), np.asarray(pred)
+  out = []
+  for c in range(num_classes):
+    m = labels == c
+    if m.any():
+      out.append((c, int((pred[m] == c).sum()), int(m.sum())))
+  return out
+
+
+def grid_figures(result: dict) -> str:
+  """The numbers of a set in words, for a picture's title."""
+  n, bad = result['num_samples'], result['num_nonfinite']
+  return (f"class consistency {result['class_accuracy']:.3f} over {n} samples"
+          + (f" ({bad} non-finite, counted wrong)" if bad else '')
+          + f", FD {result['frechet_distance']:.3g}, SSIM MMD {result['ssim_mmd']:.4f} COV {result['ssim_cov']:.3f} "
+            f"1-NNA {result['ssim_1nna']:.3f}")
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, num_classes: int, title=(),
+               per_class: int = GRID_PER_CLASS, scale: int = 3):
+  """The first `per_class` images [n, H, W] of every class, a row per class labelled with the class and
+  its `row_accuracy`; misclassified tiles framed in red with the predicted class ('x': pred -1) in their
+  corner; `title` above, GRID_CAPTION below. Returns an RGB PIL image."""
+  rows = picks.class_rows(labels, num_classes, per_class)
+  acc = {c: (k, n) for c, k, n in row_accuracy(labels, pred, num_classes)}
+  row_labels = [f"class {c}\n{acc[c][0] / acc[c][1]:.2f} ({acc[c][0]}/{acc[c][1]})" for c, _ in rows]
+  img = img_utils.grid([images[idx] for _, idx in rows], row_labels=row_labels, scale=scale,
+                       label_width=GRID_LABEL_WIDTH)
+  h, w = images.shape[1] * scale, images.shape[2] * scale
+  boxes, texts = [], []
+  for i, (c, idx) in enumerate(rows):
+    for j, k in enumerate(idx):
+      if pred[k] != c:
+        boxes.append(img_utils.tile_box(i, j, h, w, left=GRID_LABEL_WIDTH))
+        texts.append('x' if pred[k] < 0 else str(int(pred[k])))
+  return img_utils.captioned(img_utils.mark_tiles(img, boxes, texts), title, GRID_CAPTION)
+
+
 class _Context:
   """Everything the candidate sets are compared with."""
 
@@ -260,6 +311,12 @@ class ImageEvaluator(Evaluator):
     novelty.histogram_png(stage.file('novelty.png'), nn_data, nn_weight, self.recon_err, self.copy_threshold)
     for name, ((images, _), labels, ps) in shown.items():
       _neighbours_png(stage, self.ctx, name, images, labels, ps, k)
+
+  def setting_picture(self, stage, setting, shown, result):
+    (images, _), labels, ps = shown
+    img = class_grid(images, labels, ps['pred'], self.num_classes,
+                     [img_utils.setting_title(setting), grid_figures(result)])
+    img_utils.save_png(img, stage.file(f"grid_{setting['name']}.png"))
 
   def headline(self, h):
     return {k: h[k] for k in ('class_accuracy', 'frechet_distance', 'ssim_mmd', 'ssim_cov', 'ssim_1nna')}

@@ -360,6 +360,10 @@ class ShapeEval(Evaluator):
         _neighbours_png(stage.file(f'neighbours_{name}.png'), self.ev, self.data, self.good, meshes, lab, ps, k,
                         self.mesh_weights)
 
+  def setting_picture(self, stage, setting, shown, result):
+    meshes, labels, ps = shown
+    _grid_png(stage.file(f"grid_{setting['name']}.png"), self.ev, setting, meshes, labels, ps, result)
+
   def headline(self, h):
     return {'mmd_cd_x100': h['mmd_cd_x100'], 'cov': h['cov'], '1nna': h['1nna'], 'class_cov_mean': h['class_cov_mean'],
             'num_empty': h['num_empty'], 'nn_shape_cd_median': _num(h['novelty']['nn_shape_cd']['median']),
@@ -416,6 +420,54 @@ def _setting_meshes(workdir: str, name: str, n: int, resolution: int, level: flo
         abs(float(info.get('level', math.nan)) - level) < 1e-9 and len(meshes) >= n:
       return meshes[:n], f'reused samples/{name}/meshes.npz'
   return None, f'meshed at {resolution}^3'
+
+
+GRID_PER_CLASS = 8    # samples per row of eval/grid_<setting>.png (as samples/<setting>/grid.png)
+GRID_SIZE, GRID_LABEL_WIDTH = 96, 100
+GRID_CAPTION = ("rows: the class the samples were conditioned on, then that class's coverage: COV = the fraction of "
+                "the class's references that are the nearest same-class reference of some sample of the class "
+                "(covered/references; '-': no reference of the class, or nothing compared); red frame: a sample "
+                "whose nearest training shape (Chamfer) is of another class, named in its corner; 'empty' = no surface")
+
+
+def cov_row_label(name: str, cov: float | None, num_refs: int) -> str:
+  """A grid row's label: the class and its coverage, 'airplane\nCOV 0.40 (2/5)' ('COV -' where None)."""
+  if cov is None or not num_refs:
+    return f"{name[:15]}\nCOV - ({num_refs} refs)"
+  return f"{name[:15]}\nCOV {cov:.2f} ({int(round(cov * num_refs))}/{num_refs})"
+
+
+def grid_figures(result: dict, num_refs: int) -> str:
+  """The numbers of a set in words, for a picture's title."""
+  fpd = f", {_fmt(result, 'fpd', 'FPD {:.3f}')}" if result.get('fpd') is not None else ''
+  return (f"{_fmt(result, 'cov', 'COV {:.3f}')}, {_fmt(result, 'class_cov_mean', 'class COV mean {:.3f}')}, "
+          f"{_fmt(result, 'mmd_cd_x100', 'MMD-CDx100 {:.3f}')}, {_fmt(result, '1nna', '1-NNA {:.3f}')}{fpd}; "
+          f"{result['num_empty']}/{result['num_samples']} empty, {result['num_evaluated']} compared with "
+          f"{num_refs} references")
+
+
+def _grid_png(path, ev: ShapeEvaluator, setting: dict, meshes, labels, ps, result) -> None:
+  """The setting's first GRID_PER_CLASS samples of every class, a row per class with its coverage, samples
+  nearest to a training shape of another class framed in red; titled with the setting and its numbers."""
+  labels = np.asarray(labels)
+  rows = picks.class_rows(labels, ev.num_classes, GRID_PER_CLASS)
+  if not rows:
+    return
+  cov = result.get('class_cov') or {}
+  row_labels = [cov_row_label(ev.class_name(c), cov.get(ev.class_name(c)), int((ev.ref_labels == c).sum()))
+                for c, _ in rows]
+  img = render3d.mesh_grid([[meshes[i] for i in idx] for _, idx in rows], row_labels=row_labels, size=GRID_SIZE,
+                           label_width=GRID_LABEL_WIDTH)
+  boxes, texts = [], []
+  for i, (c, idx) in enumerate(rows):
+    for j, k in enumerate(idx):
+      pos = int(ps['nn_shape_position'][k])
+      if pos >= 0 and int(ev.train_labels[pos]) != c:
+        boxes.append(img_utils.tile_box(i, j, GRID_SIZE, GRID_SIZE, left=GRID_LABEL_WIDTH))
+        texts.append(ev.class_name(int(ev.train_labels[pos])))
+  img = img_utils.mark_tiles(img, boxes, texts)
+  img_utils.save_png(img_utils.captioned(img, [img_utils.setting_title(setting), grid_figures(result, len(ev.ref))],
+                                         GRID_CAPTION), path)
 
 
 NEIGHBOURS_CAPTION = ("column labels: the class each sample was conditioned on; cd = squared Chamfer distance of "

@@ -97,9 +97,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(kind, tmp_path, argv_of, timeout=CHILD_TIMEOUT):
+def run_processes(kind, tmp_path, argv_of, timeout=CHILD_TIMEOUT, expect_failure=False):
   """Start NUM_PROCESSES children (argv_of(port, i) -> their arguments), wait (bounded), kill them
-  on failure or timeout; returns their reports."""
+  on failure or timeout; returns their reports (expect_failure: [(exit code, log)] of each instead)."""
   reason = _cpu_collectives_reason()
   if reason:
     pytest.skip(f"no multi-process CPU collectives: {reason}")
@@ -128,6 +128,8 @@ def run_processes(kind, tmp_path, argv_of, timeout=CHILD_TIMEOUT):
         p.wait()
     for f in logs:
       f.close()
+  if expect_failure and not timed_out:
+    return [(p.returncode, (tmp_path / f'{kind}_{i}.log').read_text()) for i, p in enumerate(procs)]
   failed = [i for i, p in enumerate(procs) if p.returncode != 0 or not os.path.exists(outs[i])]
   if failed:
     tails = '\n'.join(f"--- process {i} (exit {procs[i].returncode}) ---\n"
@@ -210,6 +212,20 @@ def test_two_processes_pipeline_like_one(tmp_path):
   for k in want:
     if not k.endswith('seconds'):
       np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_processes_that_do_not_share_the_workdir_stop_with_one_line(tmp_path):
+  """Each process given its own directory (as separate hosts' local disks would be): every process
+  stops before any work with the one line that says the workdir must be shared (exit 2)."""
+  results = run_processes('pipeline', tmp_path, lambda port, i: [
+      *_launcher_flags(str(tmp_path / f'disk_{i}' / 'wd'), MESH), '--distributed',
+      f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={NUM_PROCESSES}', f'--process_id={i}'],
+      expect_failure=True)
+  for code, log in results:
+    assert code == 2, log[-2000:]
+    assert 'is not shared by the 2 processes: process(es) 1 cannot see what process 0 writes there' in log, log
+    assert 'Traceback' not in log and '[fit]' not in log
+  assert not (tmp_path / 'disk_1' / 'wd' / 'fields').exists()
 
 
 def _numbers(tree, path='') -> dict:

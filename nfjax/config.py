@@ -52,8 +52,9 @@ def to_dict(config) -> dict:
 NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 # Keys left out of the fingerprint while they have this value (their default, which computes what the
 # pipeline computed before the key existed): a workdir made before them is still the same config,
-# and a config without the key at all is that default. train.class_dropout: classifier-free guidance.
-OMITTED_AT = {'train.class_dropout': 0.0}
+# and a config without the key at all is that default (also inside a fingerprinted section, e.g.
+# 'evaluate' for shapes). train.class_dropout, evaluate.headline_guidance: classifier-free guidance.
+OMITTED_AT = {'train.class_dropout': 0.0, 'evaluate.headline_guidance': 1.0}
 
 
 def fingerprint(config, keys: Iterable[str]) -> dict:
@@ -72,6 +73,10 @@ def fingerprint(config, keys: Iterable[str]) -> dict:
     if isinstance(out.get(section), dict):
       out[section].pop(leaf, None)
     out.pop(skip, None)
+  for key, default in OMITTED_AT.items():
+    section, _, leaf = key.rpartition('.')
+    if isinstance(out.get(section), dict) and leaf in out[section] and out[section][leaf] == default:
+      out[section].pop(leaf)
   return json.loads(json.dumps(out, sort_keys=True, default=list))
 
 

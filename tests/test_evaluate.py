@@ -383,3 +383,21 @@ def test_the_headline_setting_prefers_one_without_guidance():
   plain = {'name': 'topk3_t0.8', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0}
   assert protocol.headline_setting([guided, plain], e) == 'topk3_t0.8'
   assert protocol.headline_setting([guided], e) == 'topk3_t0.8_g2'
+  e.headline_guidance = 2.0    # evaluate.headline_guidance: that guided setting heads the summary
+  g4 = {**guided, 'name': 'topk3_t0.8_g4', 'guidance': 4.0}
+  assert protocol.headline_setting([plain, g4, guided], e) == 'topk3_t0.8_g2'
+  assert protocol.headline_setting([g4, plain], e) == 'topk3_t0.8'   # none at 2: the unguided one
+
+
+def test_a_new_key_at_its_default_keeps_old_fingerprints():
+  """evaluate.headline_guidance at 1 (and train.class_dropout at 0) leave a fingerprint as it was
+  before the key existed, also where a whole section is fingerprinted (shapes: 'evaluate')."""
+  from nfjax import config as config_lib
+  c = load_config('smoke')
+  with c.unlocked():
+    del c.evaluate['headline_guidance']
+  before = config_lib.fingerprint(c, ('evaluate', 'evaluate.headline_top_k'))
+  now = load_config('smoke')
+  assert config_lib.fingerprint(now, ('evaluate', 'evaluate.headline_top_k', 'evaluate.headline_guidance')) == before
+  moved = load_config('smoke', **{'evaluate.headline_guidance': 2.0})
+  assert config_lib.fingerprint(moved, ('evaluate',))['evaluate']['headline_guidance'] == 2.0

@@ -151,6 +151,7 @@ def _evaluate(config) -> None:
   config_lib.check_positive(config, 'evaluate.num_neighbours', allow_zero=True)
   for key in ('evaluate.headline_top_k', 'evaluate.headline_temperature'):
     config_lib.get(config, key)
+  config_lib.check_positive(config, 'evaluate.headline_guidance', allow_zero=True)
 
 
 _CHECKS = {'fit': _fit, 'tokenize': _tokenize, 'train': _train, 'sample': _sample, 'evaluate': _evaluate}

@@ -181,6 +181,7 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.evaluate.baseline_noise = 0.1  # trivial baseline: training fields + N(0, (noise * std_j)^2)
   c.evaluate.headline_top_k = 3    # the setting whose numbers are the summary's headline
   c.evaluate.headline_temperature = 0.8
+  c.evaluate.headline_guidance = 1.0   # ... and guidance scale (1 = none; a setting's 4th element)
   c.evaluate.num_neighbours = 16   # samples shown beside their nearest neighbours per PNG
   # Presets of the shared sections (the modality's config adds its own).
   if preset == 'smoke':

@@ -141,9 +141,12 @@ def load_samples(workdir: str, settings: list[dict], params_per_field: int, cap:
 
 
 def headline_setting(settings: list[dict], e) -> str:
-  """The setting whose numbers head the summary: evaluate.headline_top_k / headline_temperature (one
-  without classifier-free guidance first, then a guided one)."""
-  for s in sorted(settings, key=lambda s: 'guidance' in s):
+  """The setting whose numbers head the summary: evaluate.headline_top_k / headline_temperature /
+  headline_guidance (1 = no classifier-free guidance); without one of that guidance scale, the one
+  without guidance first, then a guided one."""
+  want = float(getattr(e, 'headline_guidance', 1.0))
+  order = lambda s: (abs(float(s.get('guidance', 1.0)) - want) > 1e-6, 'guidance' in s)
+  for s in sorted(settings, key=order):
     try:
       if int(s.get('top_k') or -1) == int(e.headline_top_k) and \
           abs(float(s.get('temperature')) - float(e.headline_temperature)) < 1e-6:

@@ -54,7 +54,7 @@ class Images(Modality):
   quality = PSNR
   fit_keys = ('fit.pixels_per_step', 'fit.psnr_floor')
   evaluate_keys = ('data.source', 'data.name', 'data.split', 'evaluate.num_samples', 'evaluate.num_reference',
-                   'evaluate.baseline_noise', 'evaluate.headline_top_k', 'evaluate.headline_temperature',
+                   'evaluate.baseline_noise', 'evaluate.headline_top_k', 'evaluate.headline_temperature', 'evaluate.headline_guidance',
                    'evaluate.num_neighbours', 'evaluate.classifier')
   evaluate_keep = ('classifier',)
   headline_keys = ('class_accuracy',)

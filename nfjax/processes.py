@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from nfjax import sharding
 from nfjax.errors import NfjaxError
 from nfjax.io import files
+from nfjax.utils.logging import is_main_process
 
 # How long a process waits for process 0 (a stage it runs alone, e.g. evaluate, can take hours).
 WAIT_MS = 48 * 3600 * 1000
@@ -49,10 +50,6 @@ def count() -> int:
 
 def index() -> int:
   return jax.process_index()
-
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 def spread() -> bool:
@@ -79,7 +76,7 @@ def agree(name: str, fn):
     return fn()
   key = _key(name)
   client = _client()
-  if is_main():
+  if is_main_process():
     try:
       out = ('ok', fn())
     except NfjaxError as e:
@@ -135,12 +132,12 @@ def gather(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def gather_rows(rows: np.ndarray, mine: np.ndarray) -> np.ndarray:
-  """Rows [n, ...] of which this process computed those where `mine` [n] is True -> every row, on
+def gather_rows(rows: np.ndarray, computed: np.ndarray) -> np.ndarray:
+  """Rows [n, ...] of which this process computed those where `computed` [n] is True -> every row, on
   every process (each row from the process that computed it)."""
   if not spread():
     return rows
-  owners = multihost_utils.process_allgather(np.asarray(mine, np.int32))           # [P, n]
+  owners = multihost_utils.process_allgather(np.asarray(computed, np.int32))           # [P, n]
   stacked = multihost_utils.process_allgather(np.ascontiguousarray(rows))          # [P, n, ...]
   pick = np.argmax(np.asarray(owners), axis=0)
   return np.asarray(stacked)[pick, np.arange(len(rows))]
@@ -161,7 +158,7 @@ def begin(workdir: str):
     return
   _run = agree('run id', lambda: uuid.uuid4().hex[:12]) if not _run else _run
   check_shared_workdir(workdir)
-  files.writes_allowed(is_main())
+  files.writes_allowed(is_main_process())
   try:
     yield
   finally:
@@ -172,7 +169,7 @@ def check_shared_workdir(workdir: str) -> None:
   """Every process must see the one workdir (process 0 writes it, the others read it). Process 0
   writes a token; every process reads it; all stop with one line when any cannot."""
   token = files.join(workdir, f'.processes-{_run}')
-  if is_main():
+  if is_main_process():
     files.write_bytes(token, _run.encode())
   barrier('token written')
   try:
@@ -181,7 +178,7 @@ def check_shared_workdir(workdir: str) -> None:
     seen = False
   blind = [i for i, ok in enumerate(every('token read', seen)) if not ok]
   barrier('token checked')
-  if is_main():
+  if is_main_process():
     files.remove(token)
   if blind:
     raise NfjaxError(

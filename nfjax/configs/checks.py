@@ -111,6 +111,8 @@ def _train(config) -> None:
   if decay <= t.warmup_steps:
     raise ConfigError(f"train.decay_steps ({decay}, -1 = train.steps) must exceed train.warmup_steps "
                       f"({t.warmup_steps})")
+  if 'class_bias_init' in m:
+    config_lib.check_choice(config, 'model.class_bias_init', ('zeros', 'histogram'))
   p_drop = float(t.get('class_dropout', 0.0))
   if not 0.0 <= p_drop < 1.0:
     raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")

@@ -115,6 +115,9 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # directly. On the quick budget it lifted class consistency (top-k 3, T 0.8) from 0.44 to 0.62
   # (with lr 5e-3; benchmarks/RESULTS.md). NeF-GPT: no.
   c.model.class_bias = True
+  # How that table starts: zeros | histogram (each class's per-slot log token frequencies in the
+  # training split: the model starts at the no-structure row and learns the joint structure on top).
+  c.model.class_bias_init = 'zeros'
   c.model.position = 'learned'     # learned | rope
   c.model.rope_base = 10000.0
   c.model.bias = True

@@ -106,6 +106,9 @@ class Task:
   # augment(batch, seed, step) -> batch: a change to each training batch that is a pure function of
   # (seed, step) like the data order (class dropout); None = the batches as they are. Not applied to eval.
   augment: Callable | None = None
+  # init_params() -> {top-level parameter name: host array}: values that replace those parameters'
+  # fresh initialisation (not a resumed run's, nor train.init_from's); None = the model's init as is.
+  init_params: Callable[[], dict[str, np.ndarray]] | None = None
 
 
 def gpt_loss(prefix_len: int, loss_on_prefix: bool, class_column: int = -1, null_class: int = -1) -> Callable:
@@ -138,6 +141,33 @@ def class_dropout(p: float) -> Callable:
     n = len(batch['tokens'])
     return {**batch, 'null_rows': np.random.default_rng([int(seed), 0xC1A55, int(step)]).random(n) < p}
   return augment
+
+
+def class_histogram_bias(tokens: np.ndarray, cfg, class_column: int, smoothing: float = 0.1) -> np.ndarray:
+  """model.class_bias_init='histogram': the [cond_classes, block_size, vocab] logit bias `wcb` set to each
+  class's per-slot log token frequencies in the training sequences `tokens` [N, T] (add-`smoothing`
+  counts), so the model starts where the no-structure row is (nfjax/evaluate/no_structure.py) and its
+  steps go to how the slots go together. Input position t predicts token t + 1; the null class's row
+  (classifier-free guidance) pools every class. Positions the data does not reach stay 0."""
+  tokens = np.asarray(tokens, np.int64)
+  n, seq_len = tokens.shape
+  classes, block, v = int(cfg.cond_classes), int(cfg.block_size), int(cfg.vocab_size)
+  counts = np.zeros((classes, block, v), np.float64)
+  cls = tokens[:, class_column] - int(cfg.cond_first_token)
+  real = classes - (cfg.null_class >= 0)
+  if np.any((cls < 0) | (cls >= real)):
+    raise DataError(f"class tokens outside [{cfg.cond_first_token}, {cfg.cond_first_token + real}) in the "
+                    f"training sequences: re-run the tokenize stage")
+  targets = tokens[:, 1:]                                # [N, T-1]: what input position t predicts
+  t = targets.shape[1]
+  pos = np.broadcast_to(np.arange(t), targets.shape)
+  np.add.at(counts, (np.broadcast_to(cls[:, None], targets.shape), pos, targets), 1.0)
+  if cfg.null_class >= 0:
+    counts[real] = counts[:real].sum(0)
+  out = np.zeros((classes, block, v), np.float32)
+  c = counts[:, :t] + smoothing
+  out[:, :t] = np.log(c / c.sum(-1, keepdims=True))
+  return out
 
 
 def regression_loss(kind: str) -> Callable:
@@ -177,14 +207,17 @@ def gpt_task(config, workdir: str) -> Task:
   info = {'data': 'tokens', 'vocab': ds.vocab.to_dict(), 'seq_len': int(seq_len), 'prefix_len': ds.prefix_len,
           'num_train': int(len(ds.train_idx)), 'num_val': int(len(ds.val_idx)),
           'data_hash': _hash_arrays(tokens, ds.train_idx, ds.val_idx)}
+  prefix = list(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len]))
+  init_params = None
+  if cfg.cond_classes > 0 and str(config.model.get('class_bias_init', 'zeros')) == 'histogram':
+    init_params = lambda: {'wcb': class_histogram_bias(train['tokens'], cfg, prefix.index('class'))}
   if cfg.null_class < 0:
     loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix))
-    return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info)
-  prefix = list(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len]))
+    return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info, init_params=init_params)
   loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix), prefix.index('class'), cfg.null_class)
   info['class_dropout'] = float(config.train.class_dropout)
   return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info,
-              augment=class_dropout(float(config.train.class_dropout)))
+              augment=class_dropout(float(config.train.class_dropout)), init_params=init_params)
 
 
 def regression_task(config, workdir: str) -> Task:

@@ -150,7 +150,6 @@ def class_histogram_bias(tokens: np.ndarray, cfg, class_column: int, smoothing: 
   steps go to how the slots go together. Input position t predicts token t + 1; the null class's row
   (classifier-free guidance) pools every class. Positions the data does not reach stay 0."""
   tokens = np.asarray(tokens, np.int64)
-  n, seq_len = tokens.shape
   classes, block, v = int(cfg.cond_classes), int(cfg.block_size), int(cfg.vocab_size)
   counts = np.zeros((classes, block, v), np.float64)
   cls = tokens[:, class_column] - int(cfg.cond_first_token)

@@ -293,15 +293,14 @@ class Trainer:
       self._window0 = [dict(w) for w in meta.get('log_window', [])]
       return state, int(meta['step'])
     state = self.init_state()
-    if getattr(self.task, 'init_params', None) is not None:
+    init_from = str(getattr(self.t, 'init_from', '') or '')
+    if not init_from and getattr(self.task, 'init_params', None) is not None:
       params = dict(state['params'])
       for name, value in self.task.init_params().items():
-        sh = params[name].sharding
         if value.shape != params[name].shape:
           raise ValueError(f"init_params[{name!r}] has shape {value.shape}, the model's is {params[name].shape}")
-        params[name] = jax.make_array_from_callback(value.shape, sh, lambda idx, v=value: v[idx])
+        params[name] = jax.make_array_from_callback(value.shape, params[name].sharding, lambda idx, v=value: v[idx])
       state = {**state, 'params': params}
-    init_from = str(getattr(self.t, 'init_from', '') or '')
     if init_from:
       src = ckpt_lib.Checkpointer(init_from, async_save=False)
       step = src.latest_step()

@@ -413,3 +413,5 @@ def test_class_bias_init_histogram_starts_at_the_per_slot_histograms(tmp_path):
       'class_bias_init'] == 'histogram'
   with pytest.raises(ConfigError, match=r"model.class_bias_init='hist' is not one of"):
     checks.validate(config(**{'model.class_bias_init': 'hist'}), ('train',))
+  with pytest.raises(ConfigError, match=r"model.class_bias_init='histogram' starts the class x position bias"):
+    checks.validate(config(**{'model.class_bias_init': 'histogram', 'model.class_bias': False}), ('train',))

@@ -113,6 +113,9 @@ def _train(config) -> None:
                       f"({t.warmup_steps})")
   if 'class_bias_init' in m:
     config_lib.check_choice(config, 'model.class_bias_init', ('zeros', 'histogram'))
+    if m.class_bias_init == 'histogram' and (m.kind != 'gpt' or not m.class_bias):
+      raise ConfigError("config key model.class_bias_init='histogram' starts the class x position bias of "
+                        "model.kind='gpt' with model.class_bias=True; set it to 'zeros' or turn model.class_bias on")
   p_drop = float(t.get('class_dropout', 0.0))
   if not 0.0 <= p_drop < 1.0:
     raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")

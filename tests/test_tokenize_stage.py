@@ -151,3 +151,37 @@ def test_without_class_token_nefgpt_shapenet_layout(tmp_path, smoke_fields):
   assert token_data.Vocab(parity.tokenize.num_codes, 0, tuple(parity.tokenize.specials)).vocab_size == 128
   with pytest.raises(ConfigError, match='class_token'):
     checks.validate(load_config('smoke', **{'tokenize.class_token': 'maybe'}), ('tokenize',))
+
+
+def test_drop_constant_shortens_sequences_end_to_end(tmp_path, tokenized):
+  """tokenize.drop_constant=True: the positions constant over the training fields (of the default
+  run's tokens) leave the sequences, every other token is unchanged, and the shorter sequences go
+  through train, sample (decoded with the fixed tokens) and evaluate."""
+  ref_dir, ref = tokenized
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  shutil.copytree(os.path.join(ref_dir, 'fields'), workdir / 'fields')
+  workdir = str(workdir)
+  config = load_config('smoke', **{'tokenize.drop_constant': True})
+  out = launcher.run(config, workdir, 'tokenize,train,sample,evaluate')
+  base = token_data.load(os.path.join(ref_dir, 'tokens'))
+  ds = token_data.load(os.path.join(workdir, 'tokens'))
+  body = base.tokens[:, base.prefix_len:]
+  const = (body[base.train_idx] == body[base.train_idx][:1]).all(0)
+  assert const.any(), "the smoke fields have dead neurons in their shared init"
+  assert out['tokenize']['dropped_constant'] == int(const.sum()) == ds.meta['dropped_constant']
+  np.testing.assert_array_equal(ds.tokens, np.concatenate([base.tokens[:, :base.prefix_len], body[:, ~const]], 1))
+  assert ds.meta['dropped_positions'] == np.nonzero(const)[0].tolist()
+  assert out['tokenize']['weight_rmse'] <= ref['weight_rmse'] + 1e-6
+  assert out['train']['block_size'] == ds.tokens.shape[1] - 1
+  tok = tokenizers.restore(os.path.join(workdir, 'tokenizer'))
+  for name in ('topk3_t0.8', 'topk0_t1'):
+    sampled = np.load(os.path.join(workdir, 'samples', name, 'tokens.npy'))
+    weights = np.load(os.path.join(workdir, 'samples', name, 'weights.npy'))
+    assert sampled.shape[1] == ds.tokens.shape[1]
+    full = tok.expand(sampled[:, ds.prefix_len:])
+    np.testing.assert_array_equal(full[:, const], np.broadcast_to(body[0, const], (len(full), int(const.sum()))))
+    np.testing.assert_array_equal(weights, tok.decode(sampled[:, ds.prefix_len:]))
+  assert np.isfinite(out['evaluate']['class_accuracy'])
+  # The default (False) leaves the fingerprint as it was: the reference workdir is still finished.
+  assert tokenize.run(load_config('smoke'), ref_dir) == ref

@@ -241,3 +241,39 @@ def test_settings_validation_names_the_key():
   w, _ = _weights(4)
   with pytest.raises(ConfigError, match='shared init'):
     tokenizers.fit(tokenizers.Settings(residual=True), w, SPEC.layout, None)
+
+
+@pytest.mark.parametrize('kw', [dict(residual=True), dict(method='residual_vq', chunk='fixed', chunk_size=4,
+                                                          num_quantizers=2)])
+def test_drop_constant_positions(tmp_path, kw):
+  """Positions with one token in every training field leave the sequences and decode to that token;
+  the other positions keep their tokens, and a saved tokenizer drops the same ones."""
+  w, init = _weights(48, seed=3)
+  dead = np.arange(4, 12)              # a first-layer neuron's weights stay at the init in every field
+  w[:, dead] = init[dead]
+  tok = _fit(w, init, **kw)
+  full = tok.encode(w)
+  const = (full == full[:1]).all(0)
+  assert const.any() and not const.all()
+  short = tok.drop_constant(full[:40])  # fitted on "training" rows; rows 40+ play the val fields
+  assert short.tokens_per_field == short.full_tokens_per_field - short.num_dropped == int((~const).sum())
+  assert short.num_dropped == int(((full[:40] == full[:1]).all(0)).sum())
+  t = short.encode(w)
+  np.testing.assert_array_equal(t, full[:, short.keep])
+  np.testing.assert_array_equal(short.decode(t), tok.decode(full))   # rows agree on every dropped position
+  assert short.token_groups().shape == short.token_quantizers().shape == (short.tokens_per_field,)
+  meta = short.sequence_meta()
+  assert meta['tokens_per_field'] == short.tokens_per_field and meta['dropped_constant'] == short.num_dropped
+  with pytest.raises(tokenizers.TokenizerMismatch, match=f'{short.tokens_per_field} tokens'):
+    short.decode(full)
+  path = str(tmp_path / 'tok.npz')
+  short.save(path)
+  back = tokenizers.restore(path)
+  np.testing.assert_array_equal(back.encode(w), t)
+  np.testing.assert_array_equal(back.decode(t), short.decode(t))
+  with np.load(path, allow_pickle=False) as z:   # numpy alone: t_full = fixed; t_full[keep] = t
+    t_full = np.broadcast_to(z['fixed'], full.shape).copy()
+    t_full[:, z['keep']] = t
+    np.testing.assert_array_equal(t_full, full)
+  with pytest.raises(ValueError, match='once'):
+    short.drop_constant(full)

@@ -72,6 +72,8 @@ def _tokenize(config) -> None:
     raise ConfigError(f"config key tokenize.val_fraction={vf!r} must be in [0, 1)")
   config_lib.check_positive(config, 'tokenize.num_examples', allow_zero=True)
   config_lib.check_choice(config, 'tokenize.class_token', CLASS_TOKEN)
+  if 'drop_constant' in config.tokenize:
+    config_lib.check_choice(config, 'tokenize.drop_constant', (True, False))
 
 
 def _train(config) -> None:

@@ -44,7 +44,7 @@ STAGE = 'tokenize'
 KEYS = ('seed',) + tuple(f'tokenize.{k}' for k in (
     'method', 'num_codes', 'residual', 'normalize', 'per_layer', 'chunk', 'chunk_size', 'num_quantizers',
     'kmeans_restarts', 'kmeans_iters', 'kmeans_sample', 'pin_atoms', 'refine_steps', 'refine_lr', 'refine_batch',
-    'dead_code_threshold', 'encoder', 'compensate_damp', 'specials', 'class_token', 'val_fraction'))
+    'dead_code_threshold', 'encoder', 'compensate_damp', 'specials', 'class_token', 'val_fraction', 'drop_constant'))
 SPLIT_STREAM = 0x70CE
 # Headline figures (../DESIGN.md) every tokenize summary has; NaN where the modality measures no PSNR.
 HEADLINE_NAN = ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db', 'uniform_psnr_tokenized_mean',
@@ -77,9 +77,10 @@ def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def _usage(tok: tokenizers.Tokenizer, tokens: np.ndarray) -> tuple[float, float, np.ndarray]:
-  """(fraction of codebook entries used, perplexity of the token ids, counts per (group, q, code))."""
+  """(fraction of codebook entries used, perplexity of the token ids, counts per (group, q, code)) of
+  the sequences' weight tokens [N, tokens_per_field]."""
   g = np.broadcast_to(tok.token_groups()[None], tokens.shape)
-  q = np.broadcast_to(np.tile(np.arange(tok.num_quantizers), tok.chunking.num_chunks)[None], tokens.shape)
+  q = np.broadcast_to(tok.token_quantizers()[None], tokens.shape)
   counts = np.zeros((tok.num_groups, tok.num_quantizers, tok.num_codes), np.int64)
   np.add.at(counts, (g.ravel(), q.ravel(), tokens.ravel()), 1)
   ids = np.bincount(tokens.ravel(), minlength=tok.num_codes).astype(np.float64)
@@ -118,21 +119,29 @@ def run(config, workdir: str) -> dict:
   # Fit (or reuse the tokenizer of an interrupted run with the same fingerprint).
   tok_path = stage.file('tokenizer.npz')
   t0 = time.perf_counter()
-  if files.exists(tok_path):
-    tok = tokenizers.restore(tok_path)
-    log(STAGE, f"reusing {tok_path}")
-  else:
+  fresh = not files.exists(tok_path)
+  if fresh:
     tok = tokenizers.fit(settings, w[train_rows], fields.layout, fields.shared_init, seed=seed,
                          field=fields.meta.get('field'), grid=modality.compensation_grid(fields.meta))
-    tok.save(tok_path)
+  else:
+    tok = tokenizers.restore(tok_path)
+    log(STAGE, f"reusing {tok_path}")
   fit_seconds = time.perf_counter() - t0
   tok.check_layout(fields.layout, fields.params_per_field, where=fields_dir)
 
   t0 = time.perf_counter()
-  codes = tokenizers.encode(tok, w)
+  codes = tokenizers.encode_full(tok, w)
+  if fresh:
+    if bool(config.tokenize.get('drop_constant', False)):
+      # Positions with one token in every training field leave the sequences (decoded as that token).
+      tok = tok.drop_constant(codes[train_rows])
+    tok.save(tok_path)
+  codes = tok.select(codes)
   encode_seconds = time.perf_counter() - t0
+  dropped = (f"; {tok.num_dropped} of {tok.full_tokens_per_field} positions hold one token in every training "
+             f"field and are left out of the sequences (tokenize.drop_constant)" if tok.num_dropped else '')
   log(STAGE, f"fitted the tokenizer in {fit_seconds:.2f}s, tokenized {len(w)} fields in {encode_seconds:.2f}s "
-             f"({tok.tokens_per_field} tokens each)")
+             f"({tok.tokens_per_field} tokens each{dropped})")
 
   with_class = use_class_token(config, num_classes)
   vocab = tok.vocab(num_classes if with_class else 0, tuple(config.tokenize.specials))
@@ -155,6 +164,7 @@ def run(config, workdir: str) -> dict:
       'method': settings.method, 'vocab_size': vocab.vocab_size, 'codebook_size': tok.num_codes,
       'num_codes': tok.num_codes, 'num_codebooks': tok.num_groups * tok.num_quantizers,
       'specials': list(vocab.specials), 'num_classes': num_classes, 'tokens_per_field': tok.tokens_per_field,
+      **({'dropped_constant': tok.num_dropped} if tok.keep is not None else {}),
       'seq_len': int(seqs.shape[1]), 'residual': settings.residual, 'normalize': settings.normalize,
       'per_layer': settings.per_layer, 'encoder': settings.encoder,
       'num_fields': int(len(w)), 'num_flagged_excluded': int(len(fields) - len(good)),

@@ -18,14 +18,20 @@ from nfjax.tokenizers.codebook import FORMAT, Tokenizer, TokenizerMismatch, desc
 
 
 def encode(tok: Tokenizer, weights, encoder: str | None = None):
-  """Weights [N, P] -> tokens with the tokenizer's configured encoder (or `encoder` if given).
+  """Weights [N, P] -> tokens [N, tok.tokens_per_field] with the tokenizer's configured encoder (or
+  `encoder` if given); positions the tokenizer drops as constant are left out (Tokenizer.select).
 
   'nearest': each chunk's nearest code (Tokenizer.encode). 'compensated': GPTQ-style rounding that
   spreads each weight's rounding error over the weights not yet rounded (image fields, scalar
   codebooks; see compensate.py)."""
+  return tok.select(encode_full(tok, weights, encoder))
+
+
+def encode_full(tok: Tokenizer, weights, encoder: str | None = None):
+  """`encode` at every token position [N, tok.full_tokens_per_field], dropped ones included."""
   encoder = encoder or tok.meta.get('encoder', 'nearest')
   if encoder == 'nearest':
-    return tok.encode(weights)
+    return tok.encode_full(weights)
   if encoder == 'compensated':
     if not tok.meta.get('field') or not tok.meta.get('image_shape'):
       raise ConfigError("tokenize.encoder='compensated' needs the field architecture and image shape "
@@ -36,4 +42,4 @@ def encode(tok: Tokenizer, weights, encoder: str | None = None):
 
 
 __all__ = ['CHUNKS', 'ENCODERS', 'FORMAT', 'METHODS', 'NORMALIZE', 'PER_LAYER', 'Chunking', 'Settings', 'Tokenizer',
-           'TokenizerMismatch', 'describe_layout', 'encode', 'fit', 'restore']
+           'TokenizerMismatch', 'describe_layout', 'encode', 'encode_full', 'fit', 'restore']

@@ -13,6 +13,12 @@ Token layout of one field: chunk-major, quantizer-minor: token c*Q + q is quanti
 chunks in flat order of their first weight. Scalar chunking with Q = 1 gives NeF-GPT's layout:
 token j codes weight j (PyTorch state_dict order).
 
+Constant positions (`drop_constant`, tokenize.drop_constant): positions whose token is the same in
+every training field (the weights of neurons that are dead in the shared init never move, so their
+residual codes never change) can be left out of the sequences. `keep` marks the positions that
+stay; the others decode to their `fixed` token. encode() returns only the kept positions and
+decode() takes only them; without `keep` every position stays (the default).
+
 File (`save`/`restore`): one `.npz`, readable with numpy alone (no pickle):
   codebooks  float32 [G, Q, K, D]  code vectors (group, quantizer, code id, dim)
   index      int64   [C, D]        flat weight index of every chunk element (-1 = padding)
@@ -20,8 +26,10 @@ File (`save`/`restore`): one `.npz`, readable with numpy alone (no pickle):
   center     float32 [P]           see above
   scale      float32 [P]
   meta       str (0-d)             JSON: format, method, num_codes, layout, field spec, fit info, ...
-Decode without nfjax: z[index[c, :]] = sum_q codebooks[group[c], q, t[c*Q + q]] (skip -1),
-w = center + scale * z.
+  keep       bool    [C*Q]         only with dropped constant positions: the positions in the sequences
+  fixed      int32   [C*Q]         ... and the token every dropped position decodes to
+Decode without nfjax: t = fixed; t[keep] = the sequence's weight tokens (when keep is present);
+z[index[c, :]] = sum_q codebooks[group[c], q, t[c*Q + q]] (skip -1), w = center + scale * z.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class Tokenizer:
   center: np.ndarray      # float32 [P]
   scale: np.ndarray       # float32 [P]
   meta: dict              # method, layout, residual, normalize, encoder, field, image_shape, fit info
+  keep: np.ndarray | None = None    # bool [C*Q]: positions in the sequences (None = all)
+  fixed: np.ndarray | None = None   # int32 [C*Q]: the token of every position left out
 
   def __post_init__(self):
     self.codebooks = np.asarray(self.codebooks, np.float32)
@@ -71,6 +81,13 @@ class Tokenizer:
                        f"({self.chunking.num_groups} groups, chunk dim {self.chunking.dim})")
     if self.center.shape != (self.params_per_field,) or self.scale.shape != (self.params_per_field,):
       raise ValueError("center/scale must have one entry per weight")
+    if (self.keep is None) != (self.fixed is None):
+      raise ValueError("keep and fixed come together")
+    if self.keep is not None:
+      self.keep = np.asarray(self.keep, bool)
+      self.fixed = np.asarray(self.fixed, np.int32)
+      if self.keep.shape != (self.full_tokens_per_field,) or self.fixed.shape != self.keep.shape:
+        raise ValueError(f"keep/fixed must have one entry per token position ({self.full_tokens_per_field})")
     self._sorted = None
 
   # ----------------------------------------------------------------------------------------------
@@ -101,15 +118,55 @@ class Tokenizer:
     return int(self.codebooks.shape[2])
 
   @property
-  def tokens_per_field(self) -> int:
+  def full_tokens_per_field(self) -> int:
+    """Token positions of a field before constant ones are dropped: chunks x quantizers."""
     return self.chunking.num_chunks * self.num_quantizers
+
+  @property
+  def tokens_per_field(self) -> int:
+    """Weight tokens per sequence (the kept positions)."""
+    return self.full_tokens_per_field if self.keep is None else int(self.keep.sum())
+
+  @property
+  def num_dropped(self) -> int:
+    return self.full_tokens_per_field - self.tokens_per_field
+
+  def select(self, full: np.ndarray) -> np.ndarray:
+    """Tokens at every position [N, full_tokens_per_field] -> the kept positions [N, tokens_per_field]."""
+    full = np.asarray(full, np.int32)
+    return full if self.keep is None else full[:, self.keep]
+
+  def expand(self, tokens: np.ndarray) -> np.ndarray:
+    """Kept positions [N, tokens_per_field] -> every position, dropped ones at their fixed token."""
+    if self.keep is None:
+      return tokens
+    out = np.broadcast_to(self.fixed, (len(tokens), len(self.fixed))).copy()
+    out[:, self.keep] = tokens
+    return out
+
+  def drop_constant(self, train_tokens: np.ndarray) -> 'Tokenizer':
+    """This tokenizer with every position whose token is the same in all `train_tokens` (every
+    position, [N, full_tokens_per_field], N >= 1) left out of the sequences."""
+    t = np.asarray(train_tokens, np.int32)
+    if self.keep is not None or t.ndim != 2 or t.shape[1] != self.full_tokens_per_field or len(t) == 0:
+      raise ValueError("drop_constant takes the training fields' tokens at every position, once")
+    keep = ~(t == t[:1]).all(0)
+    return dataclasses.replace(self, keep=keep, fixed=np.where(keep, 0, t[0]).astype(np.int32),
+                               meta={**self.meta, 'dropped_constant': int((~keep).sum())})
 
   def vocab(self, num_classes: int, specials: tuple[str, ...] = ('pad', 'sos')) -> Vocab:
     return Vocab(num_codes=self.num_codes, num_classes=num_classes, specials=tuple(specials))
 
   def token_groups(self) -> np.ndarray:
     """int32 [tokens_per_field]: the codebook group each token position is decoded with."""
-    return np.repeat(self.chunking.group, self.num_quantizers).astype(np.int32)
+    return self._kept(np.repeat(self.chunking.group, self.num_quantizers).astype(np.int32))
+
+  def token_quantizers(self) -> np.ndarray:
+    """int32 [tokens_per_field]: the quantizer (residual stage) of each token position."""
+    return self._kept(np.tile(np.arange(self.num_quantizers, dtype=np.int32), self.chunking.num_chunks))
+
+  def _kept(self, per_position: np.ndarray) -> np.ndarray:
+    return per_position if self.keep is None else per_position[self.keep]
 
   def sequence_meta(self) -> dict:
     """What a token sequence means (written into tokens/vocab.json)."""
@@ -128,6 +185,8 @@ class Tokenizer:
         'token_order': 'chunk-major, quantizer-minor: token c*Q+q = quantizer q of chunk c',
         'codebook_groups': list(self.chunking.group_names), 'token_segments': segments,
         'residual': bool(self.meta.get('residual', False)), 'normalize': self.meta.get('normalize', 'none'),
+        **({'dropped_constant': self.num_dropped,
+            'dropped_positions': np.nonzero(~self.keep)[0].tolist()} if self.keep is not None else {}),
     }
 
   # ----------------------------------------------------------------------------------------------
@@ -177,6 +236,10 @@ class Tokenizer:
 
   def encode(self, w, batch: int = 65536) -> np.ndarray:
     """Weights [N, P] (or [P]) -> weight tokens int32 [N, tokens_per_field], nearest codes."""
+    return self.select(self.encode_full(w, batch))
+
+  def encode_full(self, w, batch: int = 65536) -> np.ndarray:
+    """Weights [N, P] (or [P]) -> tokens int32 [N, full_tokens_per_field] (dropped positions too)."""
     w = self._check_weights(w)
     x = self.chunking.gather(self.to_code_space(w)).astype(np.float64)  # [N, C, D]
     n, c, d = x.shape
@@ -223,7 +286,7 @@ class Tokenizer:
       raise TokenError(f"token {tok} ({what}) at position {pos} in {where}: only codes 0..{self.num_codes - 1} "
                        f"decode to weights")
     n = t.shape[0]
-    t = t.reshape(n, self.chunking.num_chunks, self.num_quantizers)
+    t = self.expand(t).reshape(n, self.chunking.num_chunks, self.num_quantizers)
     g = self.chunking.group[None, :, None]
     q = np.arange(self.num_quantizers)[None, None, :]
     x = self.codebooks[g, q, t].sum(axis=2)  # [N, C, D]
@@ -261,8 +324,10 @@ class Tokenizer:
     meta = {**self.meta, 'format': FORMAT, 'group_names': list(self.chunking.group_names),
             'chunk': self.chunking.kind}
     buf = _io.BytesIO()
+    extra = {} if self.keep is None else {'keep': self.keep, 'fixed': self.fixed}
     np.savez(buf, codebooks=self.codebooks, index=self.chunking.index, group=self.chunking.group,
-             center=self.center, scale=self.scale, meta=np.array(json.dumps(meta, sort_keys=True, default=_json)))
+             center=self.center, scale=self.scale, meta=np.array(json.dumps(meta, sort_keys=True, default=_json)),
+             **extra)
     files.write_bytes(path, buf.getvalue())
 
 
@@ -289,4 +354,4 @@ def restore(path: str) -> Tokenizer:
   chunking = Chunking(index=arrays['index'].astype(np.int64), group=arrays['group'].astype(np.int32),
                       group_names=tuple(meta['group_names']), kind=meta['chunk'])
   return Tokenizer(codebooks=arrays['codebooks'], chunking=chunking, center=arrays['center'], scale=arrays['scale'],
-                   meta=meta)
+                   meta=meta, keep=arrays.get('keep'), fixed=arrays.get('fixed'))

@@ -145,7 +145,7 @@ def make_encoder(tok, spec: mlp.FieldSpec, image_shape, damp: float):
 
 def encode(tok, weights: np.ndarray, spec: mlp.FieldSpec, image_shape, damp: float = 1e-3,
            batch: int = 500) -> np.ndarray:
-  """Weights [N, P] -> code ids [N, tokens_per_field] (scalar chunking: one token per weight)."""
+  """Weights [N, P] -> code ids [N, full_tokens_per_field] (scalar chunking: one token per weight)."""
   w = tok._check_weights(weights)
   fn = make_encoder(tok, spec, image_shape, damp)
   out = []

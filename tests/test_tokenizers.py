@@ -5,7 +5,7 @@ import pytest
 
 from nfjax import tokenizers
 from nfjax.io.tokens import TokenError, Vocab
-from nfjax.errors import ConfigError, NfjaxError
+from nfjax.errors import ConfigError, DataError, NfjaxError
 from nfjax.fields import mlp
 from nfjax.tokenizers import chunking, kmeans1d, refine
 
@@ -277,3 +277,5 @@ def test_drop_constant_positions(tmp_path, kw):
     np.testing.assert_array_equal(t_full, full)
   with pytest.raises(ValueError, match='once'):
     short.drop_constant(full)
+  with pytest.raises(DataError, match='tokenize.drop_constant=False'):   # one training field: all constant
+    tok.drop_constant(full[:1])

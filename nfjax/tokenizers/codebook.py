@@ -42,7 +42,7 @@ import numpy as np
 
 from nfjax.io import files
 from nfjax.io.tokens import TokenError, Vocab
-from nfjax.errors import NfjaxError
+from nfjax.errors import DataError, NfjaxError
 from nfjax.tokenizers import kmeans
 from nfjax.tokenizers.chunking import Chunking
 
@@ -151,6 +151,10 @@ class Tokenizer:
     if self.keep is not None or t.ndim != 2 or t.shape[1] != self.full_tokens_per_field or len(t) == 0:
       raise ValueError("drop_constant takes the training fields' tokens at every position, once")
     keep = ~(t == t[:1]).all(0)
+    if not keep.any():
+      raise DataError(f"tokenize.drop_constant=True: every token position holds one token in all {len(t)} training "
+                      f"field(s), so nothing would be left to generate; fit more (or more varied) fields, or set "
+                      f"tokenize.drop_constant=False")
     return dataclasses.replace(self, keep=keep, fixed=np.where(keep, 0, t[0]).astype(np.int32),
                                meta={**self.meta, 'dropped_constant': int((~keep).sum())})
 

@@ -155,8 +155,7 @@ class Tokenizer:
       raise DataError(f"tokenize.drop_constant=True: every token position holds one token in all {len(t)} training "
                       f"field(s), so nothing would be left to generate; fit more (or more varied) fields, or set "
                       f"tokenize.drop_constant=False")
-    return dataclasses.replace(self, keep=keep, fixed=np.where(keep, 0, t[0]).astype(np.int32),
-                               meta={**self.meta, 'dropped_constant': int((~keep).sum())})
+    return dataclasses.replace(self, keep=keep, fixed=np.where(keep, 0, t[0]).astype(np.int32))
 
   def vocab(self, num_classes: int, specials: tuple[str, ...] = ('pad', 'sos')) -> Vocab:
     return Vocab(num_codes=self.num_codes, num_classes=num_classes, specials=tuple(specials))

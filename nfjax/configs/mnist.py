@@ -92,13 +92,8 @@ def get_config(arg=None):
     # 0.22 dB) and 1,250 GPT steps instead of 1,000 and 1,600, and classifier-free guidance 2 at the
     # headline setting, which on this budget lifts class consistency and cuts FD against the same
     # model sampled without it (benchmarks/RESULTS.md, issue 15). The unguided top-k 3, T 0.8 row stays
-    # in the grid for comparison. Fit lr 0.01 (was 0.03): fields that stay nearer the shared init are
-    # easier to generate (class consistency of no_structure 0.63 vs 0.49, of the GPT 0.76-0.87 vs
-    # 0.62 +- 0.06 over seeds) at 1.7 dB less PSNR; the twice as many fields under refit_below get 2x
-    # (not 4x) the steps, which keeps the fit's minutes (benchmarks/RESULTS.md, issue 15).
+    # in the grid for comparison.
     c.fit.steps = 600
-    c.fit.lr = 1e-2
-    c.fit.refit_steps_factor = 2
     c.train.steps = 1250
     c.train.class_dropout = 0.1
     c.sample.settings = ((3, 0.8, 1.0, 2.0), (3, 0.8, 1.0))

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported), tiny configs, shared fixtures."""
+"""Test setup: 8 fake CPU devices (set before JAX is imported), tiny configs, shared fixtures, the
+number of pytest-xdist workers."""
 
 import os
 import sys
@@ -35,6 +36,13 @@ def apply_overrides(config, overrides: dict):
       raise KeyError(key)
     node[leaf] = value
   return config
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject.toml's addopts): one worker per core this process may use, at most 4 (each
+  worker is a JAX process with 8 fake devices, and many tests start processes of their own)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return max(1, min(4, cores))
 
 
 @pytest.fixture

@@ -178,8 +178,8 @@ def test_launcher_rejects_misspelled_key(tmp_path):
 
 
 def test_kill_and_resume_gives_identical_dataset(tmp_path):
-  args = ['--config=configs/mnist.py:smoke', '--config.data.num_fields=24', '--config.fit.chunk_size=4',
-          '--config.fit.steps=80']
+  args = ['--config=configs/mnist.py:smoke', '--stages=fit', '--config.data.num_fields=24',
+          '--config.fit.chunk_size=4', '--config.fit.steps=80']   # the fit stage only: it is what is compared
   killed = tmp_path / 'killed'
   p = _launch(args + [f'--workdir={killed}'])
   chunks = killed / 'fields' / 'chunks'

@@ -89,13 +89,13 @@ def get_config(arg=None):
 
   if preset == 'quick':
     # Sized for README command 1 on the slower 2-core CPUs (an Intel Xeon runs the pipeline ~1.45x
-    # slower than the AMD EPYC of benchmarks/RESULTS.md). Fields 16 -> 12 -> 12 -> 1 (373 parameters
-    # instead of NeF-GPT's 561; PSNR ~28.6 dB against ~30.3; reconstructions: the same class consistency
-    # 0.976, FD 14.8 against 12.0): sequences of 375 tokens, so a GPT step costs ~0.55x and the train minutes of
-    # 1,250 steps on 561-parameter fields buy 2,300 (benchmarks/RESULTS.md, issue 15: class
-    # consistency 0.76 +- 0.09 and FD 91 +- 12 over three training seeds, against 0.62 +- 0.06 and
-    # 115 +- 25). 600 fit steps (1,000 on the parity preset), classifier-free guidance 2 at the
-    # headline setting; the unguided top-k 3, T 0.8 row stays in the grid for comparison.
+    # slower than the AMD EPYC of benchmarks/RESULTS.md). Fields 16 -> 12 -> 12 -> 1: 373
+    # parameters instead of NeF-GPT's 561 (PSNR ~28.6 dB against ~30.3; reconstructions: the same
+    # class consistency 0.976, FD 14.8 against 12.0), so sequences of 375 tokens, a GPT step ~0.56x
+    # the time, and 2,300 steps in the minutes of 1,250 on 561-parameter fields (benchmarks/RESULTS.md,
+    # issue 15: class consistency 0.76 +- 0.09 and FD 91 +- 12 over three training seeds, against
+    # 0.62 +- 0.06 and 115 +- 25). 600 fit steps (1,000 on the parity preset), classifier-free
+    # guidance 2 at the headline setting; the unguided top-k 3, T 0.8 row stays for comparison.
     c.field.hidden = (12, 12)
     c.fit.steps = 600
     c.train.steps = 2300

@@ -66,7 +66,7 @@ def main():
   if config.fit.loss != 'bce':
     values = 1.0 - 2.0 * values  # NeF-GPT's +-1 labels
   one = mlp.init(spec, jax.random.key(0))
-  params = jax.tree.map(lambda x: jnp.stack([x] * nd), one)
+  params = mlp.stack(one, nd)
   keys = jax.random.split(jax.random.key(1), nd)
 
   def reference(p, c, v, k):

@@ -146,16 +146,17 @@ def get_config(arg=None):
     # would make the evaluate stage ~30 minutes); HyperDiffusion's 2048 in the other presets.
     c.evaluate.points_per_cloud = 512
     # 1,299-token sequences: ~0.7 steps/s (7.5k tokens/s) on 2 cores, attention-bound. 360 steps
-    # in the minutes 200 steps took on the 1,987-token sequences of the 2 x 32 field: MMD-CD 29.8
-    # +- 1.4 over four training seeds against 34.9 (benchmarks/RESULTS.md, issue 15).
+    # take fewer minutes than 200 did on the 1,987-token sequences of the 2 x 32 field: MMD-CD
+    # 29.8 +- 1.4 over four training seeds against 34.9 (benchmarks/RESULTS.md, issue 15).
     c.train.steps = 360
     c.train.batch_size = 8
     c.train.eval_every = 100
     c.train.checkpoint_every = 100
     # 460 training sequences: the GPT memorises them (train loss 2.3, eval 2.9) and, from a zero
-    # class x position bias, never gets near the per-slot histograms in its few steps (COV 0.10). Started at those histograms (the no_structure row), with dropout, and sampled plainly
-    # (top-k 0, T 1: top-k 3 / T 0.8 cost half the coverage here) it covers more of the references
-    # than no_structure (benchmarks/RESULTS.md, issue 15).
+    # class x position bias, never gets near the per-slot histograms in its few steps (COV 0.10).
+    # Started at those histograms (the no_structure row), with dropout, and sampled plainly (top-k
+    # 0, T 1: top-k 3 / T 0.8 trade coverage for sharpness here) it covers the references as well
+    # as no_structure does, with a better 1-NNA (benchmarks/RESULTS.md, issue 15).
     c.model.class_bias_init = 'histogram'
     c.model.dropout = 0.1
     c.sample.settings = ((0, 1.0, 1.0), (0, 0.9, 1.0), (3, 0.8, 1.0))

@@ -2,7 +2,7 @@ r"""Train-step throughput of the GPT: nfjax's sharded, donated step vs a plain j
 
   python benchmarks/train_throughput.py [--embed_dim=128 --num_layers=2 --num_heads=2]
       [--batch_size=8 --seq_len=563 --vocab_size=257] [--steps=12] [--dtype=float32|bfloat16]
-      [--attention=auto|einsum|xla|cudnn] [--parity_blocks]
+      [--attention=auto|einsum|xla|cudnn] [--parity_blocks] [--classes=10] [--skip_plain] [--skip_before]
   python benchmarks/train_throughput.py --parity    # the MNIST parity GPT (240 wide, 12 heads, 8 layers,
                                                     # vocab 256, batch 64, bf16): the GPU/TPU figure
 
@@ -13,7 +13,15 @@ Measured in one run, on the same synthetic token sequences ([SOS, class, weights
   the host and placed with the batch sharding each step, exactly as in the train stage.
 * plain: the same model, loss and optimizer through `jax.jit(step)` on one device, no shardings,
   no donation (the new state is a fresh buffer every step).
+* before: nfjax's step with the blocks formulated as before the train-step work of issue 15 (every
+  stack a `lax.scan`, attention over the full T x T scores under the causal mask), i.e.
+  `gpt.UNROLL_MAX_LAYERS = 0` and `gpt.CAUSAL_MAX_BLOCKS = 1` while it is traced. `speedup_vs_before`
+  is what the unrolled stack and the block-causal attention buy.
 * peak: the device's dense matmul rate, measured here (f32 on CPU, bf16 on GPU/TPU), best of 3.
+
+`--classes=N` adds what the quick presets' GPT has on top (class embedding from the class token,
+the [classes + 1, positions, vocab] class x position logit bias, a null class for guidance), with
+the class token at column 1, as the train stage builds it.
 
 Model FLOPs per token = 6 * (matmul parameters incl. the output projection) + 12 * layers *
 seq * width (attention scores and values, full T x T as computed). MFU = tokens/s x FLOPs/token /
@@ -82,7 +90,10 @@ def main():
                   "8 layers, vocab 256, batch 64, bfloat16, NeF-GPT's blocks")
   ap.add_argument('--attention', default='auto', choices=('auto', 'einsum', 'xla', 'cudnn'),
                   help='model.attention (auto: cuDNN flash attention on a GPU in bf16, else einsum)')
+  ap.add_argument('--classes', type=int, default=0, help='class embedding + class x position bias for this '
+                  'many classes (+ the null class), as the quick presets; 0 = none')
   ap.add_argument('--skip_plain', action='store_true')
+  ap.add_argument('--skip_before', action='store_true')
   args = ap.parse_args()
   if args.parity:
     args.embed_dim, args.num_heads, args.num_layers, args.vocab_size = 240, 12, 8, 256
@@ -98,11 +109,17 @@ def main():
   cfg = models.GPTConfig(num_layers=args.num_layers, num_heads=args.num_heads, embed_dim=args.embed_dim,
                          block_size=args.seq_len - 1, vocab_size=args.vocab_size, dtype=args.dtype,
                          block_norm=not args.parity_blocks, tie_embeddings=args.parity_blocks,
-                         attention=args.attention)
+                         attention=args.attention,
+                         **({} if not args.classes else dict(
+                             cond_position=1, cond_classes=args.classes + 1,
+                             cond_first_token=args.vocab_size - args.classes - 2, null_class=args.vocab_size - 1)))
   mdef = models.build(cfg)
   rng = np.random.default_rng(0)
   data = rng.integers(0, args.vocab_size, (max(4 * args.batch_size, 64), args.seq_len)).astype(np.int32)
-  task = tasks.Task('gpt', mdef, tasks.gpt_loss(2, False), {'tokens': data}, {}, tokens_per_example=args.seq_len - 1)
+  if args.classes:
+    data[:, 1] = cfg.cond_first_token + data[:, 1] % args.classes
+  loss = tasks.gpt_loss(2, False, *((1, cfg.null_class) if args.classes else ()))
+  task = tasks.Task('gpt', mdef, loss, {'tokens': data}, {}, tokens_per_example=args.seq_len - 1)
   mesh = sharding.make_mesh(c.mesh)
   trainer = trainer_lib.Trainer(task, c.train, mesh, seed=0, directory=None)
   tokens_per_step = trainer.tokens_per_step
@@ -128,11 +145,35 @@ def main():
     jax.block_until_ready((state, m))
     return (time.perf_counter() - t0) / n
 
+  # --- before: the same step, blocks traced as before (scanned, full-mask attention) --------------
+  time_before = None
+  if not args.skip_before:
+    saved = gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS
+    gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS = 0, 1
+    try:
+      before = trainer_lib.Trainer(task, c.train, mesh, seed=0, directory=None)
+      before.compile()
+    finally:
+      gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS = saved
+    b_state = before.init_state()
+    for s in range(2):
+      b_state, b_m = before.step(b_state, before.stream.batch(s))
+    jax.block_until_ready(b_m)
+    pos['before'] = 2
+
+    def time_before(n):
+      nonlocal b_state, b_m
+      t0 = time.perf_counter()
+      for _ in range(n):
+        b_state, b_m = before.step(b_state, before.stream.batch(pos['before']))
+        pos['before'] += 1
+      jax.block_until_ready((b_state, b_m))
+      return (time.perf_counter() - t0) / n
+
   # --- plain: one device, no shardings, no donation -----------------------------------------
   time_plain = None
   if not args.skip_plain:
     tx, _ = trainer_lib.make_optimizer(c.train, mdef)
-    loss = tasks.gpt_loss(2, False)
 
     def plain_step(params, opt_state, tokens, key):
       def f(p):
@@ -165,11 +206,13 @@ def main():
 
   rounds = 3
   per_round = max(1, args.steps // rounds)
-  best = {'nfjax': float('inf'), 'plain': float('inf')}
+  best = {'nfjax': float('inf'), 'plain': float('inf'), 'before': float('inf')}
   for r in range(rounds):
     best['nfjax'] = min(best['nfjax'], time_nfjax(per_round))
     if time_plain is not None:
       best['plain'] = min(best['plain'], time_plain(per_round))
+    if time_before is not None:
+      best['before'] = min(best['before'], time_before(per_round))
   sharded_s = best['nfjax']
   sharded_tps = tokens_per_step / sharded_s
   loss_sharded = float(m['loss'])
@@ -180,6 +223,12 @@ def main():
     print(f"plain jit (1 device, no donation): {best['plain'] * 1e3:.1f} ms/step, {plain_tps:,.0f} tokens/s",
           flush=True)
 
+  before_tps = None
+  if time_before is not None:
+    before_tps = tokens_per_step / best['before']
+    print(f"before (scanned blocks, full-mask attention): {best['before'] * 1e3:.1f} ms/step, {before_tps:,.0f} "
+          f"tokens/s", flush=True)
+
   achieved = sharded_tps * flops_token
   out = {
       'benchmark': 'train_throughput', 'device_kind': device.device_kind, 'platform': device.platform,
@@ -187,6 +236,7 @@ def main():
       'num_devices': int(mesh.size), 'mesh': dict(mesh.shape), 'cpu_count': os.cpu_count(),
       'model': {'embed_dim': args.embed_dim, 'num_layers': args.num_layers, 'num_heads': args.num_heads,
                 'vocab_size': args.vocab_size, 'seq_len': args.seq_len, 'params': mdef.num_params,
+                'classes': args.classes,
                 'dtype': args.dtype, 'parity_blocks': args.parity_blocks, 'attention': args.attention,
                 'attention_used': gpt.attention_impl(args.attention, cfg.compute_dtype, cfg.head_dim, cached=False)},
       'batch_size': args.batch_size, 'grad_accum': args.grad_accum, 'tokens_per_step': tokens_per_step,
@@ -194,6 +244,7 @@ def main():
       'tokens_per_sec': sharded_tps, 'step_ms': sharded_s * 1e3, 'compile_seconds': compile_s,
       'plain_tokens_per_sec': plain_tps,
       'speedup_vs_plain': (sharded_tps / plain_tps) if plain_tps else None,
+      'before_tokens_per_sec': before_tps, 'speedup_vs_before': (sharded_tps / before_tps) if before_tps else None,
       'model_flops_per_token': flops_token,
       'achieved_tflops': achieved / 1e12, 'peak_tflops': peak / 1e12, 'peak_dtype': jnp.dtype(peak_dtype).name,
       'mfu': achieved / peak, 'last_loss': loss_sharded,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nfjax import models, sharding
-from nfjax.models import GPTConfig, RegressionConfig
+from nfjax.models import GPTConfig, RegressionConfig, gpt
 
 TINY = GPTConfig(num_layers=2, num_heads=4, embed_dim=32, block_size=24, vocab_size=19)
 
@@ -53,9 +53,14 @@ def _with_random_cond(params, seed=3):
 
 
 @pytest.mark.parametrize('variant', ['pre_ln', 'nef_gpt_parity_tied', 'rope_no_bias', 'class_embedding',
-                                     'class_bias'])
-def test_kv_cache_decode_matches_full_forward(variant):
-  cfg = {'pre_ln': TINY,
+                                     'class_bias', 'scanned_deep'])
+def test_kv_cache_decode_matches_full_forward(variant, monkeypatch):
+  # The full forward's attention in query blocks of 5 (block_size 24: 5 blocks of 4-5 queries, the
+  # last attending to all 24 keys), so block-causal attention is checked against cached decoding.
+  monkeypatch.setattr(gpt, 'CAUSAL_QUERY_BLOCK', 5)
+  if variant == 'scanned_deep':   # a stack deeper than UNROLL_MAX_LAYERS: one lax.scan, in both paths
+    monkeypatch.setattr(gpt, 'UNROLL_MAX_LAYERS', 1)
+  cfg = {'pre_ln': TINY, 'scanned_deep': dataclasses.replace(TINY, num_layers=3),
          'nef_gpt_parity_tied': dataclasses.replace(TINY, block_norm=False, tie_embeddings=True),
          'rope_no_bias': dataclasses.replace(TINY, position='rope', bias=False),
          'class_embedding': dataclasses.replace(TINY, cond_position=1),
@@ -339,3 +344,54 @@ def test_model_attention_key_is_checked_and_left_out_of_the_train_fingerprint():
     checks.validate(load_config(**{'model.attention': 'flash'}), ('train',))
   with pytest.raises(ConfigError, match="model.attention='cudnn' needs a GPU"):
     checks.validate(load_config(**{'model.attention': 'cudnn'}), ('train',))
+
+
+# -- the train step's formulation: block-causal attention, unrolled shallow stacks (issue 15) -------
+
+@pytest.mark.parametrize('length,block,max_blocks', [(23, 5, 8), (23, 5, 3), (300, 128, 8), (100, 128, 8)])
+def test_block_causal_attention_equals_the_masked_full_attention(length, block, max_blocks, monkeypatch):
+  """attend_causal (queries in blocks, each over the keys up to its end) == attend over the full
+  T x T scores under the causal mask: outputs and the gradients of q, k and v, for uneven blocks,
+  the block cap and a sequence shorter than one block."""
+  monkeypatch.setattr(gpt, 'CAUSAL_QUERY_BLOCK', block)
+  monkeypatch.setattr(gpt, 'CAUSAL_MAX_BLOCKS', max_blocks)
+  keys = jax.random.split(jax.random.PRNGKey(length), 4)
+  q, k, v, g = (jax.random.normal(kk, (2, length, 2, 8)) for kk in keys)
+  pos = jnp.arange(length)
+
+  def full(q, k, v):
+    return jnp.sum(gpt.attend(q, k, v, jnp.broadcast_to(pos, (2, length)), pos) * g)
+
+  def blocked(q, k, v):
+    return jnp.sum(gpt.attend_causal(q, k, v) * g)
+  out_full = jax.jit(lambda q, k, v: gpt.attend(q, k, v, pos[None], pos))(q, k, v)
+  out_blocked = jax.jit(gpt.attend_causal)(q, k, v)
+  np.testing.assert_allclose(np.asarray(out_blocked), np.asarray(out_full), atol=2e-6, rtol=1e-5)
+  for a, b in zip(jax.jit(jax.grad(full, (0, 1, 2)))(q, k, v), jax.jit(jax.grad(blocked, (0, 1, 2)))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-5)
+  # Not vacuous: the last query sees every key; a change to the last key moves only the last output.
+  moved = jax.jit(gpt.attend_causal)(q, k.at[:, -1].add(3.0), v)
+  assert np.abs(np.asarray(moved - out_blocked))[:, -1].max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(moved)[:, :-1], np.asarray(out_blocked)[:, :-1])
+
+
+def test_unrolled_and_scanned_stacks_give_the_same_logits_and_gradients(monkeypatch):
+  """A stack of at most UNROLL_MAX_LAYERS blocks runs unrolled; the scanned program gives the same
+  logits and parameter gradients (float rounding), so the choice is not part of the model."""
+  from nfjax.models.gpt import cross_entropy
+  cfg = dataclasses.replace(TINY, cond_position=1, cond_classes=3, cond_first_token=TINY.vocab_size - 3)
+  mdef, params = _init(cfg)
+  params = _with_random_cond(params)
+  tokens = _tokens(cfg)
+
+  def run():
+    f = jax.jit(jax.value_and_grad(lambda p: cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
+    hlo = f.lower(params).as_text()
+    return f(params), hlo
+  (la, ga), unrolled_hlo = run()
+  monkeypatch.setattr(gpt, 'UNROLL_MAX_LAYERS', 0)
+  (lb, gb), scanned_hlo = run()
+  assert 'while' in scanned_hlo and 'while' not in unrolled_hlo
+  assert abs(float(la) - float(lb)) < 1e-6
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-5)

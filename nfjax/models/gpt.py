@@ -196,6 +196,36 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   return jnp.einsum('bhts,bshk->bthk', probs, v)
 
 
+# Stacks of at most this many blocks are applied unrolled (see Blocks.__call__).
+UNROLL_MAX_LAYERS = 4
+
+# Queries per block of `attend_causal` (at most CAUSAL_MAX_BLOCKS blocks): the size that was fastest on
+# the 2-core CPU of benchmarks/RESULTS.md for the quick presets' sequences (375 and 1,298 tokens).
+CAUSAL_QUERY_BLOCK = 128
+CAUSAL_MAX_BLOCKS = 8
+
+
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attend` for the full causal forward (positions 0..T-1 for queries and keys), block by block.
+
+  The T queries are cut into ceil(T / CAUSAL_QUERY_BLOCK) blocks (at most CAUSAL_MAX_BLOCKS); a block
+  ending at position e attends to keys 0..e-1 only, so the scores above the diagonal that the mask
+  would throw away are mostly never computed (about half the attention work at many blocks). Equal to
+  `attend` up to float rounding (the softmax rows are the same numbers summed in another grouping).
+  """
+  t = q.shape[1]
+  n = min(CAUSAL_MAX_BLOCKS, -(-t // CAUSAL_QUERY_BLOCK))
+  if n <= 1:
+    pos = jnp.arange(t)
+    return attend(q, k, v, pos[None, :], pos)
+  edges = [round(t * i / n) for i in range(n + 1)]
+  out = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    q_pos = jnp.arange(lo, hi)[None, :]
+    out.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], q_pos, jnp.arange(hi)))
+  return jnp.concatenate(out, axis=1)
+
+
 def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,
                   q_pos: jax.Array) -> jax.Array:
   """Attention of T new tokens over a read-only cache plus themselves (decoding).
@@ -294,6 +324,9 @@ class Blocks(nnx.Module):
     layer_ids = jnp.arange(cfg.num_layers)
 
     impl = attention_impl(cfg.attention, dt, cfg.head_dim, cached=cache is not None)
+    # Shallow stacks are unrolled (one straight-line program: no loop carrying the residual stream and
+    # the stacked gradients); deeper ones stay one scanned block, so compile time does not grow with depth.
+    unroll = cfg.num_layers <= UNROLL_MAX_LAYERS
 
     def block(x, p, layer, ck, cv):
       key = None if rng is None else jax.random.fold_in(rng, layer)
@@ -306,7 +339,7 @@ class Blocks(nnx.Module):
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
       if ck is None:
         k_pos = jnp.arange(x.shape[1])
-        a = attend(q, k, v, positions, k_pos) if impl == 'einsum' else attend_fast(q, k, v, positions, k_pos, impl)
+        a = attend_causal(q, k, v) if impl == 'einsum' else attend_fast(q, k, v, positions, k_pos, impl)
       else:
         a = attend_cached(q, k, v, ck, cv, positions) if impl == 'einsum' else attend_cached_fast(q, k, v, ck, cv,
                                                                                                    positions)
@@ -330,7 +363,7 @@ class Blocks(nnx.Module):
         p, layer = xs
         x, _, _ = block(x, p, layer, None, None)
         return x, None
-      x, _ = jax.lax.scan(body, x, (params, layer_ids))
+      x, _ = jax.lax.scan(body, x, (params, layer_ids), unroll=unroll)
       return x, None
 
     # The cache is read inside the layer scan; the new keys/values come out of it ([L, B, T, H, K])
@@ -339,7 +372,7 @@ class Blocks(nnx.Module):
       p, layer, ck, cv = xs
       x, k, v = block(x, p, layer, ck, cv)
       return x, (k, v)
-    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v))
+    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v), unroll=unroll)
     k = k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)       # [L, B, H, T, K]
     v = v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
     if start is not None:

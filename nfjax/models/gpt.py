@@ -324,9 +324,11 @@ class Blocks(nnx.Module):
     layer_ids = jnp.arange(cfg.num_layers)
 
     impl = attention_impl(cfg.attention, dt, cfg.head_dim, cached=cache is not None)
-    # Shallow stacks are unrolled (one straight-line program: no loop carrying the residual stream and
-    # the stacked gradients); deeper ones stay one scanned block, so compile time does not grow with depth.
-    unroll = cfg.num_layers <= UNROLL_MAX_LAYERS
+    # Shallow stacks are unrolled in the full forward (one straight-line program: no loop carrying the
+    # residual stream and the stacked gradients: ~10% of the quick GPT's step); deeper ones stay one scanned
+    # block, so compile time does not grow with depth. Decoding stays scanned at every depth: unrolled, the
+    # quick preset's sample stage ran 1.6x slower on CPU (benchmarks/RESULTS.md).
+    unroll = cfg.num_layers <= UNROLL_MAX_LAYERS and cache is None
 
     def block(x, p, layer, ck, cv):
       key = None if rng is None else jax.random.fold_in(rng, layer)
@@ -372,7 +374,7 @@ class Blocks(nnx.Module):
       p, layer, ck, cv = xs
       x, k, v = block(x, p, layer, ck, cv)
       return x, (k, v)
-    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v), unroll=unroll)
+    x, (k, v) = jax.lax.scan(body_cached, x, (params, layer_ids, cache.k, cache.v))
     k = k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)       # [L, B, H, T, K]
     v = v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
     if start is not None:

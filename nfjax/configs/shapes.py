@@ -145,9 +145,9 @@ def get_config(arg=None):
     # 512-point clouds: a Chamfer pair costs ~0.26 ms on a 2-core CPU (2048 points: ~4.4 ms, which
     # would make the evaluate stage ~30 minutes); HyperDiffusion's 2048 in the other presets.
     c.evaluate.points_per_cloud = 512
-    # 1,299-token sequences: ~0.7 steps/s (7.5k tokens/s) on 2 cores, attention-bound. 360 steps
-    # take fewer minutes than 200 did on the 1,987-token sequences of the 2 x 32 field: MMD-CD
-    # 29.8 +- 1.4 over four training seeds against 34.9 (benchmarks/RESULTS.md, issue 15).
+    # 1,299-token sequences: ~1.2 steps/s (13k tokens/s) on 2 cores with block-causal attention. 360
+    # steps: MMD-CD 29.8 +- 1.4 over four training seeds against 34.9 for 200 steps of the 2 x 32
+    # field in more minutes; 480 were not better in two seeds (benchmarks/RESULTS.md, issue 15).
     c.train.steps = 360
     c.train.batch_size = 8
     c.train.eval_every = 100

@@ -285,7 +285,6 @@ def test_class_bias_adds_its_class_and_position_row_to_the_logits():
 @pytest.mark.parametrize('dtype,tol', [('float32', 2e-5), ('bfloat16', 5e-2)])
 def test_dot_product_attention_matches_the_einsum_path_forward_and_grad(dtype, tol):
   """attention='xla' (jax.nn.dot_product_attention) gives the einsum path's logits and gradients."""
-  from nfjax.models.gpt import cross_entropy
   cfg = dataclasses.replace(TINY, dtype=dtype, cond_position=1)
   ref, params = _init(dataclasses.replace(cfg, attention='einsum'))
   fast = models.build(dataclasses.replace(cfg, attention='xla'))
@@ -294,7 +293,7 @@ def test_dot_product_attention_matches_the_einsum_path_forward_and_grad(dtype, t
 
   def loss(mdef):
     return jax.jit(jax.value_and_grad(
-        lambda p: cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
+        lambda p: gpt.cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
   (la, ga), (lb, gb) = loss(ref)(params), loss(fast)(params)
   assert abs(float(la) - float(lb)) < tol
   a, b = np.asarray(_fwd(ref)(params, tokens)), np.asarray(_fwd(fast)(params, tokens))
@@ -379,14 +378,13 @@ def test_unrolled_and_scanned_stacks_give_the_same_logits_and_gradients(monkeypa
   """A stack of at most UNROLL_MAX_LAYERS blocks runs unrolled in the full forward; the scanned program
   gives the same logits and parameter gradients (float rounding), so the choice is not part of the
   model. Decoding stays one scanned program (unrolled, it sampled 1.6x slower on CPU)."""
-  from nfjax.models.gpt import cross_entropy
   cfg = dataclasses.replace(TINY, cond_position=1, cond_classes=3, cond_first_token=TINY.vocab_size - 3)
   mdef, params = _init(cfg)
   params = _with_random_cond(params)
   tokens = _tokens(cfg)
 
   def run():
-    f = jax.jit(jax.value_and_grad(lambda p: cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
+    f = jax.jit(jax.value_and_grad(lambda p: gpt.cross_entropy(mdef.bind(p)(tokens[:, :-1]), tokens[:, 1:]).mean()))
     hlo = f.lower(params).as_text()
     return f(params), hlo
   (la, ga), unrolled_hlo = run()

@@ -196,7 +196,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   return jnp.einsum('bhts,bshk->bthk', probs, v)
 
 
-# Stacks of at most this many blocks are applied unrolled (see Blocks.__call__).
+# Stacks of at most this many blocks are applied unrolled in the full forward (see Blocks.__call__).
 UNROLL_MAX_LAYERS = 4
 
 # Queries per block of `attend_causal` (at most CAUSAL_MAX_BLOCKS blocks): the size that was fastest on
@@ -324,11 +324,6 @@ class Blocks(nnx.Module):
     layer_ids = jnp.arange(cfg.num_layers)
 
     impl = attention_impl(cfg.attention, dt, cfg.head_dim, cached=cache is not None)
-    # Shallow stacks are unrolled in the full forward (one straight-line program: no loop carrying the
-    # residual stream and the stacked gradients: ~10% of the quick GPT's step); deeper ones stay one scanned
-    # block, so compile time does not grow with depth. Decoding stays scanned at every depth: unrolled, the
-    # quick preset's sample stage ran 1.6x slower on CPU (benchmarks/RESULTS.md).
-    unroll = cfg.num_layers <= UNROLL_MAX_LAYERS and cache is None
 
     def block(x, p, layer, ck, cv):
       key = None if rng is None else jax.random.fold_in(rng, layer)
@@ -365,7 +360,11 @@ class Blocks(nnx.Module):
         p, layer = xs
         x, _, _ = block(x, p, layer, None, None)
         return x, None
-      x, _ = jax.lax.scan(body, x, (params, layer_ids), unroll=unroll)
+      # Shallow stacks are unrolled (one straight-line program: no loop carrying the residual stream and
+      # the stacked gradients, ~10% of the quick GPT's step); deeper ones stay one scanned block, so
+      # compile time does not grow with depth. Decoding (below) stays scanned at every depth: unrolled,
+      # the quick preset's sample stage ran 1.6x slower on CPU (benchmarks/RESULTS.md).
+      x, _ = jax.lax.scan(body, x, (params, layer_ids), unroll=cfg.num_layers <= UNROLL_MAX_LAYERS)
       return x, None
 
     # The cache is read inside the layer scan; the new keys/values come out of it ([L, B, T, H, K])

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/RESULTS.md in one run on one GPU (issues 15 and 19), in priority order,
+# each part under its own time limit so that one failing part never takes the others with it:
+#   1. fit throughput: 60,000 MNIST parity fields x 1,000 steps (the offline 5,000 images repeated),
+#      the stacked formulation against the vmap reference (timed on 8,192 fields), GFLOP/s vs peak;
+#   2. the MNIST parity preset end to end on the offline subset, with an epoch-matched schedule
+#      (NeF-GPT: 40,000 steps x 64 on 60,000 fields = 43 epochs; here 3,000 steps x 64 on the
+#      ~4,500 training fields = 43 epochs, warmup and cosine scaled by the same 3,000 / 40,000), class
+#      dropout 0.1, sampled at NeF-GPT's grid (no guidance) and at top-k 3, T 0.8 with guidance 2;
+#   3. the parity GPT's train step (bf16) and the parity sampler's tokens/s.
+# Usage: benchmarks/gpu_figures.sh [OUT_DIR]          (on the GPU machine; OUT_DIR default: $OUT or /tmp/gpu_figures)
+#        NFJAX_SMOKE=1 benchmarks/gpu_figures.sh DIR  (tiny sizes, any CPU: checks the script itself)
+# Writes DIR/env.txt, DIR/<part>.log and DIR/evals.tar.gz (the parity run's eval/ and train logs).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT_DIR=${1:-${OUT:-/tmp/gpu_figures}}
+mkdir -p "$OUT_DIR"
+SMOKE=${NFJAX_SMOKE:-0}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WD=${NFJAX_GPU_WORKDIR:-/tmp/nfjax_gpu_parity}
+rm -rf "$WD"
+
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in OUT_DIR/NAME.log
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "[$(date +%T)] $name: start (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  echo "[$(date +%T)] $name: rc=$rc after $(( $(date +%s) - start ))s"
+  grep -E '^\{|done|finished|headline|error|Error' "$OUT_DIR/$name.log" | tail -n 25
+}
+
+if [[ $SMOKE == 1 ]]; then
+  FIT=(--num_fields=300 --steps=20 --chunk_size=100 --baseline_vmap_fields=100)
+  PARITY=(--config.data.num_fields=64 --config.fit.steps=20 --config.fit.shared_init_steps=20
+          --config.fit.shared_init_candidates=2 --config.fit.refit_below=0 --config.fit.psnr_floor=0 --config.tokenize.kmeans_restarts=2
+          --config.model.num_layers=2 --config.train.batch_size=4 --config.train.steps=4
+          --config.train.warmup_steps=1 --config.train.decay_steps=2 --config.train.eval_every=2
+          --config.train.eval_batches=1 --config.train.checkpoint_every=2 --config.sample.num_samples=10
+          --config.sample.batch_size=10 --config.evaluate.classifier.epochs=1
+          --config.evaluate.classifier.max_images=500)
+  TRAIN=(--steps=2 --batch_size=2 --num_layers=2 --skip_before)
+  SAMPLE=(--batches=1,4 --reps=1)
+else
+  FIT=(--num_fields=60000 --steps=1000 --chunk_size=4096 --baseline_vmap_fields=8192 --baseline=none)
+  PARITY=(--config.train.steps=3000 --config.train.warmup_steps=150 --config.train.decay_steps=1500
+          --config.sample.batch_size=1000)
+  TRAIN=(--parity --skip_before)
+  SAMPLE=(--batches=1,64,1024)
+fi
+
+{
+  date -u; uname -a; nvidia-smi 2>&1 | head -15; nproc
+  "$PY" -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); print(jax.devices())"
+  git log -1 --format='commit %H %s' 2>/dev/null || true
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+part fit 170 "$PY" benchmarks/fit_throughput.py "${FIT[@]}"
+part parity 270 "$PY" -m nfjax.main --config=configs/mnist.py:parity --workdir="$WD" \
+  --config.data.source=offline --config.train.class_dropout=0.1 \
+  '--config.sample.settings=((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0), (3, 0.8, 1.0, 2.0))' \
+  "${PARITY[@]}"
+tar -czf "$OUT_DIR/evals.tar.gz" -C "$WD" --exclude='*.npy' --exclude='*.npz' --exclude=checkpoints \
+  --exclude=tensorboard . 2>/dev/null
+part train_step 50 "$PY" benchmarks/train_throughput.py "${TRAIN[@]}"
+part sampler 50 "$PY" benchmarks/sample_throughput.py --models=mnist "${SAMPLE[@]}"
+echo "[$(date +%T)] all parts done"

@@ -365,7 +365,8 @@ def _shape_config(args):
       'sdf_clamp': 0.0, 'points_per_step': per_step, 'init': 'shared', 'formulation': 'auto', 'shared_init_index': 0,
       'shared_init_steps': args.shared_init_steps, 'shared_init_candidates': 1, 'shared_init_probe': 1,
       'shared_init_l2': 5.0 if nefgpt else -1.0, 'refit_below': 0.0, 'refit_steps_factor': 1,
-      'chunk_size': args.chunk_size, 'block_fields': args.block_fields, 'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
+      'chunk_size': args.chunk_size, 'block_fields': args.block_fields, 'matmul_precision': args.matmul_precision,
+      'iou_floor': 0.5, 'num_reconstructions': 0, 'render_resolution': 64})
   return c
 
 
@@ -401,7 +402,7 @@ def main_shape(args):
                      args.formulation)
   fitter = fitters['new']
   level, above = shape_modality.surface(spec, config.fit.loss, config.data.label)
-  peak = perf.matmul_peak_flops() / 1e9
+  peak = perf.matmul_peak_flops(precision=args.matmul_precision) / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s; {n} shapes from {data.source}, {k} points each; field "
         f"{args.field} ({spec.num_params} params)", flush=True)
 
@@ -424,7 +425,7 @@ def main_shape(args):
       'gflops_achieved': flops_per_call * calls / seconds / 1e9, 'gflops_peak': peak,
       'shared_init_seconds': init_seconds, 'shared_init_iou': float(init_info['candidate_iou'][0]),
       'fields_per_sec_incl_init': n / (seconds + init_seconds), 'compile_seconds': fitter.compile_seconds,
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': mesh.size, 'jax': jax.__version__,
+      'device_kind': jax.devices()[0].device_kind, 'num_devices': mesh.size, 'jax': jax.__version__, 'matmul_precision': args.matmul_precision,
   }
   result['mfu'] = result['gflops_achieved'] / peak
   _vmap_baseline(result, timed, flops_per_call / fitter.padded_size(chunk), peak, 'iou')
@@ -457,6 +458,7 @@ def main_image(args):
     config.fit.lr = args.lr if args.lr > 0 else 0.04
     config.fit.chunk_size = args.chunk_size
     config.fit.block_fields = args.block_fields
+    config.fit.matmul_precision = args.matmul_precision
   spec = mlp.FieldSpec.from_config(config.field)
   data = image_data.load(config)
   images = data.images
@@ -471,7 +473,7 @@ def main_image(args):
       per_step=int(c.fit.pixels_per_step)), config, mesh, args.formulation)
   fitter = fitters['new']
 
-  peak = perf.matmul_peak_flops() / 1e9
+  peak = perf.matmul_peak_flops(precision=args.matmul_precision) / 1e9
   print(f"matmul peak {peak:.0f} GFLOP/s", flush=True)
 
   # One-off shared init, chosen exactly as the fit stage does (best of fit.shared_init_candidates
@@ -498,7 +500,7 @@ def main_image(args):
       'fields_per_sec_incl_init': n / (seconds + init_seconds),
       'compile_seconds': fitter.compile_seconds,
       'device_kind': jax.devices()[0].device_kind, 'num_devices': mesh.size,
-      'jax': jax.__version__,
+      'jax': jax.__version__, 'matmul_precision': args.matmul_precision,
   }
   result['mfu'] = result['gflops_achieved'] / peak
   _vmap_baseline(result, timed, flops_per_call / fitter.padded_size(chunk), peak, 'psnr')
@@ -528,6 +530,8 @@ def main():
   ap.add_argument('--lr', type=float, default=-1.0, help='-1: 0.04 for images, 1e-2 (both references) for shapes')
   ap.add_argument('--chunk_size', type=int, default=50)   # = the quick preset's fit.chunk_size
   ap.add_argument('--formulation', default='auto', help="the new path's fit.formulation (auto: what the fit stage runs)")
+  ap.add_argument('--matmul_precision', default='highest', choices=('highest', 'high', 'default'),
+                  help="fit.matmul_precision of both paths and the peak's matmul (default: TF32 on a GPU)")
   ap.add_argument('--block_fields', type=int, default=0, help="fit.block_fields of 'blocked' (0: from the cache size)")
   ap.add_argument('--baseline_fields', type=int, default=5)
   ap.add_argument('--baseline', choices=('auto', 'torch', 'jax', 'none'), default='auto')

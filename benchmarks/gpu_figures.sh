@@ -10,6 +10,8 @@
 #   3. the parity GPT's train step (bf16) and the parity sampler's tokens/s.
 # Usage: benchmarks/gpu_figures.sh [OUT_DIR]          (on the GPU machine; OUT_DIR default: $OUT or /tmp/gpu_figures)
 #        NFJAX_SMOKE=1 benchmarks/gpu_figures.sh DIR  (tiny sizes, any CPU: checks the script itself)
+# NFJAX_PARTS (default 'fit parity train_step sampler') picks parts; NFJAX_CLASS_DROPOUT (default 0.1)
+# is the parity run's train.class_dropout: 0 = NeF-GPT's recipe exactly (its grid only, no guidance).
 # Writes DIR/env.txt, DIR/<part>.log and DIR/evals.tar.gz (the parity run's eval/ and train logs).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,13 +60,20 @@ fi
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
-part fit 170 "$PY" benchmarks/fit_throughput.py "${FIT[@]}"
+PARTS=" ${NFJAX_PARTS:-fit parity train_step sampler} "
+DROPOUT=${NFJAX_CLASS_DROPOUT:-0.1}
+SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0), (3, 0.8, 1.0, 2.0))'
+[[ $DROPOUT == 0 ]] && SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))'
+want() { [[ $PARTS == *" $1 "* ]]; }
+
+want fit && part fit 170 "$PY" benchmarks/fit_throughput.py "${FIT[@]}"
+if want parity; then
 part parity 270 "$PY" -m nfjax.main --config=configs/mnist.py:parity --workdir="$WD" \
-  --config.data.source=offline --config.train.class_dropout=0.1 \
-  '--config.sample.settings=((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0), (3, 0.8, 1.0, 2.0))' \
+  --config.data.source=offline --config.train.class_dropout="$DROPOUT" "--config.sample.settings=$SETTINGS" \
   "${PARITY[@]}"
 tar -czf "$OUT_DIR/evals.tar.gz" -C "$WD" --exclude='*.npy' --exclude='*.npz' --exclude=checkpoints \
   --exclude=tensorboard . 2>/dev/null
-part train_step 50 "$PY" benchmarks/train_throughput.py "${TRAIN[@]}"
-part sampler 50 "$PY" benchmarks/sample_throughput.py --models=mnist "${SAMPLE[@]}"
+fi
+want train_step && part train_step 50 "$PY" benchmarks/train_throughput.py "${TRAIN[@]}"
+want sampler && part sampler 50 "$PY" benchmarks/sample_throughput.py --models=mnist "${SAMPLE[@]}"
 echo "[$(date +%T)] all parts done"

@@ -54,7 +54,7 @@ NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 # pipeline computed before the key existed): a workdir made before them is still the same config,
 # and a config without the key at all is that default (also inside a fingerprinted section, e.g.
 # 'evaluate' for shapes). train.class_dropout, evaluate.headline_guidance: classifier-free guidance.
-OMITTED_AT = {'train.class_dropout': 0.0, 'tokenize.drop_constant': False, 'model.class_bias_init': 'zeros', 'evaluate.headline_guidance': 1.0}
+OMITTED_AT = {'train.class_dropout': 0.0, 'fit.matmul_precision': 'highest', 'tokenize.drop_constant': False, 'model.class_bias_init': 'zeros', 'evaluate.headline_guidance': 1.0}
 
 
 def fingerprint(config, keys: Iterable[str]) -> dict:

@@ -27,6 +27,7 @@ from nfjax import config as cfg_utils
 
 LOSSES = ('bce', 'mse', 'l1')
 SCHEDULES = ('cosine', 'constant')
+MATMUL_PRECISIONS = ('highest', 'high', 'default')  # fit.matmul_precision: jax.default_matmul_precision's names
 FORMULATIONS = ('auto', 'stacked', 'blocked', 'vmap')  # of a stack's fit: nfjax/fields/stacked.py, stack.py
 
 
@@ -42,6 +43,7 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
   cfg_utils.check_choice(config, 'fit.formulation', FORMULATIONS)
+  cfg_utils.check_choice(config, 'fit.matmul_precision', MATMUL_PRECISIONS)
   cfg_utils.check_positive(config, 'fit.block_fields', allow_zero=True)
   if config.fit.warmup_steps >= config.fit.steps:
     raise ConfigError(f"config key fit.warmup_steps={config.fit.warmup_steps} must be < fit.steps={config.fit.steps}")

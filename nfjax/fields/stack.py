@@ -55,6 +55,7 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
   """
   formulation = stacked.resolve(formulation, points)
   fit_fn = fitting.fit_points if points else fitting.fit_one
+  precision = str(fit_cfg.get('matmul_precision', 'highest'))
 
   def fit_stack(params, feats, targets, keys, *extra):
     feats_axis = 0 if (points or feats.ndim == 3) else None
@@ -86,7 +87,8 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
     in_sh = (p_sh, f_sh, per_field(targets), fields) + tuple(per_field(x) for x in extra)
     jitted = jax.jit(fit_stack, in_shardings=in_sh, out_shardings=(p_sh, fields, fields), donate_argnums=(0,))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, feats, targets, keys, *extra))
-    return jitted.lower(*abstract).compile()
+    with jax.default_matmul_precision(precision):  # traced into the program's dots
+      return jitted.lower(*abstract).compile()
 
   return compile_for
 

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 
-def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, reps: int = 10) -> float:
-  """FLOP/s of an n x n x n matmul in `dtype` on the default device (best of 3 rounds of `reps`)."""
+def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, reps: int = 10, precision: str | None = None) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` on the default device (best of 3 rounds of `reps`), at
+  `precision` (jax.default_matmul_precision's names; None = JAX's default: TF32 for float32 on a GPU)."""
   a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
+  f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
   f(a).block_until_ready()
   best = float('inf')
   for _ in range(3):

@@ -56,7 +56,6 @@ fi
 {
   date -u; uname -a; nvidia-smi 2>&1 | head -15; nproc
   "$PY" -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); print(jax.devices())"
-  git log -1 --format='commit %H %s' 2>/dev/null || true
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 

@@ -87,7 +87,7 @@ def shape_config(**overrides) -> ml_collections.ConfigDict:
       'b2': 0.999, 'loss': 'bce', 'l2': 0.0, 'sdf_clamp': 0.0, 'points_per_step': 512, 'init': 'random',
       'shared_init_index': 0, 'shared_init_steps': 300, 'shared_init_candidates': 1, 'shared_init_probe': 4,
       'shared_init_l2': -1.0, 'refit_below': 0.0, 'refit_steps_factor': 2, 'chunk_size': 8, 'iou_floor': 0.5,
-      'formulation': 'auto', 'block_fields': 0,
+      'formulation': 'auto', 'block_fields': 0, 'matmul_precision': 'highest',
       'num_reconstructions': 0, 'render_resolution': 32})
   return apply_overrides(c, overrides)
 

@@ -53,7 +53,8 @@ NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 # Keys left out of the fingerprint while they have this value (their default, which computes what the
 # pipeline computed before the key existed): a workdir made before them is still the same config,
 # and a config without the key at all is that default (also inside a fingerprinted section, e.g.
-# 'evaluate' for shapes). train.class_dropout, evaluate.headline_guidance: classifier-free guidance.
+# 'evaluate' for shapes). train.class_dropout, evaluate.headline_guidance: classifier-free guidance;
+# fit.matmul_precision: 'highest' is what a CPU always computed.
 OMITTED_AT = {'train.class_dropout': 0.0, 'fit.matmul_precision': 'highest', 'tokenize.drop_constant': False, 'model.class_bias_init': 'zeros', 'evaluate.headline_guidance': 1.0}
 
 

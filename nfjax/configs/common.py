@@ -61,9 +61,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.fit.formulation = 'auto'       # auto | stacked (a chunk in big matrix products, nfjax/fields/stacked.py) |
                                    # blocked (vmap, a cache-sized block of fields at a time) | vmap (the reference)
   # Precision of the fit's float32 matrix products. 'highest' = true float32 everywhere. 'default'
-  # lets a GPU use TF32 tensor cores (10-bit mantissas): on an H200 that changed single fields' PSNR by
-  # up to 9.7 dB (0.35 dB on average) between two formulations of the same fit, against < 0.01 dB in
-  # float32 (benchmarks/RESULTS.md, issue 19). CPUs compute float32 either way.
+  # lets a GPU use TF32 tensor cores (10-bit mantissas): 1.3x faster on an H200, but it moved single
+  # fields' PSNR by 0.35 dB on average (up to 9.7) between two formulations of the same fit, against
+  # 0.03 dB in float32, and cost 0.3 dB of mean PSNR (benchmarks/RESULTS.md, GPU runs). CPUs compute
+  # float32 either way.
   c.fit.matmul_precision = 'highest'  # highest | high | default
   c.fit.block_fields = 0           # fields per block of 'blocked' on each device; 0 = from the cache size
   c.fit.chunk_size = 50            # fields per resumable chunk and compiled call (2-core CPU: 50 keeps the

@@ -530,8 +530,8 @@ def main():
   ap.add_argument('--lr', type=float, default=-1.0, help='-1: 0.04 for images, 1e-2 (both references) for shapes')
   ap.add_argument('--chunk_size', type=int, default=50)   # = the quick preset's fit.chunk_size
   ap.add_argument('--formulation', default='auto', help="the new path's fit.formulation (auto: what the fit stage runs)")
-  ap.add_argument('--matmul_precision', default='highest', choices=('highest', 'high', 'default'),
-                  help="fit.matmul_precision of both paths and the peak's matmul (default: TF32 on a GPU)")
+  ap.add_argument('--matmul_precision', default='highest', choices=fitting.MATMUL_PRECISIONS,
+                  help="fit.matmul_precision of both paths and the peak's matmul ('default': JAX's, TF32 on a GPU)")
   ap.add_argument('--block_fields', type=int, default=0, help="fit.block_fields of 'blocked' (0: from the cache size)")
   ap.add_argument('--baseline_fields', type=int, default=5)
   ap.add_argument('--baseline', choices=('auto', 'torch', 'jax', 'none'), default='auto')

@@ -62,7 +62,8 @@ cat "$OUT_DIR/env.txt"
 PARTS=" ${NFJAX_PARTS:-fit parity train_step sampler} "
 DROPOUT=${NFJAX_CLASS_DROPOUT:-0.1}
 SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0), (3, 0.8, 1.0, 2.0))'
-[[ $DROPOUT == 0 ]] && SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))'
+# no dropout (0, 0.0, ...): no null class to guide with, NeF-GPT's grid alone
+[[ $DROPOUT =~ ^0*\.?0*$ ]] && SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))'
 want() { [[ $PARTS == *" $1 "* ]]; }
 
 want fit && part fit 170 "$PY" benchmarks/fit_throughput.py "${FIT[@]}"

@@ -53,7 +53,8 @@ def main():
   args = ap.parse_args()
   sharding.split_cpu(args.cpu_devices)  # before JAX starts its backends
   ns = argparse.Namespace(field=args.field, num_fields=1, points=args.points, heldout=0, points_per_step=-1,
-                          steps=args.steps, lr=-1.0, shared_init_steps=0, chunk_size=1, block_fields=1)
+                          steps=args.steps, lr=-1.0, shared_init_steps=0, chunk_size=1, block_fields=1,
+                          matmul_precision='highest')
   config = fit_throughput._shape_config(ns)
   spec = mlp.FieldSpec.from_config(config.field)
   per_step = int(config.fit.points_per_step)

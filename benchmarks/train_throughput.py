@@ -2,7 +2,8 @@ r"""Train-step throughput of the GPT: nfjax's sharded, donated step vs a plain j
 
   python benchmarks/train_throughput.py [--embed_dim=128 --num_layers=2 --num_heads=2]
       [--batch_size=8 --seq_len=563 --vocab_size=257] [--steps=12] [--dtype=float32|bfloat16]
-      [--attention=auto|einsum|xla|cudnn] [--parity_blocks] [--classes=10] [--skip_plain] [--skip_before]
+      [--attention=auto|einsum|xla|cudnn] [--baseline_attention=einsum] [--parity_blocks] [--classes=10]
+      [--skip_plain] [--skip_before]
   python benchmarks/train_throughput.py --parity    # the MNIST parity GPT (240 wide, 12 heads, 8 layers,
                                                     # vocab 256, batch 64, bf16): the GPU/TPU figure
 
@@ -17,6 +18,8 @@ Measured in one run, on the same synthetic token sequences ([SOS, class, weights
   stack a `lax.scan`, attention over the full T x T scores under the causal mask), i.e.
   `gpt.UNROLL_MAX_LAYERS = 0` and `gpt.CAUSAL_MAX_BLOCKS = 1` while it is traced. `speedup_vs_before`
   is what the unrolled stack and the block-causal attention buy.
+* baseline attention (`--baseline_attention=X`): nfjax's step with `model.attention = X`, e.g. the
+  einsum path against `auto`'s cuDNN flash attention on a GPU (`speedup_vs_baseline_attention`).
 * peak: the device's dense matmul rate, measured here (f32 on CPU, bf16 on GPU/TPU), best of 3.
 
 `--classes=N` adds what the quick presets' GPT has on top (class embedding from the class token,
@@ -34,6 +37,7 @@ Prints progress, then one JSON object on the last line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -94,6 +98,8 @@ def main():
                   'many classes (+ the null class), as the quick presets; 0 = none')
   ap.add_argument('--skip_plain', action='store_true')
   ap.add_argument('--skip_before', action='store_true')
+  ap.add_argument('--baseline_attention', default='', choices=('', 'auto', 'einsum', 'xla', 'cudnn'),
+                  help='also time the same step with this model.attention, alternating (speedup_vs_baseline_attention)')
   args = ap.parse_args()
   if args.parity:
     args.embed_dim, args.num_heads, args.num_layers, args.vocab_size = 240, 12, 8, 256
@@ -145,30 +151,41 @@ def main():
     jax.block_until_ready((state, m))
     return (time.perf_counter() - t0) / n
 
+  def timed_trainer(name, task_):
+    """Another Trainer on the same data, compiled and warmed up; returns its timer (seconds/step)."""
+    other = trainer_lib.Trainer(task_, c.train, mesh, seed=0, directory=None)
+    other.compile()
+    run = {'state': other.init_state()}
+    for s in range(2):
+      run['state'], run['m'] = other.step(run['state'], other.stream.batch(s))
+    jax.block_until_ready(run['m'])
+    pos[name] = 2
+
+    def timer(n):
+      t0 = time.perf_counter()
+      for _ in range(n):
+        run['state'], run['m'] = other.step(run['state'], other.stream.batch(pos[name]))
+        pos[name] += 1
+      jax.block_until_ready((run['state'], run['m']))
+      return (time.perf_counter() - t0) / n
+    return timer
+
   # --- before: the same step, blocks traced as before (scanned, full-mask attention) --------------
   time_before = None
   if not args.skip_before:
     saved = gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS
     gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS = 0, 1
     try:
-      before = trainer_lib.Trainer(task, c.train, mesh, seed=0, directory=None)
-      before.compile()
+      time_before = timed_trainer('before', task)
     finally:
       gpt.UNROLL_MAX_LAYERS, gpt.CAUSAL_MAX_BLOCKS = saved
-    b_state = before.init_state()
-    for s in range(2):
-      b_state, b_m = before.step(b_state, before.stream.batch(s))
-    jax.block_until_ready(b_m)
-    pos['before'] = 2
 
-    def time_before(n):
-      nonlocal b_state, b_m
-      t0 = time.perf_counter()
-      for _ in range(n):
-        b_state, b_m = before.step(b_state, before.stream.batch(pos['before']))
-        pos['before'] += 1
-      jax.block_until_ready((b_state, b_m))
-      return (time.perf_counter() - t0) / n
+  # --- baseline attention: the same step with model.attention = --baseline_attention ----------------
+  time_attn = None
+  if args.baseline_attention:
+    cfg_b = dataclasses.replace(cfg, attention=args.baseline_attention)
+    time_attn = timed_trainer('attention', tasks.Task('gpt', models.build(cfg_b), loss, {'tokens': data}, {},
+                                                      tokens_per_example=args.seq_len - 1))
 
   # --- plain: one device, no shardings, no donation -----------------------------------------
   time_plain = None
@@ -206,13 +223,15 @@ def main():
 
   rounds = 3
   per_round = max(1, args.steps // rounds)
-  best = {'nfjax': float('inf'), 'plain': float('inf'), 'before': float('inf')}
+  best = {'nfjax': float('inf'), 'plain': float('inf'), 'before': float('inf'), 'attention': float('inf')}
   for r in range(rounds):
     best['nfjax'] = min(best['nfjax'], time_nfjax(per_round))
     if time_plain is not None:
       best['plain'] = min(best['plain'], time_plain(per_round))
     if time_before is not None:
       best['before'] = min(best['before'], time_before(per_round))
+    if time_attn is not None:
+      best['attention'] = min(best['attention'], time_attn(per_round))
   sharded_s = best['nfjax']
   sharded_tps = tokens_per_step / sharded_s
   loss_sharded = float(m['loss'])
@@ -227,6 +246,12 @@ def main():
   if time_before is not None:
     before_tps = tokens_per_step / best['before']
     print(f"before (scanned blocks, full-mask attention): {best['before'] * 1e3:.1f} ms/step, {before_tps:,.0f} "
+          f"tokens/s", flush=True)
+
+  attn_tps = None
+  if time_attn is not None:
+    attn_tps = tokens_per_step / best['attention']
+    print(f"baseline attention {args.baseline_attention!r}: {best['attention'] * 1e3:.1f} ms/step, {attn_tps:,.0f} "
           f"tokens/s", flush=True)
 
   achieved = sharded_tps * flops_token
@@ -245,6 +270,8 @@ def main():
       'plain_tokens_per_sec': plain_tps,
       'speedup_vs_plain': (sharded_tps / plain_tps) if plain_tps else None,
       'before_tokens_per_sec': before_tps, 'speedup_vs_before': (sharded_tps / before_tps) if before_tps else None,
+      'baseline_attention': args.baseline_attention or None, 'baseline_attention_tokens_per_sec': attn_tps,
+      'speedup_vs_baseline_attention': (sharded_tps / attn_tps) if attn_tps else None,
       'model_flops_per_token': flops_token,
       'achieved_tflops': achieved / 1e12, 'peak_tflops': peak / 1e12, 'peak_dtype': jnp.dtype(peak_dtype).name,
       'mfu': achieved / peak, 'last_loss': loss_sharded,

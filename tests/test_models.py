@@ -282,12 +282,18 @@ def test_class_bias_adds_its_class_and_position_row_to_the_logits():
 
 # -- attention through jax.nn.dot_product_attention vs the einsum reference (issue 16) -------------
 
-@pytest.mark.parametrize('dtype,tol', [('float32', 2e-5), ('bfloat16', 5e-2)])
-def test_dot_product_attention_matches_the_einsum_path_forward_and_grad(dtype, tol):
-  """attention='xla' (jax.nn.dot_product_attention) gives the einsum path's logits and gradients."""
-  cfg = dataclasses.replace(TINY, dtype=dtype, cond_position=1)
+ON_GPU = jax.default_backend() == 'gpu'
+
+
+@pytest.mark.parametrize('attention,dtype,tol,embed_dim', [
+    ('xla', 'float32', 2e-5, 32), ('xla', 'bfloat16', 5e-2, 32),
+    pytest.param('cudnn', 'bfloat16', 5e-2, 40, marks=pytest.mark.skipif(not ON_GPU, reason='cuDNN needs a GPU'))])
+def test_dot_product_attention_matches_the_einsum_path_forward_and_grad(attention, dtype, tol, embed_dim):
+  """attention='xla' / 'cudnn' (jax.nn.dot_product_attention) gives the einsum path's logits and
+  gradients; 'cudnn' (GPU only) at heads of 10, padded to 16 for cuDNN."""
+  cfg = dataclasses.replace(TINY, dtype=dtype, cond_position=1, embed_dim=embed_dim)
   ref, params = _init(dataclasses.replace(cfg, attention='einsum'))
-  fast = models.build(dataclasses.replace(cfg, attention='xla'))
+  fast = models.build(dataclasses.replace(cfg, attention=attention))
   params = _with_random_cond(params)
   tokens = _tokens(cfg)
 
@@ -372,6 +378,73 @@ def test_block_causal_attention_equals_the_masked_full_attention(length, block, 
   moved = jax.jit(gpt.attend_causal)(q, k.at[:, -1].add(3.0), v)
   assert np.abs(np.asarray(moved - out_blocked))[:, -1].max() > 1e-3
   np.testing.assert_array_equal(np.asarray(moved)[:, :-1], np.asarray(out_blocked)[:, :-1])
+
+
+@pytest.mark.parametrize('head_dim', [20, 12, 8])
+def test_head_dimension_padded_for_cudnn_gives_the_unpadded_attention(head_dim):
+  """attend_padded (what 'cudnn' runs: heads zero-padded to a multiple of 8, the true head dimension's
+  scale, the padding sliced off), here through XLA's implementation on the CPU: the same outputs and
+  q / k / v gradients as the einsum reference, at the unpadded shapes."""
+  keys = jax.random.split(jax.random.PRNGKey(head_dim), 4)
+  q, k, v, g = (jax.random.normal(kk, (2, 37, 3, head_dim)) for kk in keys)
+  assert gpt.padded_head_dim(head_dim) == -(-head_dim // 8) * 8
+
+  def ref(q, k, v):
+    return jnp.sum(gpt.attend_causal(q, k, v) * g)
+
+  def padded(q, k, v):
+    return jnp.sum(gpt.attend_padded(q, k, v, implementation='xla') * g)
+  out = jax.jit(lambda q, k, v: gpt.attend_padded(q, k, v, implementation='xla'))(q, k, v)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(gpt.attend_causal)(q, k, v)), atol=2e-6, rtol=1e-5)
+  for a, b in zip(jax.jit(jax.grad(ref, (0, 1, 2)))(q, k, v), jax.jit(jax.grad(padded, (0, 1, 2)))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason='cuDNN needs a GPU')
+def test_cudnn_attention_at_the_parity_shape_is_as_close_to_float32_as_the_einsum_path():
+  """The MNIST parity GPT's attention (562 tokens, 12 heads of 20, bfloat16) through cuDNN with the
+  heads padded to 24: outputs and q / k / v gradients no further from a float32 einsum reference than
+  the bfloat16 einsum path's own (at most 2x its error)."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, g = (jax.random.normal(kk, (4, 562, 12, 20)) for kk in keys)
+
+  def run(fn, dtype):
+    def f(q, k, v):
+      return jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
+    args = [x.astype(dtype) for x in (q, k, v)]
+    out = jax.jit(fn)(*args).astype(jnp.float32)
+    return [np.asarray(x, np.float32) for x in (out,) + tuple(jax.jit(jax.grad(f, (0, 1, 2)))(*args))]
+  ref = run(gpt.attend_causal, jnp.float32)
+  einsum = run(gpt.attend_causal, jnp.bfloat16)
+  cudnn = run(lambda q, k, v: gpt.attend_padded(q, k, v, implementation='cudnn'), jnp.bfloat16)
+  for r, e, c in zip(ref, einsum, cudnn):
+    err_e, err_c = np.abs(e - r).max(), np.abs(c - r).max()
+    assert err_c <= 2 * err_e + 1e-3, (err_c, err_e)
+
+
+def test_auto_attention_on_a_gpu_takes_cudnn_only_at_head_dimensions_it_need_not_pad(monkeypatch):
+  """'auto' on a GPU in bfloat16: cuDNN for the full forward at head dimensions 8..128 in steps of 8;
+  the einsum path at 20 (the MNIST parity GPT's: padding is an explicit 'cudnn' only), above 128, in
+  float32 and for cached decoding. An explicit 'cudnn' that cuDNN cannot run is one config error
+  naming the key (float32; heads over 128), before anything is traced."""
+  from conftest import load_config
+  from nfjax.configs import checks
+  from nfjax.errors import ConfigError
+  monkeypatch.setattr(gpt.jax, 'default_backend', lambda: 'gpu')
+  assert gpt.attention_impl('auto', jnp.bfloat16, 24, cached=False) == 'cudnn'
+  assert gpt.attention_impl('auto', jnp.bfloat16, 128, cached=False) == 'cudnn'
+  assert gpt.attention_impl('auto', jnp.bfloat16, 20, cached=False) == 'einsum'
+  assert gpt.attention_impl('auto', jnp.bfloat16, 136, cached=False) == 'einsum'
+  assert gpt.attention_impl('auto', jnp.float32, 24, cached=False) == 'einsum'
+  assert gpt.attention_impl('auto', jnp.bfloat16, 24, cached=True) == 'einsum'
+  assert gpt.attention_impl('cudnn', jnp.bfloat16, 20, cached=False) == 'cudnn'
+  ok = {'model.attention': 'cudnn', 'model.dtype': 'bfloat16', 'model.embed_dim': 240, 'model.num_heads': 12}
+  checks.validate(load_config(**ok), ('train',))
+  with pytest.raises(ConfigError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
+    checks.validate(load_config(**dict(ok, **{'model.dtype': 'float32'})), ('train',))
+  with pytest.raises(ConfigError, match="model.attention='cudnn' takes heads of at most 128"):
+    checks.validate(load_config(**dict(ok, **{'model.num_heads': 1})), ('train',))
 
 
 def test_unrolled_and_scanned_stacks_give_the_same_logits_and_gradients(monkeypatch):

@@ -143,14 +143,18 @@ def attention_impl(choice: str, dtype, head_dim: int, cached: bool) -> str:
   """'einsum' | 'xla' | 'cudnn': what `choice` (TransformerConfig.attention) means here, at trace time.
 
   'auto': cuDNN flash attention for the full causal forward (training, the no-cache sampler) on a GPU
-  in bfloat16 with a head dimension cuDNN takes (a multiple of 8, at most 128); the einsum path
+  in bfloat16 with a head dimension cuDNN takes as it is (a multiple of 8, at most 128); the einsum path
   everywhere else (on CPU it was faster than XLA's dot_product_attention, see benchmarks/RESULTS.md).
   Cached decoding never uses cuDNN ('cudnn' means 'xla' there): one new query per step is not
   what flash attention is for, and the cache would need another layout.
+  An explicit 'cudnn' also takes other head dimensions up to 128, zero-padded (`attend_padded`): on the
+  MNIST parity GPT (heads of 20) that made the train step 2.8x faster on an H200, but the samples of
+  the one run trained that way have not been matched against the einsum path's yet
+  (benchmarks/RESULTS.md, "GPU runs"), so 'auto' does not pad.
   """
   if choice == 'auto':
-    flash = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0
-             and head_dim <= 128)
+    flash = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) == jnp.bfloat16
+             and head_dim % CUDNN_HEAD_MULTIPLE == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
     return 'cudnn' if flash and not cached else 'einsum'
   if choice == 'cudnn' and cached:
     return 'xla'
@@ -162,9 +166,34 @@ def attend_fast(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_po
   """`attend` through jax.nn.dot_product_attention ('xla': the same mask by position; 'cudnn': its
   causal mask, valid for the full forward where q_pos = k_pos = 0..T-1)."""
   if implementation == 'cudnn':
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+    return attend_padded(q, k, v, implementation='cudnn')
   mask = k_pos[None, None, None, :] <= q_pos[:, None, :, None]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+
+
+# cuDNN's flash attention takes head dimensions that are multiples of this, up to the maximum (the
+# MNIST parity GPT's is 20: padded to 24 by `attend_padded`).
+CUDNN_HEAD_MULTIPLE = 8
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def padded_head_dim(head_dim: int) -> int:
+  return -(-head_dim // CUDNN_HEAD_MULTIPLE) * CUDNN_HEAD_MULTIPLE
+
+
+def attend_padded(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """Causal `jax.nn.dot_product_attention` over the full sequence with the head dimension zero-padded
+  to a multiple of CUDNN_HEAD_MULTIPLE: the padded query and key columns add exact zeros to every
+  score, the scale stays 1/sqrt(the true head dimension), and the padded value columns are sliced
+  off, so the result is the unpadded attention's (to the kernel's rounding)."""
+  k_dim = q.shape[-1]
+  pad = padded_head_dim(k_dim) - k_dim
+  if pad:
+    widths = ((0, 0),) * (q.ndim - 1) + ((0, pad),)
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(k_dim), is_causal=True,
+                                     implementation=implementation)
+  return out[..., :k_dim]
 
 
 def attend_cached_fast(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,

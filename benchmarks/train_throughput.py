@@ -18,8 +18,9 @@ Measured in one run, on the same synthetic token sequences ([SOS, class, weights
   stack a `lax.scan`, attention over the full T x T scores under the causal mask), i.e.
   `gpt.UNROLL_MAX_LAYERS = 0` and `gpt.CAUSAL_MAX_BLOCKS = 1` while it is traced. `speedup_vs_before`
   is what the unrolled stack and the block-causal attention buy.
-* baseline attention (`--baseline_attention=X`): nfjax's step with `model.attention = X`, e.g. the
-  einsum path against `auto`'s cuDNN flash attention on a GPU (`speedup_vs_baseline_attention`).
+* baseline attention (`--baseline_attention=X`): nfjax's step with `model.attention = X`, e.g.
+  `--parity --attention=cudnn --baseline_attention=einsum` on a GPU: cuDNN flash attention (heads
+  padded 20 -> 24) against the einsum path (`speedup_vs_baseline_attention`).
 * peak: the device's dense matmul rate, measured here (f32 on CPU, bf16 on GPU/TPU), best of 3.
 
 `--classes=N` adds what the quick presets' GPT has on top (class embedding from the class token,

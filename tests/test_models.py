@@ -425,8 +425,8 @@ def test_cudnn_attention_at_the_parity_shape_is_as_close_to_float32_as_the_einsu
 
 def test_auto_attention_on_a_gpu_takes_cudnn_only_at_head_dimensions_it_need_not_pad(monkeypatch):
   """'auto' on a GPU in bfloat16: cuDNN for the full forward at head dimensions 8..128 in steps of 8;
-  the einsum path at 20 (the MNIST parity GPT's: padding is an explicit 'cudnn' only), above 128, in
-  float32 and for cached decoding. An explicit 'cudnn' that cuDNN cannot run is one config error
+  the einsum path at 20 (the MNIST parity GPT's: padding is an explicit 'cudnn' only; the train log
+  says how to ask for it), above 128, in float32 and for cached decoding. An explicit 'cudnn' that cuDNN cannot run is one config error
   naming the key (float32; heads over 128), before anything is traced."""
   from conftest import load_config
   from nfjax.configs import checks
@@ -439,6 +439,11 @@ def test_auto_attention_on_a_gpu_takes_cudnn_only_at_head_dimensions_it_need_not
   assert gpt.attention_impl('auto', jnp.float32, 24, cached=False) == 'einsum'
   assert gpt.attention_impl('auto', jnp.bfloat16, 24, cached=True) == 'einsum'
   assert gpt.attention_impl('cudnn', jnp.bfloat16, 20, cached=False) == 'cudnn'
+  parity = GPTConfig(num_layers=1, num_heads=12, embed_dim=240, block_size=8, vocab_size=9, dtype='bfloat16')
+  assert gpt.attention_summary(parity).startswith('einsum (heads of 20: --config.model.attention=cudnn pads them to 24')
+  assert gpt.attention_summary(dataclasses.replace(parity, attention='cudnn')) == 'cudnn'
+  assert gpt.attention_summary(dataclasses.replace(parity, num_heads=10)) == 'cudnn'   # heads of 24
+  assert gpt.attention_summary(dataclasses.replace(parity, dtype='float32')) == 'einsum'
   ok = {'model.attention': 'cudnn', 'model.dtype': 'bfloat16', 'model.embed_dim': 240, 'model.num_heads': 12}
   checks.validate(load_config(**ok), ('train',))
   with pytest.raises(ConfigError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):

@@ -161,6 +161,18 @@ def attention_impl(choice: str, dtype, head_dim: int, cached: bool) -> str:
   return choice
 
 
+def attention_summary(cfg: TransformerConfig) -> str:
+  """What the full forward's attention runs on this backend, for the train stage's log line; on a GPU
+  in bfloat16, where 'auto' keeps the einsum path only because the heads are no cuDNN size, how to
+  ask for cuDNN."""
+  impl = attention_impl(cfg.attention, cfg.compute_dtype, cfg.head_dim, cached=False)
+  if (impl == 'einsum' and cfg.attention == 'auto' and jax.default_backend() == 'gpu'
+      and jnp.dtype(cfg.compute_dtype) == jnp.bfloat16 and cfg.head_dim <= CUDNN_MAX_HEAD_DIM):
+    return (f"einsum (heads of {cfg.head_dim}: --config.model.attention=cudnn pads them to "
+            f"{padded_head_dim(cfg.head_dim)} for cuDNN flash attention, docs/train.md)")
+  return impl
+
+
 def attend_fast(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                 implementation: str) -> jax.Array:
   """`attend` through jax.nn.dot_product_attention ('xla': the same mask by position; 'cudnn': its

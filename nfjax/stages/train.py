@@ -22,6 +22,7 @@ import jax
 from nfjax import models, processes, sharding
 from nfjax.configs import checks
 from nfjax.io import files
+from nfjax.models import gpt as gpt_lib
 from nfjax.io import workdir as wd
 from nfjax.training import tasks
 from nfjax.training.trainer import Trainer
@@ -62,7 +63,8 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
   t = config.train
   log(STAGE, f"{task.name}: {mdef.num_params:,} params ({mdef.cfg.num_layers} layers, width {mdef.cfg.embed_dim}, "
              f"{mdef.cfg.num_heads} heads, block {mdef.cfg.block_size}"
-             + (f", vocab {mdef.cfg.vocab_size}" if task.name == 'gpt' else '') + f", {mdef.cfg.dtype}); "
+             + (f", vocab {mdef.cfg.vocab_size}" if task.name == 'gpt' else '') + f", {mdef.cfg.dtype}, "
+             f"attention {gpt_lib.attention_summary(mdef.cfg)}); "
              f"{task.info['num_train']} train / {task.info['num_val']} val sequences; {t.steps} steps of batch "
              f"{t.batch_size} ({task.tokens_per_example * t.batch_size:,} tokens); mesh {dict(mesh.shape)} of "
              f"{mesh.devices.flat[0].device_kind}")

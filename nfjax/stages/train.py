@@ -22,8 +22,8 @@ import jax
 from nfjax import models, processes, sharding
 from nfjax.configs import checks
 from nfjax.io import files
-from nfjax.models import gpt as gpt_lib
 from nfjax.io import workdir as wd
+from nfjax.models import gpt as gpt_lib
 from nfjax.training import tasks
 from nfjax.training.trainer import Trainer
 from nfjax.utils.logging import fmt_seconds, is_main_process, log

@@ -94,16 +94,18 @@ def _train(config) -> None:
   config_lib.check_choice(config, 'model.dtype', tuple(gpt_lib.DTYPES))
   if 'attention' in m:
     config_lib.check_choice(config, 'model.attention', gpt_lib.ATTENTION)
-    if m.attention == 'cudnn' and jax.default_backend() != 'gpu':
-      raise ConfigError(f"config key model.attention='cudnn' needs a GPU (this backend is {jax.default_backend()}); "
-                        f"use 'auto', 'xla' or 'einsum'")
-    if m.attention == 'cudnn' and m.dtype != 'bfloat16':
-      raise ConfigError(f"config key model.attention='cudnn' needs model.dtype='bfloat16' (it is {m.dtype!r}); "
-                        f"set --config.model.dtype=bfloat16 or use model.attention='auto'")
-    if m.attention == 'cudnn' and m.embed_dim // m.num_heads > gpt_lib.CUDNN_MAX_HEAD_DIM:
-      raise ConfigError(f"config key model.attention='cudnn' takes heads of at most {gpt_lib.CUDNN_MAX_HEAD_DIM} "
-                        f"(model.embed_dim / model.num_heads = {m.embed_dim // m.num_heads}); use more heads or "
-                        f"model.attention='auto'")
+    if m.attention == 'cudnn':
+      head_dim = m.embed_dim // m.num_heads
+      if jax.default_backend() != 'gpu':
+        raise ConfigError(f"config key model.attention='cudnn' needs a GPU (this backend is "
+                          f"{jax.default_backend()}); use 'auto', 'xla' or 'einsum'")
+      if m.dtype != 'bfloat16':
+        raise ConfigError(f"config key model.attention='cudnn' needs model.dtype='bfloat16' (it is {m.dtype!r}); "
+                          f"set --config.model.dtype=bfloat16 or use model.attention='auto'")
+      if head_dim > gpt_lib.CUDNN_MAX_HEAD_DIM:
+        raise ConfigError(f"config key model.attention='cudnn' takes heads of at most {gpt_lib.CUDNN_MAX_HEAD_DIM} "
+                          f"(model.embed_dim / model.num_heads = {head_dim}); use more heads or "
+                          f"model.attention='auto'")
   config_lib.check_choice(config, 'model.regression_loss', LOSSES)
   for key in ('train.steps', 'train.batch_size', 'train.lr', 'train.grad_accum', 'train.eval_every',
               'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints'):

@@ -17,7 +17,8 @@
 # NFJAX_PARTS (default 'gpu_tests fit train_step parity sampler') picks parts; NFJAX_CLASS_DROPOUT (default
 # 0.1) is the parity run's train.class_dropout: 0 = NeF-GPT's recipe exactly (its grid only, no guidance);
 # NFJAX_ATTENTION (default auto) its model.attention (cudnn: falls back to einsum if the train_step part,
-# which runs cuDNN, failed).
+# which runs cuDNN, failed); NFJAX_PARITY_ARGS (default none) extra overrides for the parity run, e.g.
+# '--config.seed=1' (word-split).
 # Writes DIR/env.txt, DIR/<part>.log and DIR/evals.tar.gz (the parity run's eval/ and train logs).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -87,7 +88,7 @@ fi
 if want parity; then
 part parity 270 "$PY" -m nfjax.main --config=configs/mnist.py:parity --workdir="$WD" \
   --config.data.source=offline --config.train.class_dropout="$DROPOUT" "--config.sample.settings=$SETTINGS" \
-  --config.model.attention="$ATTENTION" "${PARITY[@]}"
+  --config.model.attention="$ATTENTION" "${PARITY[@]}" ${NFJAX_PARITY_ARGS:-}
 tar -czf "$OUT_DIR/evals.tar.gz" -C "$WD" --exclude='*.npy' --exclude='*.npz' --exclude=checkpoints \
   --exclude=tensorboard . 2>/dev/null
 fi

@@ -194,18 +194,20 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def attend_padded(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """Causal `jax.nn.dot_product_attention` over the full sequence with the head dimension zero-padded
-  to a multiple of CUDNN_HEAD_MULTIPLE: the padded query and key columns add exact zeros to every
-  score, the scale stays 1/sqrt(the true head dimension), and the padded value columns are sliced
-  off, so the result is the unpadded attention's (to the kernel's rounding)."""
-  k_dim = q.shape[-1]
-  pad = padded_head_dim(k_dim) - k_dim
-  if pad:
-    widths = ((0, 0),) * (q.ndim - 1) + ((0, pad),)
+  """Causal `jax.nn.dot_product_attention` over the full sequence [B, T, H, K] with the head dimension
+  zero-padded to a multiple of CUDNN_HEAD_MULTIPLE and the sequence to an even length (cuDNN's
+  training kernels in jax 0.11 take no odd T): the padded query and key columns add exact zeros to
+  every score, the scale stays 1/sqrt(the true head dimension), a padded last position is a key no
+  real query sees under the causal mask, and the padded value columns and query rows are sliced off,
+  so the result is the unpadded attention's (to the kernel's rounding)."""
+  t, k_dim = q.shape[1], q.shape[-1]
+  pad, t_pad = padded_head_dim(k_dim) - k_dim, t % 2
+  if pad or t_pad:
+    widths = ((0, 0), (0, t_pad)) + ((0, 0),) * (q.ndim - 3) + ((0, pad),)
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
   out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(k_dim), is_causal=True,
                                      implementation=implementation)
-  return out[..., :k_dim]
+  return out[:, :t, ..., :k_dim]
 
 
 def attend_cached_fast(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array,

@@ -145,19 +145,20 @@ def attention_impl(choice: str, dtype, head_dim: int, cached: bool) -> str:
   'auto': cuDNN flash attention for the full causal forward (training, the no-cache sampler) on a GPU
   in bfloat16 with a head dimension cuDNN takes as it is (a multiple of 8, at most 128); the einsum path
   everywhere else (on CPU it was faster than XLA's dot_product_attention, see benchmarks/RESULTS.md).
-  Cached decoding never uses cuDNN ('cudnn' means 'xla' there): one new query per step is not
-  what flash attention is for, and the cache would need another layout.
+  Cached decoding never uses cuDNN ('cudnn' means 'einsum' there): one new query per step is not
+  what flash attention is for, and the cache would need another layout; on an H200 the parity GPT
+  sampled 471k tokens/s on the einsum path against 257k through XLA's dot_product_attention.
   An explicit 'cudnn' also takes other head dimensions up to 128, zero-padded (`attend_padded`): on the
-  MNIST parity GPT (heads of 20) that made the train step 2.8x faster on an H200, but the samples of
-  the one run trained that way have not been matched against the einsum path's yet
-  (benchmarks/RESULTS.md, "GPU runs"), so 'auto' does not pad.
+  MNIST parity GPT (heads of 20) that made the train step 2.8x faster on an H200, and in two paired
+  seeds its samples scored 0.03-0.07 lower class consistency than the einsum path's (FD better in
+  one pair, worse in the other; benchmarks/RESULTS.md, "GPU runs", run 4), so 'auto' does not pad.
   """
   if choice == 'auto':
     flash = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) == jnp.bfloat16
              and head_dim % CUDNN_HEAD_MULTIPLE == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
     return 'cudnn' if flash and not cached else 'einsum'
   if choice == 'cudnn' and cached:
-    return 'xla'
+    return 'einsum'
   return choice
 
 

@@ -2,14 +2,20 @@
 transformer, sharding of parameters."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
+from nfjax import config as config_lib
 from nfjax import models, sharding
+from nfjax.configs import checks
+from nfjax.errors import ConfigError
 from nfjax.models import GPTConfig, RegressionConfig, gpt
+from nfjax.stages import train
 
 TINY = GPTConfig(num_layers=2, num_heads=4, embed_dim=32, block_size=24, vocab_size=19)
 
@@ -178,7 +184,6 @@ def test_regression_transformer_uses_its_input_embedding_and_is_causal():
 
 
 def test_model_config_round_trips_through_json():
-  import json
   for cfg in (TINY, RegressionConfig(num_layers=1, num_heads=2, embed_dim=8, block_size=5, loss='mse')):
     d = json.loads(json.dumps(models.to_dict(cfg)))
     assert models.config_from_dict(d) == cfg
@@ -329,7 +334,6 @@ def test_cached_decoding_with_dot_product_attention_matches_full_forward(dtype, 
 def test_attention_choice_is_not_part_of_the_saved_model():
   """to_dict leaves `attention` out; a saved dict without it (every checkpoint before it existed)
   loads with 'auto'; 'auto' is the einsum path on CPU; a bad value is one clear error."""
-  from nfjax.models import gpt
   d = models.to_dict(dataclasses.replace(TINY, attention='xla'))
   assert 'attention' not in d and models.config_from_dict(d).attention == 'auto'
   assert gpt.attention_impl('auto', jnp.bfloat16, 8, cached=False) == 'einsum'   # tests run on CPU
@@ -339,11 +343,6 @@ def test_attention_choice_is_not_part_of_the_saved_model():
 
 
 def test_model_attention_key_is_checked_and_left_out_of_the_train_fingerprint():
-  from conftest import load_config
-  from nfjax import config as config_lib
-  from nfjax.configs import checks
-  from nfjax.errors import ConfigError
-  from nfjax.stages import train
   a, b = load_config(**{'model.attention': 'xla'}), load_config(**{'model.attention': 'einsum'})
   assert config_lib.fingerprint(a, train.KEYS) == config_lib.fingerprint(b, train.KEYS)
   assert 'attention' not in config_lib.fingerprint(a, train.KEYS)['model']
@@ -430,9 +429,6 @@ def test_auto_attention_on_a_gpu_takes_cudnn_only_at_head_dimensions_it_need_not
   the einsum path at 20 (the MNIST parity GPT's: padding is an explicit 'cudnn' only; the train log
   says how to ask for it), above 128, in float32 and for cached decoding. An explicit 'cudnn' that cuDNN cannot run is one config error
   naming the key (float32; heads over 128), before anything is traced."""
-  from conftest import load_config
-  from nfjax.configs import checks
-  from nfjax.errors import ConfigError
   monkeypatch.setattr(gpt.jax, 'default_backend', lambda: 'gpu')
   assert gpt.attention_impl('auto', jnp.bfloat16, 24, cached=False) == 'cudnn'
   assert gpt.attention_impl('auto', jnp.bfloat16, 128, cached=False) == 'cudnn'

@@ -167,10 +167,11 @@ def attention_summary(cfg: TransformerConfig) -> str:
   in bfloat16, where 'auto' keeps the einsum path only because the heads are no cuDNN size, how to
   ask for cuDNN."""
   impl = attention_impl(cfg.attention, cfg.compute_dtype, cfg.head_dim, cached=False)
-  if (impl == 'einsum' and cfg.attention == 'auto' and jax.default_backend() == 'gpu'
-      and jnp.dtype(cfg.compute_dtype) == jnp.bfloat16 and cfg.head_dim <= CUDNN_MAX_HEAD_DIM):
+  padded = padded_head_dim(cfg.head_dim)
+  if (cfg.attention == 'auto' and impl == 'einsum'
+      and attention_impl('auto', cfg.compute_dtype, padded, cached=False) == 'cudnn'):
     return (f"einsum (heads of {cfg.head_dim}: --config.model.attention=cudnn pads them to "
-            f"{padded_head_dim(cfg.head_dim)} for cuDNN flash attention, docs/train.md)")
+            f"{padded} for cuDNN flash attention, docs/train.md)")
   return impl
 
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from nfjax import main, sharding
 from nfjax.errors import ConfigError
 from nfjax.fields import fitting, mlp, stack, stacked
-from nfjax.modalities.images import psnr_score
+from nfjax.data import images
+from nfjax.modalities.images import PSNR, psnr_score
 
 F, N = 6, 40
 
@@ -89,11 +90,13 @@ def test_features_major_encoding_is_encode_transposed():
                              jnp.swapaxes(mlp.encode(spec, jnp.asarray(x)), 1, 2), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('points,per_step', [(False, -1), (False, 16), (True, 16), (True, -1)],
-                         ids=['grid full batch', 'grid pixel subsets', 'points subsets', 'points all'])
-def test_a_short_fit_matches_the_vmap_reference(points, per_step):
+@pytest.mark.parametrize('points,per_step,anchor', [(False, -1, 0.0), (False, 16, 0.0), (True, 16, 0.0), (True, -1, 0.0),
+                                                    (False, -1, 50.0), (True, 16, 50.0)],
+                         ids=['grid full batch', 'grid pixel subsets', 'points subsets', 'points all',
+                              'grid anchored', 'points anchored'])
+def test_a_short_fit_matches_the_vmap_reference(points, per_step, anchor):
   spec = _spec(in_dims=3 if points else 2, activation='gelu' if points else 'relu')
-  cfg = _fit_cfg(loss='mse' if points else 'bce')
+  cfg = _fit_cfg(loss='mse' if points else 'bce', anchor=anchor)
   rng = np.random.default_rng(2)
   keys = stack.field_keys(0, np.arange(F))
   params = _stack_params(spec, seed=3)
@@ -115,12 +118,17 @@ def test_a_short_fit_matches_the_vmap_reference(points, per_step):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(params)))
   assert moved > 1e-2  # the fit did something
+  if anchor:  # fit.anchor pulls every field back toward where it started: the plain fit moves further
+    plain = dict(cfg, anchor=0.0)
+    plain_p, _ = jax.jit(lambda *a: stacked.fit_stack(spec, ml_collections.ConfigDict(plain), 20, *a, per_step=per_step,
+                                                      points=points))(params, inputs, target, keys)
+    rms = lambda p: float(jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))))
+    assert rms(new_p) < 0.8 * rms(plain_p)
 
 
 def test_stack_fitter_formulations_give_the_same_fields_on_mnist():
   """The fit stage's fitter on real images, both formulations, 8 fake devices: per-field PSNR within
   0.01 dB after a short fit (longer fits diverge like any float perturbation: benchmarks/RESULTS.md)."""
-  from nfjax.data import images
   config = load_config('smoke', **{'data.num_fields': 16})
   data = images.load(config)
   spec = mlp.FieldSpec.from_config(config.field)
@@ -162,9 +170,31 @@ def test_every_matrix_product_of_the_fit_runs_at_fit_matmul_precision(form):
   assert all(marked['highest']) and not any(marked['default'])
 
 
-def test_unknown_matmul_precision_is_one_config_error(tmp_path):
-  with pytest.raises(ConfigError, match=r"fit\.matmul_precision='tf32'"):
-    main.run(load_config('smoke', **{'fit.matmul_precision': 'tf32'}), str(tmp_path), 'fit')
+def test_shared_init_candidates_are_fitted_without_the_anchor():
+  """The candidates start from random inits, so fit.anchor (a pull back to the start) is off for them:
+  the shared init is the same with and without it; the fields after it are fitted with it."""
+  targets = None
+  found = {}
+  for anchor in (0.0, 5.0):
+    config = load_config('smoke', **{'data.num_fields': 8, 'fit.anchor': anchor, 'fit.shared_init_candidates': 1,
+                                     'fit.shared_init_steps': 20})
+    spec = mlp.FieldSpec.from_config(config.field)
+    if targets is None:
+      targets = images.load(config).images.reshape(8, 784, 1)
+    feats = mlp.encode(spec, jnp.asarray(mlp.pixel_centres(28, 28)))
+    fitter = stack.StackFitter(spec, config, sharding.make_mesh(config.mesh), psnr_score(spec), feats=feats)
+    shared, _ = stack.search_shared_init(fitter, config, targets, 0, PSNR)
+    fields, _, _ = fitter.fit(20, targets, stack.field_keys(0, np.arange(8)), shared)
+    found[anchor] = shared, fields
+  np.testing.assert_array_equal(found[0.0][0], found[5.0][0])
+  moved = {a: float(np.abs(w - s[None]).mean()) for a, (s, w) in found.items()}
+  assert moved[5.0] < 0.9 * moved[0.0]
+
+
+@pytest.mark.parametrize('key,value', [('fit.anchor', -0.5), ('fit.matmul_precision', 'tf32')])
+def test_a_bad_fit_key_is_one_config_error(tmp_path, key, value):
+  with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r}")):
+    main.run(load_config('smoke', **{key: value}), str(tmp_path), 'fit')
 
 
 def test_auto_picks_stacked_for_grids_and_blocks_of_the_reference_for_points_on_a_cpu():

@@ -39,6 +39,8 @@ def validate(config) -> None:
   cfg_utils.check_positive(config, 'fit.chunk_size')
   cfg_utils.check_positive(config, 'fit.warmup_steps', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.l2', allow_zero=True)
+  if 'anchor' in config.fit:   # a config written without the key has no pull (anchor_of)
+    cfg_utils.check_positive(config, 'fit.anchor', allow_zero=True)
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
@@ -86,6 +88,18 @@ def l2_penalty(spec: mlp.FieldSpec, l2: float, params) -> jax.Array:
   return l2 * jnp.sqrt(jnp.sum(flat ** 2)) / flat.shape[-1]
 
 
+def anchor_of(fit_cfg) -> float:
+  """fit.anchor (0 = off; configs from before the key have none)."""
+  return float(fit_cfg.get('anchor', 0.0) or 0.0)
+
+
+def anchor_penalty(spec: mlp.FieldSpec, anchor: float, params, start) -> jax.Array:
+  """A pull back to where the fit started (the shared init): anchor * mean((theta - theta_0)^2).
+  Weights the data does not need then stay at the init, where every field's tokens agree."""
+  delta = mlp.flatten(spec, params) - mlp.flatten(spec, start)
+  return anchor * jnp.mean(delta ** 2, axis=-1)
+
+
 def field_loss(spec: mlp.FieldSpec, loss: str, l2: float, params, feats, target,
                clamp: float = 0.0) -> jax.Array:
   """Loss of one field on encoded inputs [n, E] against targets [n, out].
@@ -109,7 +123,11 @@ def _fit_loop(spec, fit_cfg, steps, params, inputs, target, key, per_step: int, 
   encoded features."""
   opt = make_optimizer(fit_cfg, steps)
   clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
-  loss_fn = lambda p, f, t: field_loss(spec, fit_cfg.loss, float(fit_cfg.l2), p, prepare(f), t, clamp)
+  anchor, start = anchor_of(fit_cfg), params
+
+  def loss_fn(p, f, t):
+    value = field_loss(spec, fit_cfg.loss, float(fit_cfg.l2), p, prepare(f), t, clamp)
+    return value + anchor_penalty(spec, anchor, p, start) if anchor else value
   grad_fn = jax.value_and_grad(loss_fn)
   n = inputs.shape[0]
 

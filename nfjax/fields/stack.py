@@ -159,7 +159,7 @@ def _num_rows(targets) -> int:
 
 class StackFitter:
   """Fits stacks of fields on the mesh; pads each stack to a multiple of the field-axis shards and
-  compiles once per (steps, padded size, data shapes, l2 override).
+  compiles once per (steps, padded size, data shapes, fit-key overrides).
 
   Grid fields (`points=False`): `feats` are encoded coordinates shared by every field (e.g. the
   pixel grid) and the per-field data are the targets [n, k, out]; `score(params, feats, targets)`.
@@ -188,27 +188,34 @@ class StackFitter:
       return rows[0], rows[1], tuple(rows[2:])
     return self.feats, rows[0], ()
 
-  def fit_config(self, l2: float | None = None):
-    if l2 is None or float(l2) == float(self.config.fit.l2):
+  def fit_config(self, overrides: dict | None = None):
+    """fit.* with `overrides` (fit key -> value) applied; fit.* itself when they change nothing."""
+    changed = self._changed(overrides)
+    if not changed:
       return self.config.fit
     cfg = self.config.fit.copy_and_resolve_references()
     with cfg.unlocked():
-      cfg.l2 = float(l2)
+      for name, value in changed:
+        cfg[name] = value
     return cfg
 
-  def compile(self, steps: int, count: int, like, l2: float | None = None):
+  def _changed(self, overrides: dict | None) -> tuple:
+    """The overrides that differ from fit.* (a missing key reads as 0.0), as sorted (key, float) pairs."""
+    return tuple(sorted((k, float(v)) for k, v in (overrides or {}).items()
+                        if float(v) != float(self.config.fit.get(k, 0.0) or 0.0)))
+
+  def compile(self, steps: int, count: int, like, overrides: dict | None = None):
     """The compiled fitter for `count` fields whose per-field data look like `like` (any leading size)."""
     rows = like if isinstance(like, tuple) else (like,)
     shapes = tuple((tuple(r.shape[1:]), str(r.dtype)) for r in rows)
-    l2 = None if l2 is None or float(l2) == float(self.config.fit.l2) else float(l2)
-    key = (steps, count, shapes, l2)
+    key = (steps, count, shapes, self._changed(overrides))
     if key not in self._compiled:
       t0 = time.perf_counter()
       keys = field_keys(0, np.arange(count))
       params = jax.eval_shape(jax.vmap(lambda k: mlp.init(self.spec, k)), keys)
       abstract = tuple(jax.ShapeDtypeStruct((count,) + s, d) for s, d in shapes)
       feats, targets, extra = self._split(abstract)
-      compile_for = make_stack_fitter(self.spec, self.fit_config(l2), steps, self.mesh, score=self.score,
+      compile_for = make_stack_fitter(self.spec, self.fit_config(overrides), steps, self.mesh, score=self.score,
                                       points=self.points, per_step=self.per_step,
                                       formulation=self.formulation)
       self._compiled[key] = compile_for(params, feats, targets, keys, *extra)
@@ -216,9 +223,10 @@ class StackFitter:
     return self._compiled[key]
 
   def fit(self, steps: int, targets, keys: jax.Array, shared: np.ndarray | None,
-          pad_to: int | None = None, l2: float | None = None):
+          pad_to: int | None = None, overrides: dict | None = None):
     """Per-field data (images: targets [n, pixels, 1]; points: a tuple, see the class), keys [n]
-    -> (weights [n, P], loss [n], quality [n]) as numpy. `l2` overrides fit.l2 for this call."""
+    -> (weights [n, P], loss [n], quality [n]) as numpy. `overrides` (fit key -> float, e.g.
+    {'l2': 5.0}) replace fit.* keys for this call."""
     rows = targets if isinstance(targets, tuple) else (targets,)
     n = len(rows[0])
     padded = max(self.padded_size(n), pad_to or 0)
@@ -227,7 +235,7 @@ class StackFitter:
     rows = tuple(np.asarray(r)[sel] for r in rows)
     init = shared[sel] if shared is not None and shared.ndim == 2 else shared
     params = jax.tree.map(np.asarray, _initial_params(self.spec, init, keys))
-    compiled = self.compile(steps, padded, rows, l2)
+    compiled = self.compile(steps, padded, rows, overrides)
     mesh = self.mesh
     params = sharding.put(params, sharding.leading_axis_sharding(mesh, params))
     rows = tuple(sharding.put(r, sharding.named(mesh, 'fields', *([None] * (r.ndim - 1)))) for r in rows)
@@ -244,7 +252,8 @@ def search_shared_init(fitter: StackFitter, config, targets, seed: int,
   """Fit candidate inits on one field from different seeds; keep the one whose probe fits are best.
 
   The candidates are fitted with fit.shared_init_l2 when the config has it and it is >= 0 (NeF-GPT
-  penalises only its init field), else with fit.l2.
+  penalises only its init field), else with fit.l2; never with fit.anchor (they start from random
+  inits, not from a shared one to stay near).
   """
   fit_cfg = config.fit
   k = max(1, int(fit_cfg.shared_init_candidates))
@@ -253,8 +262,9 @@ def search_shared_init(fitter: StackFitter, config, targets, seed: int,
   init_l2 = None if init_l2 < 0 else init_l2
   q_name = quality.name
   cand_keys = field_keys(seed, np.arange(k), stream=0x1417)
+  overrides = {'anchor': 0.0} if init_l2 is None else {'anchor': 0.0, 'l2': init_l2}
   w, _, init_q = fitter.fit(int(fit_cfg.shared_init_steps), take(targets, np.full(k, field)), cand_keys, None,
-                            l2=init_l2)
+                            overrides=overrides)
   info = {'field': field, 'candidates': k, f'candidate_{q_name}': init_q.tolist()}
   if k == 1:
     best = 0

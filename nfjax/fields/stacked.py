@@ -16,7 +16,7 @@ stack at once, arranged so that the work lands in few, large products:
   transposed that the products do not need.
 
 The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
-draws them), the l2 penalty and Adam are those of the reference path, so the results agree with
+draws them), the l2 and anchor penalties and Adam are those of the reference path, so the results agree with
 it within float rounding (tests/test_fit_stacked.py); `fit.formulation='vmap'` keeps the reference,
 and 'auto' (the default) picks per kind of field what measured faster (`resolve`).
 """
@@ -74,9 +74,11 @@ def forward(spec: mlp.FieldSpec, params, feats):
   return zs, hs
 
 
-def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target):
+def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
+                   anchor: float = 0.0, start=None):
   """Per-field losses [F] and their gradients (stacked like params) of `fitting.field_loss` for
-  every field at once. feats as in `forward`; target [F, out, n]."""
+  every field at once, plus `fitting.anchor_penalty` toward `start` (stacked like params) when
+  anchor > 0. feats as in `forward`; target [F, out, n]."""
   zs, hs = forward(spec, params, feats)
   raw = zs[-1]
   per_field = lambda r: jax.vmap(lambda rr, tt: fitting.output_loss(spec, loss, rr.T, tt.T, clamp))(r, target)
@@ -97,12 +99,16 @@ def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, para
       dh = jnp.einsum('foi,fon->fin', params[i]['weight'], g)
       _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
       (g,) = act_vjp(dh)
+  penalties = []
   if l2:
-    penalty = lambda p: jax.vmap(lambda q: fitting.l2_penalty(spec, l2, q))(p)
-    extra, l2_vjp = jax.vjp(penalty, params)
-    (g_l2,) = l2_vjp(jnp.ones_like(extra))
+    penalties.append(lambda p: jax.vmap(lambda q: fitting.l2_penalty(spec, l2, q))(p))
+  if anchor:
+    penalties.append(lambda p: jax.vmap(lambda q, s: fitting.anchor_penalty(spec, anchor, q, s))(p, start))
+  for penalty in penalties:
+    extra, penalty_vjp = jax.vjp(penalty, params)
+    (g_extra,) = penalty_vjp(jnp.ones_like(extra))
     values = values + extra
-    grads = jax.tree.map(jnp.add, grads, g_l2)
+    grads = jax.tree.map(jnp.add, grads, g_extra)
   return values, grads
 
 
@@ -126,6 +132,7 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
     feats_all = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 1, 2)  # [E, n] or [F, E, n]
   opt = fitting.make_optimizer(fit_cfg, steps)
   clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
+  anchor, start = fitting.anchor_of(fit_cfg), params
 
   def batch(step):
     if not subset:
@@ -142,7 +149,7 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
   def step(carry, i):
     p, st = carry
     f, t = batch(i)
-    values, g = value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t)
+    values, g = value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t, anchor, start)
     updates, st = opt.update(g, st, p)
     return (optax.apply_updates(p, updates), st), values
 

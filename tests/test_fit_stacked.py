@@ -57,9 +57,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('shared', [True, False], ids=['shared inputs', 'inputs per field'])
+@pytest.mark.parametrize('layout', ['shared', 'per field', 'rows'],
+                         ids=['shared inputs', 'inputs per field', 'one field points-major'])
 @pytest.mark.parametrize('name,spec_kw,cfg_kw', CASES, ids=[c[0] for c in CASES])
-def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg_kw, shared):
+def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg_kw, layout):
+  """stacked.value_and_grad (a stack, features-major) and stacked.rows_value_and_grad (one field,
+  points-major: what the 'blocked' fit runs) against jax.grad of the reference loss."""
+  shared = layout == 'shared'
   spec = _spec(**spec_kw)
   cfg = _fit_cfg(**cfg_kw)
   rng = np.random.default_rng(0)
@@ -73,8 +77,12 @@ def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg
       lambda p, f, t: fitting.field_loss(spec, cfg.loss, cfg.l2, p, f, t, cfg.sdf_clamp)),
       in_axes=(0, None if shared else 0, 0))
   ref_v, ref_g = ref_fn(params, feats, target)
-  feats_minor = feats.T if shared else jnp.swapaxes(feats, 1, 2)
-  v, g = stacked.value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, params, feats_minor, jnp.swapaxes(target, 1, 2))
+  if layout == 'rows':
+    v, g = jax.vmap(lambda p, f, t: stacked.rows_value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, p, f, t))(
+        params, feats, target)
+  else:
+    feats_minor = feats.T if shared else jnp.swapaxes(feats, 1, 2)
+    v, g = stacked.value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, params, feats_minor, jnp.swapaxes(target, 1, 2))
   np.testing.assert_allclose(v, ref_v, rtol=1e-5, atol=1e-6)
   assert jax.tree.structure(g) == jax.tree.structure(ref_g)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
@@ -113,9 +121,14 @@ def test_a_short_fit_matches_the_vmap_reference(points, per_step, anchor):
   ref_p, ref_loss = jax.jit(jax.vmap(ref_one, in_axes=axes))(params, inputs, target, keys)
   new_p, new_loss = jax.jit(lambda *a: stacked.fit_stack(spec, cfg, 20, *a, per_step=per_step, points=points))(
       params, inputs, target, keys)
-  np.testing.assert_allclose(new_loss, ref_loss, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(ref_p)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  found = [(new_p, new_loss)]
+  if points:  # one field at a time, points-major: what the 'blocked' formulation fits a point field with
+    rows_one = lambda p, x, t, k: stacked.fit_rows(spec, cfg, 20, p, x, t, k, per_step)
+    found.append(jax.jit(jax.vmap(rows_one))(params, inputs, target, keys))
+  for got_p, got_loss in found:
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(params)))
   assert moved > 1e-2  # the fit did something
   if anchor:  # fit.anchor pulls every field back toward where it started: the plain fit moves further

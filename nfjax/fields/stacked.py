@@ -15,6 +15,12 @@ stack at once, arranged so that the work lands in few, large products:
   derivative by `jax.vjp` of the same functions the reference uses), so nothing is stored or
   transposed that the products do not need.
 
+Point fields (shapes) draw their own points every step, so nothing is shared between fields and
+the stacked layout buys little; `fit_rows` fits one such field with the reference's own layout
+(points-major, [n, width] activations, the reference's products) and its backward pass written out
+the same way, every point encoded once rather than each step's draw, and the loss value at the last
+step only: what the 'blocked' formulation runs for each field of a block.
+
 The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
 draws them), the l2 and anchor penalties and Adam are those of the reference path, so the results agree with
 it within float rounding (tests/test_fit_stacked.py); `fit.formulation='vmap'` keeps the reference,
@@ -36,9 +42,9 @@ from nfjax.fields import fitting, mlp
 def resolve(formulation: str, points: bool, backend: str | None = None) -> str:
   """`fit.formulation` -> the one used. 'auto' is what measured faster (benchmarks/RESULTS.md):
   'stacked' where every field shares its inputs (a grid: images); for point fields (each field its
-  own random points per step), where the stacked layout did not pay, the reference in cache-sized
-  blocks ('blocked') on a CPU and the whole stack at once ('vmap') on an accelerator (`backend`:
-  default jax.default_backend())."""
+  own random points per step), where the stacked layout did not pay, cache-sized blocks of fields
+  fitted by `fit_rows` ('blocked') on a CPU and the reference on the whole stack at once ('vmap') on
+  an accelerator (`backend`: default jax.default_backend())."""
   if formulation not in fitting.FORMULATIONS:
     choices = ', '.join(map(repr, fitting.FORMULATIONS))
     raise ConfigError(f"config key fit.formulation={formulation!r} is not one of {choices}")
@@ -99,17 +105,86 @@ def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, para
       dh = jnp.einsum('foi,fon->fin', params[i]['weight'], g)
       _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
       (g,) = act_vjp(dh)
+  return _penalised(spec, l2, anchor, params, start, values, grads, stacked=True)
+
+
+def _penalised(spec: mlp.FieldSpec, l2: float, anchor: float, params, start, values, grads, stacked: bool):
+  """`values` and `grads` of the data term plus `fitting.l2_penalty` and `fitting.anchor_penalty`
+  (toward `start`) where they are on; params stacked ([F, ...] leaves) or one field's."""
+  per = (lambda fn: jax.vmap(fn)) if stacked else (lambda fn: fn)
   penalties = []
   if l2:
-    penalties.append(lambda p: jax.vmap(lambda q: fitting.l2_penalty(spec, l2, q))(p))
+    penalties.append(lambda p: per(lambda q: fitting.l2_penalty(spec, l2, q))(p))
   if anchor:
-    penalties.append(lambda p: jax.vmap(lambda q, s: fitting.anchor_penalty(spec, anchor, q, s))(p, start))
+    penalties.append(lambda p: per(lambda q, s: fitting.anchor_penalty(spec, anchor, q, s))(p, start))
   for penalty in penalties:
     extra, penalty_vjp = jax.vjp(penalty, params)
     (g_extra,) = penalty_vjp(jnp.ones_like(extra))
     values = values + extra
     grads = jax.tree.map(jnp.add, grads, g_extra)
   return values, grads
+
+
+def rows_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
+                        anchor: float = 0.0, start=None):
+  """One field's loss and gradient (`fitting.field_loss`, plus the anchor toward `start`), the
+  backward pass written out in the reference's points-major layout: feats [n, E], target [n, out],
+  activations [n, width]; each layer's products are the reference's, [n x in] @ [in x out] and
+  their transposes. The activations' and the loss's derivatives are `jax.vjp` of the functions the
+  reference uses."""
+  zs, hs = [], [feats]
+  last = len(params) - 1
+  for i, layer in enumerate(params):
+    z = hs[-1] @ layer['weight'].T
+    if 'bias' in layer:
+      z = z + layer['bias']
+    zs.append(z)
+    if i < last:
+      hs.append(mlp._act(spec, z, first=(i == 0)))
+  value, loss_vjp = jax.vjp(lambda r: fitting.output_loss(spec, loss, r, target, clamp), zs[-1])
+  (g,) = loss_vjp(jnp.ones_like(value))
+  grads = [None] * len(params)
+  for i in reversed(range(len(params))):
+    grads[i] = {'weight': g.T @ hs[i]}
+    if 'bias' in params[i]:
+      grads[i]['bias'] = g.sum(0)
+    if i > 0:
+      _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
+      (g,) = act_vjp(g @ params[i]['weight'])
+  return _penalised(spec, l2, anchor, params, start, value, grads, stacked=False)
+
+
+def fit_rows(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key, per_step: int = -1):
+  """One point field; the same fit as `fitting.fit_points` (its draws from `fold_in(key, step)`, loss,
+  penalties and Adam; equal to float rounding) computed with less around the matrix products: the
+  backward pass written out (`rows_value_and_grad`), every point encoded once instead of each step's
+  draw every step, and the loss value at the last step only. What the 'blocked' formulation runs for
+  each field (benchmarks/RESULTS.md, issue 19: 1.14-1.6x the reference's per-field fit on a CPU).
+  coords [n, d], values [n] or [n, out]. Returns (params, final loss)."""
+  if values.ndim == 1:
+    values = values[:, None]
+  target = values.astype(jnp.float32)
+  feats_all = mlp.encode(spec, coords.astype(jnp.float32))  # [n, E], once
+  n = feats_all.shape[0]
+  subset = 0 < per_step < n
+  opt = fitting.make_optimizer(fit_cfg, steps)
+  clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
+  anchor, start = fitting.anchor_of(fit_cfg), params
+
+  def step(carry, i):
+    p, st = carry
+    if subset:
+      idx = jax.random.randint(jax.random.fold_in(key, i), (per_step,), 0, n)
+      f, t = feats_all[idx], target[idx]
+    else:
+      f, t = feats_all, target
+    value, g = rows_value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t, anchor, start)
+    updates, st = opt.update(g, st, p)
+    return (optax.apply_updates(p, updates), st), value
+
+  carry, _ = jax.lax.scan(lambda c, i: (step(c, i)[0], None), (params, opt.init(params)), jnp.arange(steps - 1))
+  (params, _), value = step(carry, steps - 1)
+  return params, value
 
 
 def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, keys, per_step: int = -1,

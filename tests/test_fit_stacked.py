@@ -210,7 +210,7 @@ def test_a_bad_fit_key_is_one_config_error(tmp_path, key, value):
     main.run(load_config('smoke', **{key: value}), str(tmp_path), 'fit')
 
 
-def test_auto_picks_stacked_for_grids_and_blocks_of_the_reference_for_points_on_a_cpu():
+def test_auto_picks_stacked_for_grids_and_blocks_for_points_on_a_cpu():
   assert stacked.resolve('auto', points=False) == 'stacked'
   assert stacked.resolve('auto', points=True) == 'blocked'  # the tests run on the CPU
   assert stacked.resolve('auto', points=True, backend='gpu') == 'vmap'
@@ -231,9 +231,10 @@ def _point_fitter(formulation, mesh, block_fields=0, fields=16):
   return fitter, rows, shared
 
 
-def test_blocked_fit_is_the_reference_a_block_at_a_time():
-  """'blocked' fits the same fields as 'vmap' (the same per-field function, fewer fields per call):
-  per-field losses equal to float rounding, for every block size, on 8 devices."""
+def test_blocked_fit_equals_the_reference():
+  """'blocked' fits the same fields as 'vmap' (each point field by stacked.fit_rows, the reference's
+  fit with its backward written out, a block of fields per call): per-field losses equal to float
+  rounding, for every block size, on 8 devices."""
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1}))
   keys = stack.field_keys(0, np.arange(16))
   ref_fitter, rows, shared = _point_fitter('vmap', mesh)

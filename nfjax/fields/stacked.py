@@ -166,25 +166,36 @@ def fit_rows(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, k
   target = values.astype(jnp.float32)
   feats_all = mlp.encode(spec, coords.astype(jnp.float32))  # [n, E], once
   n = feats_all.shape[0]
-  subset = 0 < per_step < n
+
+  def batch(step):
+    if not 0 < per_step < n:
+      return feats_all, target
+    idx = jax.random.randint(jax.random.fold_in(key, step), (per_step,), 0, n)
+    return feats_all[idx], target[idx]
+
+  return _adam(spec, fit_cfg, steps, params, batch, rows_value_and_grad)
+
+
+def _adam(spec: mlp.FieldSpec, fit_cfg, steps: int, params, batch, value_and_grad_fn):
+  """The reference's Adam over `steps` from `params` (fit.* optimiser, loss, l2, sdf_clamp and the
+  anchor toward `params`), each step on `batch(step)` -> (inputs, target) with the gradient of
+  `value_and_grad_fn` (`value_and_grad` or `rows_value_and_grad`). Returns (params, the last step's loss)."""
   opt = fitting.make_optimizer(fit_cfg, steps)
   clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
   anchor, start = fitting.anchor_of(fit_cfg), params
 
   def step(carry, i):
     p, st = carry
-    if subset:
-      idx = jax.random.randint(jax.random.fold_in(key, i), (per_step,), 0, n)
-      f, t = feats_all[idx], target[idx]
-    else:
-      f, t = feats_all, target
-    value, g = rows_value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t, anchor, start)
+    f, t = batch(i)
+    values, g = value_and_grad_fn(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t, anchor, start)
     updates, st = opt.update(g, st, p)
-    return (optax.apply_updates(p, updates), st), value
+    return (optax.apply_updates(p, updates), st), values
 
+  # Only the last step's loss is returned, so only the last step computes it: the loss value
+  # (logs and exps over every point of every field) would cost as much as a third of each step.
   carry, _ = jax.lax.scan(lambda c, i: (step(c, i)[0], None), (params, opt.init(params)), jnp.arange(steps - 1))
-  (params, _), value = step(carry, steps - 1)
-  return params, value
+  (params, _), values = step(carry, steps - 1)
+  return params, values
 
 
 def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, keys, per_step: int = -1,
@@ -205,9 +216,6 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
     feats_all = None if subset else mlp.encode(spec, jnp.swapaxes(inputs, 1, 2), axis=-2)  # encoded once
   else:
     feats_all = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 1, 2)  # [E, n] or [F, E, n]
-  opt = fitting.make_optimizer(fit_cfg, steps)
-  clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
-  anchor, start = fitting.anchor_of(fit_cfg), params
 
   def batch(step):
     if not subset:
@@ -221,15 +229,4 @@ def fit_stack(spec: mlp.FieldSpec, fit_cfg, steps: int, params, inputs, target, 
       return jnp.swapaxes(jnp.take_along_axis(inputs, idx[..., None], axis=1), 1, 2), t
     return jnp.swapaxes(inputs[idx], 1, 2), t  # [F, E, k]
 
-  def step(carry, i):
-    p, st = carry
-    f, t = batch(i)
-    values, g = value_and_grad(spec, fit_cfg.loss, float(fit_cfg.l2), clamp, p, f, t, anchor, start)
-    updates, st = opt.update(g, st, p)
-    return (optax.apply_updates(p, updates), st), values
-
-  # Only the last step's loss is returned, so only the last step computes it: the loss value
-  # (logs and exps over every point of every field) would cost as much as a third of each step.
-  carry, _ = jax.lax.scan(lambda c, i: (step(c, i)[0], None), (params, opt.init(params)), jnp.arange(steps - 1))
-  (params, _), values = step(carry, steps - 1)
-  return params, values
+  return _adam(spec, fit_cfg, steps, params, batch, value_and_grad)

@@ -13,7 +13,9 @@ stack at once, arranged so that the work lands in few, large products:
   [points x in];
 * the backward pass is written out (matrix products by hand, each activation's and the loss's
   derivative by `jax.vjp` of the same functions the reference uses), so nothing is stored or
-  transposed that the products do not need.
+  transposed that the products do not need; GELU's value and derivative come from one exp
+  (`gelu_and_derivative`, within 4.3e-7 of the exact GELU), where the reference's erfc and its
+  derivative cost as much as the NeF-GPT field's products on a CPU.
 
 Point fields (shapes) draw their own points every step, so nothing is shared between fields and
 the stacked layout buys little; `fit_rows` fits one such field with the reference's own layout
@@ -23,13 +25,15 @@ step only: what the 'blocked' formulation runs for each field of a block.
 
 The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
 draws them), the l2 and anchor penalties and Adam are those of the reference path, so the results agree with
-it within float rounding (tests/test_fit_stacked.py); `fit.formulation='vmap'` keeps the reference,
-and 'auto' (the default) picks per kind of field what measured faster (`resolve`).
+it within float rounding, a few float32 ulps for GELU fields (tests/test_fit_stacked.py);
+`fit.formulation='vmap'` keeps the reference, and 'auto' (the default) picks per kind of field what
+measured faster (`resolve`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,17 +71,64 @@ def _layer(weight, bias, h, shared: bool):
 
 def forward(spec: mlp.FieldSpec, params, feats):
   """Stacked params ([F, ...] leaves) on features-major inputs: `feats` [E, n] shared by every
-  field or [F, E, n] per field. Returns (pre-activations, layer inputs): the raw output is the last
-  pre-activation, [F, out, n]."""
-  zs, hs = [], [feats]
-  h, last = feats, len(params) - 1
+  field or [F, E, n] per field. Returns `_layers`' (pre-activations, layer inputs, activation
+  derivatives): the raw output is the last pre-activation, [F, out, n]."""
+  return _layers(spec, params, feats, lambda h, layer, i: _layer(layer['weight'], layer.get('bias'), h,
+                                                               shared=(i == 0 and feats.ndim == 2)))
+
+
+def _layers(spec: mlp.FieldSpec, params, feats, product):
+  """The forward pass with each layer's pre-activation z = product(h, layer, i) (bias included).
+  Returns (pre-activations, layer inputs, what `_activation_vjp` needs of each hidden layer)."""
+  zs, hs, ds = [], [feats], []
+  last = len(params) - 1
   for i, layer in enumerate(params):
-    z = _layer(layer['weight'], layer.get('bias'), h, shared=(i == 0 and feats.ndim == 2))
+    z = product(hs[-1], layer, i)
     zs.append(z)
     if i < last:
-      h = mlp._act(spec, z, first=(i == 0))
+      h, d = _activate(spec, z, first=(i == 0))
       hs.append(h)
-  return zs, hs
+      ds.append(d)
+  return zs, hs, ds
+
+
+# Abramowitz & Stegun 7.1.26: erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-a^2), t = 1 / (1 + p a), for
+# a >= 0, with |error| <= 1.5e-7.
+_ERFC_P = 0.3275911
+_ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def gelu_and_derivative(z):
+  """The exact (erf) GELU, z Phi(z), and its derivative Phi(z) + z phi(z), from one exp: Phi by
+  Abramowitz & Stegun's erfc, which is exp(-z^2/2) times a polynomial, and phi(z) is that same exp
+  over sqrt(2 pi). jax.nn.gelu(approximate=False) computes XLA's erfc (two rational branches, its own
+  exp) and its derivative another exp: on a CPU the activation then costs as much as the NeF-GPT
+  field's matrix products. Both values are within 4.3e-7 of the float64 truth (XLA's: 3.8e-7 and
+  1.4e-7; tests/test_fit_stacked.py), i.e. within 4 float32 ulps of 1."""
+  a = jnp.abs(z) * (1 / math.sqrt(2))
+  e = jnp.exp(-a * a)
+  t = 1.0 / (1.0 + _ERFC_P * a)
+  p1, p2, p3, p4, p5 = _ERFC_A
+  tail = 0.5 * e * (t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5)))))  # Phi(-|z|)
+  cdf = jnp.where(z >= 0, 1.0 - tail, tail)
+  return z * cdf, cdf + z * e * (1 / math.sqrt(2 * math.pi))
+
+
+def _activate(spec: mlp.FieldSpec, z, first: bool):
+  """(mlp._act(z), what `_activation_vjp` needs of the forward pass): GELU's derivative, computed
+  with its value (`gelu_and_derivative`); None for the others, whose derivatives `jax.vjp` of
+  mlp._act gives in the backward pass."""
+  if spec.activation == 'gelu':
+    return gelu_and_derivative(z)
+  return mlp._act(spec, z, first=first), None
+
+
+def _activation_vjp(spec: mlp.FieldSpec, z, derivative, dh, first: bool):
+  """The gradient at the pre-activation z from the gradient dh at the activation."""
+  if derivative is not None:
+    return dh * derivative
+  _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=first), z)
+  return act_vjp(dh)[0]
 
 
 def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
@@ -85,7 +136,7 @@ def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, para
   """Per-field losses [F] and their gradients (stacked like params) of `fitting.field_loss` for
   every field at once, plus `fitting.anchor_penalty` toward `start` (stacked like params) when
   anchor > 0. feats as in `forward`; target [F, out, n]."""
-  zs, hs = forward(spec, params, feats)
+  zs, hs, ds = forward(spec, params, feats)
   raw = zs[-1]
   per_field = lambda r: jax.vmap(lambda rr, tt: fitting.output_loss(spec, loss, rr.T, tt.T, clamp))(r, target)
   values, loss_vjp = jax.vjp(per_field, raw)
@@ -103,8 +154,7 @@ def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, para
       grads[i]['bias'] = g.sum(-1)
     if i > 0:
       dh = jnp.einsum('foi,fon->fin', params[i]['weight'], g)
-      _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
-      (g,) = act_vjp(dh)
+      g = _activation_vjp(spec, zs[i - 1], ds[i - 1], dh, first=(i - 1 == 0))
   return _penalised(spec, l2, anchor, params, start, values, grads, stacked=True)
 
 
@@ -130,17 +180,12 @@ def rows_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float,
   """One field's loss and gradient (`fitting.field_loss`, plus the anchor toward `start`), the
   backward pass written out in the reference's points-major layout: feats [n, E], target [n, out],
   activations [n, width]; each layer's products are the reference's, [n x in] @ [in x out] and
-  their transposes. The activations' and the loss's derivatives are `jax.vjp` of the functions the
-  reference uses."""
-  zs, hs = [], [feats]
-  last = len(params) - 1
-  for i, layer in enumerate(params):
-    z = hs[-1] @ layer['weight'].T
-    if 'bias' in layer:
-      z = z + layer['bias']
-    zs.append(z)
-    if i < last:
-      hs.append(mlp._act(spec, z, first=(i == 0)))
+  their transposes. The activations' (but GELU's, `gelu_and_derivative`) and the loss's derivatives
+  are `jax.vjp` of the functions the reference uses."""
+  def product(h, layer, i):
+    z = h @ layer['weight'].T
+    return z + layer['bias'] if 'bias' in layer else z
+  zs, hs, ds = _layers(spec, params, feats, product)
   value, loss_vjp = jax.vjp(lambda r: fitting.output_loss(spec, loss, r, target, clamp), zs[-1])
   (g,) = loss_vjp(jnp.ones_like(value))
   grads = [None] * len(params)
@@ -149,8 +194,7 @@ def rows_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float,
     if 'bias' in params[i]:
       grads[i]['bias'] = g.sum(0)
     if i > 0:
-      _, act_vjp = jax.vjp(functools.partial(mlp._act, spec, first=(i - 1 == 0)), zs[i - 1])
-      (g,) = act_vjp(g @ params[i]['weight'])
+      g = _activation_vjp(spec, zs[i - 1], ds[i - 1], g @ params[i]['weight'], first=(i - 1 == 0))
   return _penalised(spec, l2, anchor, params, start, value, grads, stacked=False)
 
 

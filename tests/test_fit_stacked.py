@@ -5,6 +5,7 @@ architecture the config allows is checked against jax.grad of the reference loss
 against the reference fitter."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -98,8 +99,7 @@ def test_gelu_and_its_derivative_from_one_exp_are_the_exact_gelu_to_float32_roun
   z = np.concatenate([np.linspace(-12, 12, 480_001), [-1e4, -40.0, -1e-30, 0.0, 1e-30, 40.0, 1e4]]).astype(np.float32)
   h, d = map(np.asarray, jax.jit(stacked.gelu_and_derivative)(jnp.asarray(z)))
   x = z.astype(np.float64)
-  from math import erf
-  cdf = 0.5 * (1.0 + np.vectorize(erf)(x / np.sqrt(2.0)))
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / np.sqrt(2.0)))
   pdf = np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
   assert np.abs(h - x * cdf).max() < 4.5e-7
   assert np.abs(d - (cdf + x * pdf)).max() < 4.5e-7

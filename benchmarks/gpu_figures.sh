@@ -11,10 +11,14 @@
 #      padded 20 -> 24, `model.attention=cudnn`, against the einsum path that 'auto' runs, in the same
 #      run) and the parity sampler's tokens/s;
 #   0. gpu_tests: the tests that only run on a GPU (cuDNN attention against the einsum path), when
-#      pytest imports (PYTHONPATH may point at a copy of it).
+#      pytest imports (PYTHONPATH may point at a copy of it);
+#   4. shape_fit: NeF-GPT's and HyperDiffusion's shape fields (1,024 synthetic shapes x 200 steps), the
+#      per-field fit with its backward pass written out (`stacked.fit_rows`, what 'blocked' runs on a
+#      CPU) vmapped over the whole chunk (--formulation=blocked --block_fields=1024) against the
+#      reference that 'auto' runs on a GPU: whether 'auto' should pick it there too.
 # Usage: benchmarks/gpu_figures.sh [OUT_DIR]          (on the GPU machine; OUT_DIR default: $OUT or /tmp/gpu_figures)
 #        NFJAX_SMOKE=1 benchmarks/gpu_figures.sh DIR  (tiny sizes, any CPU: checks the script itself)
-# NFJAX_PARTS (default 'gpu_tests fit train_step parity sampler') picks parts; NFJAX_CLASS_DROPOUT (default
+# NFJAX_PARTS (default 'gpu_tests fit train_step parity sampler shape_fit') picks parts; NFJAX_CLASS_DROPOUT (default
 # 0.1) is the parity run's train.class_dropout: 0 = NeF-GPT's recipe exactly (its grid only, no guidance);
 # NFJAX_ATTENTION (default auto) its model.attention (cudnn: falls back to einsum if the train_step part,
 # which runs cuDNN, failed); NFJAX_PARITY_ARGS (default none) extra overrides for the parity run, e.g.
@@ -52,12 +56,14 @@ if [[ $SMOKE == 1 ]]; then
           --config.evaluate.classifier.max_images=500)
   TRAIN=(--steps=2 --batch_size=2 --num_layers=2 --skip_before --attention=xla --baseline_attention=einsum)
   SAMPLE=(--batches=1,4 --reps=1)
+  SHAPE=(--num_fields=8 --chunk_size=8 --block_fields=8 --steps=5 --shared_init_steps=5 --points=10000 --heldout=2000)
 else
   FIT=(--num_fields=60000 --steps=1000 --chunk_size=4096 --baseline_vmap_fields=8192 --baseline=none)
   PARITY=(--config.train.steps=3000 --config.train.warmup_steps=150 --config.train.decay_steps=1500
           --config.sample.batch_size=1000)
   TRAIN=(--parity --skip_before --attention=cudnn --baseline_attention=einsum)
   SAMPLE=(--batches=1,64,1024)
+  SHAPE=(--num_fields=1024 --chunk_size=1024 --block_fields=1024 --steps=200 --shared_init_steps=200)
 fi
 
 {
@@ -66,7 +72,7 @@ fi
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
-PARTS=" ${NFJAX_PARTS:-gpu_tests fit train_step parity sampler} "
+PARTS=" ${NFJAX_PARTS:-gpu_tests fit train_step parity sampler shape_fit} "
 DROPOUT=${NFJAX_CLASS_DROPOUT:-0.1}
 SETTINGS='((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0), (3, 0.8, 1.0, 2.0))'
 # no dropout (0, 0.0, ...): no null class to guide with, NeF-GPT's grid alone
@@ -93,4 +99,10 @@ tar -czf "$OUT_DIR/evals.tar.gz" -C "$WD" --exclude='*.npy' --exclude='*.npz' --
   --exclude=tensorboard . 2>/dev/null
 fi
 want sampler && part sampler 50 "$PY" benchmarks/sample_throughput.py --models=mnist "${SAMPLE[@]}"
+if want shape_fit; then
+  for field in nefgpt3d hyperdiffusion; do
+    part "shape_fit_$field" 100 "$PY" benchmarks/fit_throughput.py --kind=shape --field="$field" --data=synthetic \
+      --formulation=blocked --baseline=none "${SHAPE[@]}"
+  done
+fi
 echo "[$(date +%T)] all parts done"

@@ -9,6 +9,22 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+# One persistent JAX compilation cache for the session, inherited by every process a test starts:
+# the tiny configs compile the same programs test after test (each run builds its jitted functions
+# anew, so JAX's in-memory cache misses them), and compiling is most of a tiny test's time.
+# JAX reads a broken or half-written entry as a miss (a warning) and compiles; the directory is
+# removed when the process that made it exits. NFJAX_TEST_COMPILE_CACHE=0 turns it off; an
+# explicit JAX_COMPILATION_CACHE_DIR is used as it is.
+if os.environ.get('NFJAX_TEST_COMPILE_CACHE', '1') != '0' and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  import atexit
+  import shutil
+  import tempfile
+  _cache_dir = tempfile.mkdtemp(prefix='nfjax-test-jax-cache-')
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)

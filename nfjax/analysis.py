@@ -100,7 +100,7 @@ def _preact_fn(spec, shape):
       params = mlp.unflatten(spec, vec)
       h, out = feats, []
       for i, layer in enumerate(params[:-1]):
-        z = h @ layer['weight'].T + layer['bias']
+        z = mlp.dense(layer, h)
         out.append(z)
         h = mlp._act(spec, z, first=(i == 0))
       return out

@@ -136,14 +136,18 @@ def _act(spec: FieldSpec, h: jax.Array, first: bool) -> jax.Array:
   return jnp.sin(spec.siren_w0 * h if first else h)
 
 
+def dense(layer: dict, h: jax.Array) -> jax.Array:
+  """One layer's pre-activation on points-major inputs: h [n, in] -> [n, out]."""
+  z = h @ layer['weight'].T
+  return z + layer['bias'] if 'bias' in layer else z
+
+
 def apply_encoded(spec: FieldSpec, params: Params, feats: jax.Array) -> jax.Array:
   """One field (no leading field axis) on encoded features [n, encoded_dims] -> raw [n, out]."""
   h = feats
   n = len(params)
   for i, layer in enumerate(params):
-    h = h @ layer['weight'].T
-    if 'bias' in layer:
-      h = h + layer['bias']
+    h = dense(layer, h)
     if i < n - 1:
       h = _act(spec, h, first=(i == 0))
   return h

@@ -182,10 +182,7 @@ def rows_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float,
   activations [n, width]; each layer's products are the reference's, [n x in] @ [in x out] and
   their transposes. The activations' (but GELU's, `gelu_and_derivative`) and the loss's derivatives
   are `jax.vjp` of the functions the reference uses."""
-  def product(h, layer, i):
-    z = h @ layer['weight'].T
-    return z + layer['bias'] if 'bias' in layer else z
-  zs, hs, ds = _layers(spec, params, feats, product)
+  zs, hs, ds = _layers(spec, params, feats, lambda h, layer, i: mlp.dense(layer, h))
   value, loss_vjp = jax.vjp(lambda r: fitting.output_loss(spec, loss, r, target, clamp), zs[-1])
   (g,) = loss_vjp(jnp.ones_like(value))
   grads = [None] * len(params)

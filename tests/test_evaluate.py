@@ -178,6 +178,40 @@ def test_classifier_learns_and_roundtrips(mnist, tmp_path):
   assert back.info['heldout_accuracy'] == clf.info['heldout_accuracy']
 
 
+def test_packaged_classifier_is_what_training_gives_and_is_used_only_for_its_config(tmp_path, monkeypatch):
+  """The offline default's packaged classifier (nfjax/data/mnist_5k_classifier) is used instead of
+  training when the config is the one it was trained with, and is what `_classifier` trains with
+  that config here (the same fingerprint; the same predictions on the held-out images up to float
+  rounding): a change to the classifier's code, config or data fails this until it is packaged again."""
+  config = load_config('quick')
+  real = image_eval._real_images(config)
+  held = classifier.split_heldout(len(real.images), float(config.evaluate.classifier.heldout_fraction),
+                                  int(config.seed))[1]
+
+  def no_training(*a, **k):
+    raise AssertionError('trained although the packaged (or cached) classifier fits this config')
+  trained = classifier.train
+  monkeypatch.setattr(classifier, 'train', no_training)
+  packaged = image_eval._classifier(str(tmp_path / 'packaged'), config, real, 10)
+  assert os.path.exists(tmp_path / 'packaged' / 'classifier.json')   # cached in the workdir
+  cached = image_eval._classifier(str(tmp_path / 'packaged'), config, real, 10)
+  np.testing.assert_array_equal(cached.predict(real.images[held]), packaged.predict(real.images[held]))
+
+  monkeypatch.setattr(classifier, 'train', trained)
+  own_cfg = load_config('quick', **{'evaluate.classifier.packaged': False})
+  own = image_eval._classifier(str(tmp_path / 'own'), own_cfg, real, 10)
+  assert own.info['fingerprint'] == packaged.info['fingerprint']
+  agree = (own.predict(real.images[held]) == packaged.predict(real.images[held])).mean()
+  assert agree >= 0.99, agree
+  assert abs(own.info['heldout_accuracy'] - packaged.info['heldout_accuracy']) <= 0.01
+
+  # Any other classifier config trains its own (here a tiny one).
+  tiny = load_config('quick', **{'evaluate.classifier.channels': (4, 8), 'evaluate.classifier.hidden': 16,
+                                 'evaluate.classifier.epochs': 1, 'evaluate.classifier.max_images': 600})
+  small = image_eval._classifier(str(tmp_path / 'tiny'), tiny, real, 10)
+  assert small.info['fingerprint']['classifier']['epochs'] == 1 and small.arch.hidden == 16
+
+
 def test_nearest_neighbours_brute_force_and_exact_copies():
   rng = np.random.default_rng(0)
   b = rng.standard_normal((50, 20)).astype(np.float32) * 10

@@ -86,6 +86,8 @@ def get_config(arg=None):
   c.evaluate.classifier.augment_shift = 2   # random shifts of up to this many pixels
   c.evaluate.classifier.heldout_fraction = 0.1
   c.evaluate.classifier.max_images = 20000  # real images it trains on (seeded subset); -1 = all
+  c.evaluate.classifier.packaged = True     # use nfjax's packaged classifier when it was trained with this
+                                            # config and data (the offline default); False = train it here
 
   if preset == 'quick':
     # Sized for README command 1 on the slower 2-core CPUs (an Intel Xeon runs the pipeline ~1.45x

@@ -14,6 +14,7 @@ COPY_PERCENTILE of the reconstruction error). The classifier is cached in eval/c
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import numpy as np
@@ -33,6 +34,10 @@ from nfjax.utils import picks
 from nfjax.utils.logging import log
 
 STAGE = 'evaluate'
+# The evaluation classifier of the offline default (mnist.py's evaluate.classifier, seed 0, all 5,000
+# images of data/mnist_5k.npz): `_classifier` uses it instead of training the same one again (~25 s
+# of every fresh run on 2 CPU cores), so every machine scores samples with the same classifier.
+PACKAGED_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(image_data.__file__)), 'mnist_5k_classifier')
 # NeF-GPT's MNIST numbers (nefgpt.md §7.2), for side-by-side reading; their protocol differs.
 NEFGPT_REPORTED = {'ssim_mmd': 0.2162, 'ssim_cov': 0.2773, 'ssim_1nna': 0.84,
                    'class_accuracy': 0.984, 'note': 'slides, top-k 3, T 0.8; accuracy from 64 samples '
@@ -67,17 +72,29 @@ def _real_images(config) -> image_data.ImageSet:
 
 
 def _classifier(directory: str, config, real: image_data.ImageSet, num_classes: int) -> clf_lib.Classifier:
+  """The evaluation classifier of `config` for `real`: the one cached in `directory` when its
+  fingerprint (training config, data source, seed, image and class counts) is this config's, else
+  the packaged one when it is (evaluate.classifier.packaged: the offline default's, trained by
+  `clf_lib.train` with the same config; tests/test_evaluate.py trains it again and compares), else
+  trained here. Either way it ends up cached in `directory`."""
   ccfg = config.evaluate.classifier
   seed = int(config.seed)
   n = len(real.images)
   cap = int(ccfg.max_images)
   use = np.arange(n) if cap == -1 or cap >= n else np.sort(np.random.default_rng(seed + 7).permutation(n)[:cap])
-  fp = {'classifier': cfg_utils.to_dict(ccfg), 'source': real.source, 'seed': seed, 'num_images': int(len(use)),
-        'num_classes': int(num_classes)}
+  fp = {'classifier': {k: v for k, v in cfg_utils.to_dict(ccfg).items() if k != 'packaged'}, 'source': real.source,
+        'seed': seed, 'num_images': int(len(use)), 'num_classes': int(num_classes)}
   meta_path = files.join(directory, 'classifier.json')
   if files.exists(meta_path) and files.read_json(meta_path).get('fingerprint') == fp:
     clf = clf_lib.Classifier.load(directory)
     log(STAGE, f"classifier: cached in {directory} (held-out accuracy {clf.info['heldout_accuracy']:.4f})")
+    return clf
+  if ccfg.get('packaged', True) and files.read_json(files.join(PACKAGED_CLASSIFIER, 'classifier.json')).get(
+      'fingerprint') == fp:
+    clf = clf_lib.Classifier.load(PACKAGED_CLASSIFIER)
+    clf.save(directory)
+    log(STAGE, f"classifier: nfjax's packaged one, trained with this config on {real.source} (held-out accuracy "
+               f"{clf.info['heldout_accuracy']:.4f}; --config.evaluate.classifier.packaged=False trains it here) -> {directory}")
     return clf
   log(STAGE, f"classifier: training on {len(use)} real images from {real.source} "
              f"({ccfg.heldout_fraction:.0%} held out), {ccfg.epochs} epochs")

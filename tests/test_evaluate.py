@@ -199,7 +199,8 @@ def test_packaged_classifier_is_what_training_gives_and_is_used_only_for_its_con
 
   monkeypatch.setattr(classifier, 'train', trained)
   own_cfg = load_config('quick', **{'evaluate.classifier.packaged': False})
-  own = image_eval._classifier(str(tmp_path / 'own'), own_cfg, real, 10)
+  own = image_eval._classifier(str(tmp_path / 'packaged'), own_cfg, real, 10)  # trained, though one is cached
+  assert not own.info.get('packaged') and packaged.info['packaged']
   assert own.info['fingerprint'] == packaged.info['fingerprint']
   agree = (own.predict(real.images[held]) == packaged.predict(real.images[held])).mean()
   assert agree >= 0.99, agree

@@ -76,7 +76,8 @@ def _classifier(directory: str, config, real: image_data.ImageSet, num_classes: 
   fingerprint (training config, data source, seed, image and class counts) is this config's, else
   the packaged one when it is (evaluate.classifier.packaged: the offline default's, trained by
   `clf_lib.train` with the same config; tests/test_evaluate.py trains it again and compares), else
-  trained here. Either way it ends up cached in `directory`."""
+  trained here (also where the packaged one is cached, with packaged=False). Either way it ends up
+  cached in `directory`."""
   ccfg = config.evaluate.classifier
   seed = int(config.seed)
   n = len(real.images)
@@ -85,13 +86,15 @@ def _classifier(directory: str, config, real: image_data.ImageSet, num_classes: 
   fp = {'classifier': {k: v for k, v in cfg_utils.to_dict(ccfg).items() if k != 'packaged'}, 'source': real.source,
         'seed': seed, 'num_images': int(len(use)), 'num_classes': int(num_classes)}
   meta_path = files.join(directory, 'classifier.json')
-  if files.exists(meta_path) and files.read_json(meta_path).get('fingerprint') == fp:
+  packaged = bool(ccfg.get('packaged', True))
+  cached = files.read_json(meta_path) if files.exists(meta_path) else {}
+  if cached.get('fingerprint') == fp and (packaged or not cached.get('packaged')):
     clf = clf_lib.Classifier.load(directory)
     log(STAGE, f"classifier: cached in {directory} (held-out accuracy {clf.info['heldout_accuracy']:.4f})")
     return clf
-  if ccfg.get('packaged', True) and files.read_json(files.join(PACKAGED_CLASSIFIER, 'classifier.json')).get(
-      'fingerprint') == fp:
+  if packaged and files.read_json(files.join(PACKAGED_CLASSIFIER, 'classifier.json')).get('fingerprint') == fp:
     clf = clf_lib.Classifier.load(PACKAGED_CLASSIFIER)
+    clf.info['packaged'] = True   # so that packaged=False trains one here even where this is cached
     clf.save(directory)
     log(STAGE, f"classifier: nfjax's packaged one, trained with this config on {real.source} (held-out accuracy "
                f"{clf.info['heldout_accuracy']:.4f}; --config.evaluate.classifier.packaged=False trains it here) -> {directory}")

@@ -207,3 +207,70 @@ def test_kill_and_resume_gives_identical_dataset(tmp_path):
   for k in wds.ARRAYS:
     np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
   np.testing.assert_array_equal(a.shared_init, b.shared_init)
+
+
+def _prototypes(workdir):
+  from nfjax.io import files
+  return files.read_npz(os.path.join(workdir, 'fields', 'prototypes.npz'))
+
+
+def test_prototypes_start_every_field_from_its_own_class_cluster(tmp_path):
+  from nfjax import analysis
+  from nfjax.data import images
+  from nfjax.fields import stack
+  config = tiny(**{'data.num_fields': 30, 'fit.prototypes': 2, 'fit.chunk_size': 8, 'mesh.data': 2})
+  main.run(config, str(tmp_path / 'proto'), 'fit')
+  main.run(tiny(**{'data.num_fields': 30, 'fit.chunk_size': 8, 'mesh.data': 2}), str(tmp_path / 'plain'), 'fit')
+  ds, plain, proto = _arrays(str(tmp_path / 'proto')), _arrays(str(tmp_path / 'plain')), _prototypes(str(tmp_path / 'proto'))
+  labels = ds.labels
+  counts = np.bincount(labels, minlength=10)
+  assert len(proto['weights']) == np.minimum(counts, 2).sum()     # min(K, members) per class
+  assert (proto['labels'][proto['of_field']] == labels).all()    # every field's prototype is of its class
+  pixels = images.load(config).images.reshape(len(labels), -1)
+  for i in range(len(labels)):                                   # ... the nearest mean of that class
+    own = np.nonzero(proto['labels'] == labels[i])[0]
+    assert proto['of_field'][i] == own[np.argmin(((proto['means'][own] - pixels[i]) ** 2).sum(1))]
+  assert np.isfinite(proto['quality']).all() and (proto['quality'] > 12).all()   # fitted to their means
+  assert ds.meta['prototypes_per_class'] == 2 and 'prototypes_per_class' not in plain.meta
+  np.testing.assert_array_equal(ds.shared_init, plain.shared_init)  # the tokenizer's residual base: unchanged
+  # A field is its own fit started from its prototype (the same fitter on that field alone), not the shared init's.
+  fitter = analysis.make_fitter(config, (28, 28))
+  i = 5
+  w, _, _ = fitter.fit(int(config.fit.steps), pixels[[i]].reshape(1, 784, 1), stack.field_keys(0, np.array([i])),
+                       proto['weights'][proto['of_field'][[i]]])
+  np.testing.assert_allclose(ds.weights[i], w[0], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(ds.weights[i], plain.weights[i], atol=1e-3)
+  assert (tmp_path / 'proto' / 'fields' / 'prototypes.png').exists()
+
+
+def test_prototypes_are_read_back_not_made_again(tmp_path):
+  from nfjax.io import files
+  config = tiny(**{'data.num_fields': 16, 'fit.prototypes': 1, 'fit.chunk_size': 8})
+  main.run(config, str(tmp_path / 'a'), 'fit')
+  first = _arrays(str(tmp_path / 'a')).weights
+  # A run killed after its prototypes were written resumes from that file: move one prototype, and the
+  # fields that start from it (only those) come out elsewhere.
+  d = tmp_path / 'b' / 'fields'
+  main.run(config, str(tmp_path / 'b'), 'fit')
+  proto = _prototypes(str(tmp_path / 'b'))
+  moved = int(proto['of_field'][0])
+  proto['weights'][moved] += 0.05
+  for f in ('summary.json', 'manifest.json', 'weights.npy'):
+    os.remove(d / f)
+  files.write_npz(str(d / 'prototypes.npz'), **proto)
+  main.run(config, str(tmp_path / 'b'), 'fit')
+  again = _arrays(str(tmp_path / 'b')).weights
+  starts_there = proto['of_field'] == moved
+  assert not np.allclose(again[starts_there], first[starts_there], atol=1e-4)
+  np.testing.assert_allclose(again[~starts_there], first[~starts_there], rtol=1e-5, atol=1e-6)
+
+
+def test_prototypes_refused_where_they_cannot_apply(tmp_path):
+  with pytest.raises(ConfigError, match=r"fit.prototypes=2 .*needs fit.init='shared'"):
+    main.run(tiny(**{'fit.prototypes': 2, 'fit.init': 'random'}), str(tmp_path / 'a'), 'fit')
+  with pytest.raises(ConfigError, match=r'fit.prototypes=-1'):
+    main.run(tiny(**{'fit.prototypes': -1}), str(tmp_path / 'b'), 'fit')
+  shapes = load_config('smoke', 'configs/shapes.py', **{'fit.prototypes': 3})
+  with pytest.raises(ConfigError, match=r'fit.prototypes=3: shape fields draw their own points'):
+    main.run(shapes, str(tmp_path / 'c'), 'fit')
+  assert not any((tmp_path / x / 'fields').exists() for x in 'abc')

@@ -51,6 +51,13 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # agree. 0 = off (on the quick preset 0.03 cost 0.7 dB and made the samples worse: benchmarks/RESULTS.md).
   c.fit.anchor = 0.0
   c.fit.init = 'shared'            # shared (NeF-GPT's "conditioned" init) | random
+  # Prototype inits (images): each class's images are clustered (k-means, this many clusters per class),
+  # a field is fitted to every cluster's mean image from the shared init, and every field starts from
+  # its own cluster's prototype instead of the one shared init (fields/prototypes.npz). With 1 per class
+  # a class's fields stay in one class-shaped basin: on MNIST quick the samples' class consistency went
+  # from 0.73 to 0.97 (3 or 10 per class: worse than none; benchmarks/RESULTS.md, issue 15). The
+  # tokenizer still codes w - shared init. 0 = off: every field starts from the shared init.
+  c.fit.prototypes = 0
   c.fit.shared_init_index = 0      # which field (position in the dataset) seeds the init
   c.fit.shared_init_steps = 3000
   # The shared init matters (+-1 dB mean PSNR between random seeds on MNIST): fit this many

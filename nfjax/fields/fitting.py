@@ -44,6 +44,11 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
+  if 'prototypes' in config.fit:   # a config written without the key has none
+    cfg_utils.check_positive(config, 'fit.prototypes', allow_zero=True)
+    if int(config.fit.prototypes) > 0 and config.fit.init != 'shared':
+      raise ConfigError(f"config key fit.prototypes={config.fit.prototypes} fits its prototypes from the shared "
+                        f"init and needs fit.init='shared' (not {config.fit.init!r}); or set fit.prototypes=0")
   cfg_utils.check_choice(config, 'fit.formulation', FORMULATIONS)
   cfg_utils.check_choice(config, 'fit.matmul_precision', MATMUL_PRECISIONS)
   cfg_utils.check_positive(config, 'fit.block_fields', allow_zero=True)

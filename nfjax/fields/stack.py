@@ -6,6 +6,9 @@ modality:
 
 1. the shared init (`fit.init='shared'`): candidate inits fitted on one field from different seeds,
    the one whose probe fits are best is kept (fields/shared_init.npy);
+   With `fit.prototypes` = K > 0 (images), each class's targets are clustered into K groups (k-means),
+   a field is fitted from the shared init to every group's mean, and every field starts from its own
+   group's prototype instead (fields/prototypes.npz);
 2. every chunk of `fit.chunk_size` fields not on disk yet is fitted and written atomically
    (fields/chunks/), so a killed run resumes where it stopped and ends with the same dataset;
 3. fields under `fit.refit_below` get a second, longer fit (the better result is kept);
@@ -29,6 +32,7 @@ from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.modalities.base import Quality
+from nfjax.tokenizers import kmeans
 from nfjax.utils import preemption
 from nfjax.utils.logging import MetricsWriter, Progress, log
 
@@ -308,9 +312,60 @@ def shared_init(stage, fitter: StackFitter, config, targets, seed: int,
   return shared
 
 
+PROTOTYPE_STREAM = 0x9807
+
+
+def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, shared: np.ndarray, seed: int,
+               quality: Quality) -> dict | None:
+  """fields/prototypes.npz (fit.prototypes > 0): read back when a previous run wrote it, else made and
+  written. Each class's target vectors (`space` = Modality.prototype_targets: (vectors [N, D], the
+  fitter's rows of K vectors)) are clustered into min(K, members) groups by k-means; a field is fitted
+  to every group's mean from the shared init (fit.shared_init_steps steps, as the init's candidates).
+  Holds weights [M, P] (the prototype fields), quality [M], labels [M] (their class), means [M, D]
+  and of_field [N] (the prototype every field starts from: the nearest mean of its own class)."""
+  k = int(config.fit.get('prototypes', 0) or 0)
+  if k <= 0:
+    return None
+  path = stage.file('prototypes.npz')
+  found = processes.agree('prototypes', lambda: files.read_npz(path) if files.exists(path) else None)
+  if found is not None:
+    return found
+  vectors, rows_of = space
+  vectors = np.asarray(vectors, np.float32)
+  means, classes = [], []
+  of_field = np.zeros(len(labels), np.int32)
+  for c in np.unique(labels):
+    members = np.nonzero(labels == c)[0]
+    codes, _ = kmeans.kmeans(vectors[members], min(k, len(members)), restarts=3, iters=50,
+                             seed=(seed * 1000003 + int(c) * 101 + PROTOTYPE_STREAM) % (2 ** 31))
+    of_field[members] = sum(len(m) for m in means) + kmeans.assign(vectors[members], codes)
+    means.append(codes)
+    classes.append(np.full(len(codes), c, np.int32))
+  means = np.concatenate(means)
+  steps = int(config.fit.shared_init_steps)
+  t0 = time.perf_counter()
+  w, _, q = fitter.fit(steps, rows_of(means), field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM),
+                       shared)
+  out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
+  files.write_npz(path, **out)
+  used = np.bincount(of_field, minlength=len(means))
+  log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the k-means means of each class's "
+             f"targets ({k} per class, {steps} steps, {time.perf_counter() - t0:.1f}s, {quality.label} mean "
+             f"{quality.fmt(float(np.nanmean(q)))}); every field starts from its cluster's "
+             f"({used.min()}-{used.max()} fields each)")
+  return out
+
+
+def starts(shared: np.ndarray | None, proto: dict | None, ids: np.ndarray) -> np.ndarray | None:
+  """Where fields `ids` start: their prototypes [n, P] with fit.prototypes, else the shared init (or None)."""
+  if proto is None:
+    return shared
+  return np.asarray(proto['weights'])[np.asarray(proto['of_field'])[ids]]
+
+
 def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
                source_index: np.ndarray, shared: np.ndarray | None, seed: int,
-               quality: Quality) -> tuple[int, float]:
+               quality: Quality, proto: dict | None = None) -> tuple[int, float]:
   """Fit every chunk not on disk yet, writing each atomically. Returns (fields fitted, seconds)."""
   n = _num_rows(targets)
   chunk = int(config.fit.chunk_size)
@@ -333,7 +388,8 @@ def fit_chunks(stage, config, fitter: StackFitter, targets, labels: np.ndarray,
       fitter.compile(int(config.fit.steps), pad_to, take(targets, np.arange(lo, lo + 1)))
       progress.start(fields_done)
     w, loss, q = fitter.fit(int(config.fit.steps), take(targets, np.arange(lo, hi)),
-                            field_keys(seed, np.arange(lo, hi)), shared, pad_to=pad_to)
+                            field_keys(seed, np.arange(lo, hi)), starts(shared, proto, np.arange(lo, hi)),
+                            pad_to=pad_to)
     flags = quality_flags(config, w, loss, q, quality)
     field_io.write_chunk(stage.path, c, weights=w, labels=labels[lo:hi], source_index=source_index[lo:hi],
                          quality=q, flags=flags)
@@ -363,7 +419,7 @@ def quality_flags(config, w, loss, q, quality: Quality) -> np.ndarray:
 
 
 def refit(stage, config, fitter, targets, shared, seed, num_chunks, chunk,
-           quality: Quality) -> dict | None:
+           quality: Quality, proto: dict | None = None) -> dict | None:
   """Second chance for the fields under fit.refit_below: longer fit, keep the better result."""
   threshold = float(config.fit.get('refit_below', 0.0))
   if threshold <= 0:
@@ -384,7 +440,7 @@ def refit(stage, config, fitter, targets, shared, seed, num_chunks, chunk,
   if len(ids):
     t0 = time.perf_counter()
     keys = field_keys(seed, ids, stream=0x2EF17)
-    w, loss, new_q = fitter.fit(steps, take(targets, ids), keys, shared)
+    w, loss, new_q = fitter.fit(steps, take(targets, ids), keys, starts(shared, proto, ids))
     before = q[ids]
     better = np.nan_to_num(new_q, nan=-np.inf) > np.nan_to_num(before, nan=-np.inf)
     name = quality.label
@@ -409,8 +465,9 @@ def merge_chunks(stage, config, num_chunks, refit, quality: Quality) -> dict[str
 
 
 def fit_dataset(stage, config, fitter: StackFitter, rows: tuple, labels: np.ndarray, source_index: np.ndarray,
-                quality: Quality) -> tuple[dict | None, int, float]:
-  """Shared init, every missing chunk, refits: (refit, fields fitted now, fit seconds). Every process
+                quality: Quality, prototype_space=None) -> tuple[dict | None, int, float]:
+  """Shared init, prototypes (`prototype_space`: Modality.prototype_targets, for fit.prototypes > 0),
+  every missing chunk, refits: (refit, fields fitted now, fit seconds). Every process
   of a multi-process run takes part (each fits its devices' share of every stack); the chunks are
   then on disk for `merge_chunks`."""
   n = _num_rows(rows)
@@ -418,7 +475,9 @@ def fit_dataset(stage, config, fitter: StackFitter, rows: tuple, labels: np.ndar
   chunk = int(config.fit.chunk_size)
   num_chunks = -(-n // chunk)
   shared = shared_init(stage, fitter, config, rows, seed, quality)
-  fitted_now, fit_seconds = fit_chunks(stage, config, fitter, rows, labels, source_index, shared, seed, quality)
-  redo = refit(stage, config, fitter, rows, shared, seed, num_chunks, chunk, quality)
+  proto = prototypes(stage, fitter, config, prototype_space, labels, shared, seed, quality)
+  fitted_now, fit_seconds = fit_chunks(stage, config, fitter, rows, labels, source_index, shared, seed, quality,
+                                       proto)
+  redo = refit(stage, config, fitter, rows, shared, seed, num_chunks, chunk, quality, proto)
   return redo, fitted_now, fit_seconds
 

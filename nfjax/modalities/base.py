@@ -91,6 +91,12 @@ class Modality:
   def fit_pictures(self, stage, config, spec, data: FitData, arrays: dict, mesh) -> None:
     """Pictures of the fitted fields (a failure must not cost the dataset)."""
 
+  def prototype_targets(self, data: FitData):
+    """For fit.prototypes: (every field's targets as one vector [N, D] over inputs all fields share,
+    a function from cluster means [K, D] to the fitter's rows for K fields), or None where the fields
+    share no inputs to cluster on (the modality's validate then refuses fit.prototypes > 0)."""
+    return None
+
   # -- tokenize ------------------------------------------------------------------------------------
   def compensation_grid(self, meta: dict):
     """The (H, W) pixel grid the compensated encoder measures errors on, or None (not supported)."""

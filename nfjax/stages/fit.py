@@ -25,7 +25,7 @@ from nfjax.utils.logging import log
 STAGE = 'fit'
 # The fit.* keys every modality's fields depend on (the modality adds its own: Modality.fit_keys).
 FIT_KEYS = ('seed', 'data', 'field', 'fit.steps', 'fit.lr', 'fit.schedule', 'fit.warmup_steps', 'fit.end_lr_factor',
-            'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.anchor', 'fit.init', 'fit.shared_init_index', 'fit.shared_init_steps',
+            'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.anchor', 'fit.init', 'fit.prototypes', 'fit.shared_init_index', 'fit.shared_init_steps',
             'fit.shared_init_candidates', 'fit.shared_init_probe', 'fit.refit_below', 'fit.refit_steps_factor',
             'fit.chunk_size', 'fit.formulation', 'fit.block_fields', 'fit.matmul_precision')
 
@@ -51,8 +51,9 @@ def run(config, workdir: str) -> dict:
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "
              f"{mesh.size} {mesh.devices.flat[0].device_kind} device(s); {config.fit.steps} steps per field; "
              f"init={config.fit.init}; {fitter.formulation} fit")
+  space = modality.prototype_targets(data) if int(config.fit.get('prototypes', 0) or 0) > 0 else None
   refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows, np.asarray(data.labels),
-                                                     np.asarray(data.source_index), quality)
+                                                     np.asarray(data.source_index), quality, space)
   # The dataset, its pictures and summary: process 0 alone in a multi-process run (nfjax/processes.py).
   return processes.on_main(STAGE, lambda: _write(stage, config, spec, modality, data, refit, fitted_now, fit_seconds,
                                                  fitter.compile_seconds, t_start, mesh))
@@ -71,6 +72,8 @@ def _write(stage, config, spec, modality, data, refit, fitted_now, fit_seconds, 
       'shared_init_index': int(config.fit.shared_init_index), 'fingerprint': stage.fingerprint, 'chunk_size': chunk,
       **data.meta, **modality.fit_meta(config, spec, data),
   }
+  if int(config.fit.get('prototypes', 0) or 0) > 0:   # fields/prototypes.npz: where each field started
+    meta['prototypes_per_class'] = int(config.fit.prototypes)
   field_io.write(stage.path, arrays, meta)
   modality.fit_pictures(stage, config, spec, data, arrays, sharding.make_mesh(config.mesh, per_core=True))
   return _finish(stage, config, spec, quality, arrays, refit, fitted_now, fit_seconds, compile_seconds,

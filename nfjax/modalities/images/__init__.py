@@ -102,6 +102,26 @@ class Images(Modality):
     img = img_utils.grid([data.handle.images[idx], recon], row_labels=['original', 'fitted'], col_labels=cols)
     img_utils.save_png(img_utils.captioned(img, 'fitted fields beside their images', FIT_CAPTION),
                        stage.file('reconstructions.png'))
+    if files.exists(stage.file('prototypes.npz')):
+      self._prototype_picture(stage, spec, data, files.read_npz(stage.file('prototypes.npz')))
+
+  def _prototype_picture(self, stage, spec, data, proto):
+    """fields/prototypes.png: each class's prototype fields (fit.prototypes), one row per class."""
+    h, w = data.meta['image_shape']
+    recon = mlp.render_weights(spec, proto['weights'], h, w)
+    used = np.bincount(proto['of_field'], minlength=len(recon))
+    classes = np.unique(proto['labels'])
+    rows = [recon[proto['labels'] == c] for c in classes]
+    cells = [[f"{used[i]}" for i in np.nonzero(proto['labels'] == c)[0]] for c in classes]
+    img = img_utils.grid(rows, row_labels=[f'class {c}' for c in classes], cell_labels=cells)
+    img_utils.save_png(img_utils.captioned(
+        img, 'prototype fields: fitted to the k-means means of each class (fit.prototypes)',
+        'under each: how many fields start from it'), stage.file('prototypes.png'))
+
+  def prototype_targets(self, data):
+    targets = np.asarray(data.rows[0], np.float32)   # [N, pixels, 1]
+    n, pixels, out = targets.shape
+    return targets.reshape(n, pixels * out), lambda means: (np.asarray(means, np.float32).reshape(-1, pixels, out),)
 
   # -- tokenize ------------------------------------------------------------------------------------
   def compensation_grid(self, meta):

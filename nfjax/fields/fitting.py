@@ -46,7 +46,7 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
   if 'prototypes' in config.fit:   # a config written without the key has none
     cfg_utils.check_positive(config, 'fit.prototypes', allow_zero=True)
-    if int(config.fit.prototypes) > 0 and config.fit.init != 'shared':
+    if prototypes_of(config.fit) > 0 and config.fit.init != 'shared':
       raise ConfigError(f"config key fit.prototypes={config.fit.prototypes} fits its prototypes from the shared "
                         f"init and needs fit.init='shared' (not {config.fit.init!r}); or set fit.prototypes=0")
   cfg_utils.check_choice(config, 'fit.formulation', FORMULATIONS)
@@ -91,6 +91,12 @@ def l2_penalty(spec: mlp.FieldSpec, l2: float, params) -> jax.Array:
   """NeF-GPT's weight penalty of one field: l2 * ||theta||_2 / P."""
   flat = mlp.flatten(spec, params)
   return l2 * jnp.sqrt(jnp.sum(flat ** 2)) / flat.shape[-1]
+
+
+def prototypes_of(fit_cfg) -> int:
+  """fit.prototypes per class (0 = off: every field starts from the shared init; configs from before
+  the key have none)."""
+  return int(fit_cfg.get('prototypes', 0) or 0)
 
 
 def anchor_of(fit_cfg) -> float:

@@ -323,7 +323,7 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   to every group's mean from the shared init (fit.shared_init_steps steps, as the init's candidates).
   Holds weights [M, P] (the prototype fields), quality [M], labels [M] (their class), means [M, D]
   and of_field [N] (the prototype every field starts from: the nearest mean of its own class)."""
-  k = int(config.fit.get('prototypes', 0) or 0)
+  k = fitting.prototypes_of(config.fit)
   if k <= 0:
     return None
   path = stage.file('prototypes.npz')

@@ -17,7 +17,7 @@ import numpy as np
 from nfjax import config as config_lib
 from nfjax import modalities, processes, sharding
 from nfjax.configs import checks
-from nfjax.fields import mlp, stack
+from nfjax.fields import fitting, mlp, stack
 from nfjax.io import fields as field_io
 from nfjax.io import workdir as wd
 from nfjax.utils.logging import log
@@ -51,7 +51,7 @@ def run(config, workdir: str) -> dict:
   log(STAGE, f"{data.description}; field {spec.num_params} params; {-(-n // chunk)} chunk(s) of {min(chunk, n)} over "
              f"{mesh.size} {mesh.devices.flat[0].device_kind} device(s); {config.fit.steps} steps per field; "
              f"init={config.fit.init}; {fitter.formulation} fit")
-  space = modality.prototype_targets(data) if int(config.fit.get('prototypes', 0) or 0) > 0 else None
+  space = modality.prototype_targets(data) if fitting.prototypes_of(config.fit) > 0 else None
   refit, fitted_now, fit_seconds = stack.fit_dataset(stage, config, fitter, data.rows, np.asarray(data.labels),
                                                      np.asarray(data.source_index), quality, space)
   # The dataset, its pictures and summary: process 0 alone in a multi-process run (nfjax/processes.py).
@@ -72,8 +72,8 @@ def _write(stage, config, spec, modality, data, refit, fitted_now, fit_seconds, 
       'shared_init_index': int(config.fit.shared_init_index), 'fingerprint': stage.fingerprint, 'chunk_size': chunk,
       **data.meta, **modality.fit_meta(config, spec, data),
   }
-  if int(config.fit.get('prototypes', 0) or 0) > 0:   # fields/prototypes.npz: where each field started
-    meta['prototypes_per_class'] = int(config.fit.prototypes)
+  if fitting.prototypes_of(config.fit) > 0:   # fields/prototypes.npz: where each field started
+    meta['prototypes_per_class'] = fitting.prototypes_of(config.fit)
   field_io.write(stage.path, arrays, meta)
   modality.fit_pictures(stage, config, spec, data, arrays, sharding.make_mesh(config.mesh, per_core=True))
   return _finish(stage, config, spec, quality, arrays, refit, fitted_now, fit_seconds, compile_seconds,

@@ -90,7 +90,7 @@ def _validate_fit(config) -> None:
   cfg_utils.check_positive(config, 'fit.points_per_step', allow_minus_one=True)
   cfg_utils.check_positive(config, 'fit.sdf_clamp', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.render_resolution')
-  if int(config.fit.get('prototypes', 0) or 0) > 0:
+  if fitting.prototypes_of(config.fit) > 0:
     raise ConfigError(f"config key fit.prototypes={config.fit.prototypes}: shape fields draw their own points, so "
                       f"there are no common targets to cluster prototypes on; set fit.prototypes=0")
   for key in ('fit.shared_init_l2', 'fit.refit_below', 'fit.refit_steps_factor'):

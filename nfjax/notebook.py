@@ -355,7 +355,7 @@ class Sampler:
     self.vocab = self.tokens.vocab
     self.prefix = self.tokens.prefix_len
     self.num_new = self.tokens.seq_len - self.prefix
-    self.num_classes = max(1, self.vocab.num_classes)
+    self.num_classes = self.tokens.num_label_classes
     # only codes in weight slots (the model's vocabulary: + the null class of classifier-free guidance)
     self._allowed = sampling.code_mask(self.vocab, self.num_new, self.model.cfg.vocab_size)
     self._generate = sampling.make_generate(self.model, self.num_new, use_cache=use_cache)
@@ -364,8 +364,9 @@ class Sampler:
   def step(self) -> int | None:
     return self.meta.get('step')
 
-  def prompt(self, labels: np.ndarray) -> np.ndarray:
-    return sampling.prompts(self.vocab, labels, self.prefix)
+  def prompt(self, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Prompts for classes `labels` (with prototype conditions: one of each class's prototypes, seeded)."""
+    return sampling.prompts(self.vocab, self.tokens.conditions_for(labels, seed), self.prefix)
 
   def sample(self, classes: int | Sequence[int] | None = 0, num: int = 10, temperature: float = 0.8,
              top_k: int = 3, top_p: float = 1.0, seed: int = 0) -> Samples:
@@ -376,7 +377,7 @@ class Sampler:
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num < 1:
       raise ValueError("need num >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
     if classes is None:
-      classes = list(range(self.num_classes))
+      classes = self.tokens.label_classes().tolist()
     classes = [int(c) for c in np.atleast_1d(classes)]
     bad = [c for c in classes if not 0 <= c < self.num_classes]
     if bad:
@@ -384,7 +385,7 @@ class Sampler:
     labels = np.repeat(np.asarray(classes, np.int32), num)
     b = len(labels)
     toks = np.asarray(self._generate(
-        jnp.asarray(self.prompt(labels)), sampling.sample_keys(int(seed), 0, np.arange(b)),
+        jnp.asarray(self.prompt(labels, seed)), sampling.sample_keys(int(seed), 0, np.arange(b)),
         jnp.full((b,), temperature, jnp.float32), jnp.full((b,), top_k, jnp.int32),
         jnp.full((b,), top_p, jnp.float32), self._allowed))
     weights = self.tokenizer.decode(toks, self.vocab).astype(np.float32)

@@ -22,6 +22,7 @@ from nfjax.models.regression import LOSSES
 STAGES = ('fit', 'tokenize', 'train', 'sample', 'evaluate')
 MODEL_KINDS = ('gpt', 'regression')
 CLASS_TOKEN = ('auto', 'yes', 'no')
+CONDITION = ('class', 'prototype')   # tokenize.condition: what the sequences' conditioning token names
 # (config JSON, stage) pairs validated by the launch in progress (`launch`); empty between launches.
 _launch: set[tuple[str, str]] = set()
 
@@ -74,6 +75,15 @@ def _tokenize(config) -> None:
   config_lib.check_choice(config, 'tokenize.class_token', CLASS_TOKEN)
   if 'drop_constant' in config.tokenize:
     config_lib.check_choice(config, 'tokenize.drop_constant', (True, False))
+  if 'condition' in config.tokenize:
+    config_lib.check_choice(config, 'tokenize.condition', CONDITION)
+    if config.tokenize.condition == 'prototype':
+      if 'fit' in config and fitting.prototypes_of(config.fit) == 0:
+        raise ConfigError("config key tokenize.condition='prototype' conditions the transformer on the prototype "
+                          "each field started from: set fit.prototypes > 0 (e.g. 3), or tokenize.condition='class'")
+      if config.tokenize.class_token == 'no':
+        raise ConfigError("config key tokenize.condition='prototype' needs the conditioning token: set "
+                          "tokenize.class_token='auto' (or 'yes'), or tokenize.condition='class'")
 
 
 def _train(config) -> None:

@@ -114,6 +114,11 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # weights of neurons dead in the shared init never move: 99 of MNIST's 561 slots); they decode to
   # that token. Shorter sequences, the same tokens elsewhere. docs/tokenize.md.
   c.tokenize.drop_constant = False
+  # What each sequence's conditioning token names: 'class', or 'prototype' (needs fit.prototypes > 0):
+  # the prototype its field started from, so the transformer learns p(w | prototype) and a class is
+  # sampled by drawing one of its prototypes with its share of the training fields. Several prototypes
+  # per class then stop competing inside one sample (benchmarks/RESULTS.md, issue 15).
+  c.tokenize.condition = 'class'
   c.tokenize.num_examples = 16        # fields shown in tokenizer/reconstructions.png
 
   # model + train: tokens/ -> transformer/ (nfjax/stages/train.py, nfjax/training/, nfjax/models/, docs/train.md).

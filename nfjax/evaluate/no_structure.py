@@ -8,7 +8,11 @@ they beat this row. The frame (nfjax/evaluate/protocol.py) decodes the drawn tok
 tokenizer exactly as the sample stage decodes a GPT's samples and scores them with the headline
 setting's labels, set size and metrics.
 
-Inputs: WORKDIR/tokens (the training split `train_idx`, its `labels`, the weight tokens after the
+With tokenize.condition='prototype' the model conditions on the prototype a field started from, and
+so does this row: per-prototype histograms, each row's prototype drawn from its class's as the sample
+stage draws them (`TokenDataset.conditions_for`).
+
+Inputs: WORKDIR/tokens (the training split `train_idx`, its conditions, the weight tokens after the
 prefix) and WORKDIR/tokenizer. Seed: config seed + STREAM.
 """
 
@@ -75,15 +79,23 @@ def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, sta
                     f"{workdir}/tokens has {data.tokens_per_field}: re-run the tokenize stage")
   train = np.asarray(data.train_idx, np.int64)
   prefix = data.prefix_len
-  drawn, pooled = histogram_tokens(data.tokens[train, prefix:], data.labels[train], labels, seed)
+  # The model's conditioning: per class, or (tokenize.condition='prototype') per prototype, each row's
+  # prototype drawn from its class's with their shares of the training fields, as the sample stage does.
+  by_prototype = data.condition_class is not None
+  wanted = data.conditions_for(labels, seed)
+  drawn, pooled = histogram_tokens(data.tokens[train, prefix:], data.conditions()[train], wanted, seed)
   weights = np.asarray(tokenizer.decode(drawn, data.vocab), np.float32)   # as samples are decoded
   if weights.shape[1] != params_per_field:
     raise DataError(f"{workdir}/tokenizer decodes {weights.shape[1]} parameters per field but fields/ has "
                     f"{params_per_field}: re-run the tokenize stage")
-  info = {'what': f"weight tokens drawn independently per position from each class's per-slot histogram of the "
+  info = {'what': f"weight tokens drawn independently per position from each "
+                  f"{'prototype' if by_prototype else 'class'}'s per-slot histogram of the "
                   f"{len(train)} training sequences (tokens/ train split), decoded with the tokenizer "
                   f"(no structure between positions)",
           'num_train_sequences': int(len(train))}
   if pooled:
     info['classes_without_training_sequences'] = pooled
+  if by_prototype:
+    info['conditioning'] = ("per prototype (tokenize.condition='prototype'): each row's prototype drawn from its "
+                            "class's with their shares of the training fields, as the sample stage draws them")
   return weights, info

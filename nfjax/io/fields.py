@@ -15,6 +15,9 @@ A directory (``WORKDIR/fields``) of plain files that numpy alone can read:
                                       under the floor. Flagged fields are kept for inspection
                                       but excluded by ``good()`` (and so by later stages).
   shared_init.npy    float32 [P]      the shared initialisation (init mode 'shared' only)
+  prototypes.npz     fit.prototypes > 0: the prototype fields (weights [K, P], quality, labels [K]: their
+                     class, means: the k-means mean each was fitted to, of_field [N]: the prototype
+                     every field started from); `prototypes` reads it
   summary.json       headline figures; written last: its presence marks the dataset complete.
 
 While fitting, finished chunks live in ``chunks/chunk_XXXXX.npz`` (each written atomically);
@@ -93,6 +96,12 @@ def write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
   for k in ARRAYS:
     files.write_npy(files.join(directory, f'{k}.npy'), arrays[k])
   files.write_json(files.join(directory, 'meta.json'), {'format': FORMAT, **meta})
+
+
+def prototypes(directory: str) -> dict[str, np.ndarray] | None:
+  """fields/prototypes.npz (fit.prototypes > 0), or None when the fields were started without prototypes."""
+  path = files.join(directory, 'prototypes.npz')
+  return files.read_npz(path) if files.exists(path) else None
 
 
 def is_complete(directory: str) -> bool:

@@ -14,7 +14,8 @@ Token dataset directory (``WORKDIR/tokens``), numpy-readable:
 
   tokens.npy        int32 [N, L]  one sequence per field: prefix (e.g. [SOS, class]) + P weight tokens
   field_index.npy   int64 [N]     row of each sequence in WORKDIR/fields
-  labels.npy        int32 [N]     class of each sequence
+  labels.npy        int32 [N]     class of each sequence (with tokenize.condition='prototype' the
+                                  sequence's conditioning token names its prototype instead: see below)
   train_idx.npy     int64 [Nt]    rows of tokens.npy in the train split (seeded, recorded)
   val_idx.npy       int64 [Nv]    rows in the val split
   vocab.json        Vocab.to_dict() plus seq_len, prefix_len, num_sequences and what the tokenize stage
@@ -27,6 +28,12 @@ Token dataset directory (``WORKDIR/tokens``), numpy-readable:
                     residual, normalize, prefix (['sos', 'class']), split_seed, val_fraction,
                     tokenizer (path of the tokenizer file, relative to this directory)
   summary.json      written last; marks the dataset complete
+
+Conditioning on prototypes (tokenize.condition='prototype', with fit.prototypes > 0): the conditioning
+token of a sequence names the prototype its field started from (fields/prototypes.npz `of_field`), not
+its class; vocab.json's num_classes counts the prototypes and its `condition_class` [num_classes] gives
+each prototype's class. A class is sampled by drawing one of its prototypes with the frequency of its
+training sequences (`TokenDataset.conditions_for`): the model is p(prototype | class) p(w | prototype).
 
 Decoding sampled sequences back to weights: `nfjax.tokenizers.restore(WORKDIR/tokenizer)
 .decode_sequences(seqs, vocab, prefix_len)`; a special or class token in a weight slot raises
@@ -137,7 +144,62 @@ class TokenDataset:
     """Weight tokens per sequence (seq_len - prefix_len)."""
     return int(self.meta.get('tokens_per_field', self.seq_len - self.prefix_len))
 
+  @property
+  def condition_class(self) -> np.ndarray | None:
+    """The class of every conditioning token [num_classes of the vocabulary] when the sequences are
+    conditioned on prototypes (tokenize.condition='prototype'); None when the token is the class."""
+    cc = self.meta.get('condition_class')
+    return None if cc is None else np.asarray(cc, np.int32)
 
+  @property
+  def num_label_classes(self) -> int:
+    """How many classes a sample can be asked for (the vocabulary's conditioning tokens, or with
+    prototype conditions the classes they belong to); at least 1."""
+    cc = self.condition_class
+    return max(1, self.vocab.num_classes if cc is None else int(cc.max()) + 1)
+
+  def label_classes(self) -> np.ndarray:
+    """The classes a sample can be conditioned on: all of the vocabulary's, or with prototype
+    conditions those with a prototype (a class without fields has none)."""
+    cc = self.condition_class
+    return np.arange(self.num_label_classes, dtype=np.int32) if cc is None else np.unique(cc).astype(np.int32)
+
+  def conditions(self) -> np.ndarray:
+    """The conditioning index of every sequence [N] (its class, or its prototype)."""
+    if self.condition_class is None:
+      return np.asarray(self.labels, np.int32)
+    col = list(self.meta.get('prefix', ['sos', 'class'])).index('class')
+    return (np.asarray(self.tokens[:, col]) - self.vocab.class_token(0)).astype(np.int32)
+
+  def class_of(self, conditions: np.ndarray) -> np.ndarray:
+    """The class of conditioning indices."""
+    cc = self.condition_class
+    return np.asarray(conditions, np.int32) if cc is None else cc[np.asarray(conditions)]
+
+  def conditions_for(self, classes: np.ndarray, seed: int) -> np.ndarray:
+    """A conditioning index for every wanted class [n]: the class itself, or (prototype conditions)
+    one of the class's prototypes, drawn with the frequency of its training sequences. Seeded: entry i
+    depends only on `seed`, i and its class."""
+    classes = np.asarray(classes, np.int32)
+    cc = self.condition_class
+    if cc is None:
+      return classes
+    counts = np.bincount(self.conditions()[np.asarray(self.train_idx)], minlength=len(cc)).astype(np.float64)
+    u = np.random.default_rng([int(seed), CONDITION_STREAM]).random(len(classes))
+    out = np.empty(len(classes), np.int32)
+    for c in np.unique(classes):
+      mine = np.nonzero(cc == c)[0]
+      if len(mine) == 0:
+        raise ValueError(f"class {c} has no prototype in the token dataset (classes with one: "
+                         f"{self.label_classes().tolist()})")
+      weight = counts[mine] + (counts[mine].sum() == 0)   # a class without training sequences: uniform
+      which = np.nonzero(classes == c)[0]
+      pick = np.searchsorted(np.cumsum(weight) / weight.sum(), u[which], side='right')
+      out[which] = mine[np.minimum(pick, len(mine) - 1)]
+    return out
+
+
+CONDITION_STREAM = 0xC0D
 ARRAYS = ('tokens', 'field_index', 'labels', 'train_idx', 'val_idx')
 
 

@@ -2,7 +2,9 @@
 
 For every setting of the grid `sample.settings` ((top_k, temperature, top_p) triples; NeF-GPT's
 grid is top-k {3, 5} x T {0.8, 1.0}) it generates `sample.num_samples` sequences conditioned on
-[SOS, class] (classes cycle 0, 1, 2, ...), with the jitted KV-cache sampler of nfjax/sampling.py:
+[SOS, class] (classes cycle 0, 1, 2, ...; with tokenize.condition='prototype' the prompt names one of the
+class's prototypes, drawn seeded with its share of the training fields: `TokenDataset.conditions_for`;
+a beam search runs once per prototype), with the jitted KV-cache sampler of nfjax/sampling.py:
 all settings share one compiled program (settings are per-row arrays), per-sample keys make a
 sample independent of its batch, and special tokens are masked wherever a weight comes next.
 
@@ -20,7 +22,7 @@ WORKDIR/samples/ (nfjax/io/samples.py):
                                 (guidance only where it is not 1)
   <name>/tokens.npy             int32 [S, L]   full sequences (prompt + generated)
   <name>/weights.npy            float32 [S, P] decoded weight vectors (layout of fields/meta.json)
-  <name>/labels.npy             int32 [S]      conditioning class
+  <name>/labels.npy             int32 [S]      the class of each sample (conditioning class)
   <name>/...                    the modality's pictures (grid.png, meshes)
   summary.json                  written last: num_samples, tokens_per_sec, seconds, settings, device_kind and
                                 device (where the sampler ran: `run(device=)`, default jax.local_devices()[0])
@@ -88,7 +90,8 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   block = model.cfg.block_size
   if seq_len - 1 > block:
     raise NfjaxError(f"the model's context ({block}) is shorter than the token sequences need ({seq_len - 1})")
-  num_classes = max(1, vocab.num_classes)
+  num_classes = tokens.num_label_classes   # with prototype conditions: their classes
+  classes = tokens.label_classes()         # samples cycle through them (all but those without prototypes)
   s = config.sample
   settings = [setting_entry(t) for t in s.settings]
   null_class = int(getattr(model.cfg, 'null_class', -1))
@@ -124,11 +127,11 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   if beam > 0 and todo and 'beam_width' in todo[-1][1]:   # the most likely field of each class
     st = todo.pop()[1]
     t0 = time.perf_counter()
-    labels = np.arange(num_classes, dtype=np.int32)
-    prompt = sampling.prompts(vocab, labels, prefix)
+    conditions = np.arange(max(1, vocab.num_classes), dtype=np.int32)   # each class (or prototype)
+    prompt = sampling.prompts(vocab, conditions, prefix)
     toks, logp = sampling.make_beam_search(model, beam, num_new)(jnp.asarray(prompt), allowed)
-    finish_setting(st, np.concatenate([prompt, np.asarray(toks)], 1), labels)
-    log(STAGE, f"beam search (width {beam}): {num_classes} fields in {time.perf_counter() - t0:.1f}s, "
+    finish_setting(st, np.concatenate([prompt, np.asarray(toks)], 1), tokens.class_of(conditions))
+    log(STAGE, f"beam search (width {beam}): {len(conditions)} fields in {time.perf_counter() - t0:.1f}s, "
                f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
@@ -136,7 +139,8 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   for k, (si, st) in enumerate(todo):
     kept = len(settings) - len(todo) + k   # settings finished before this one
     g = st.get('guidance')
-    labels = (np.arange(n) % num_classes).astype(np.int32)
+    labels = classes[np.arange(n) % len(classes)]
+    conditions = tokens.conditions_for(labels, int(config.seed))   # the classes, or one of each's prototypes
     out = np.zeros((n, seq_len), np.int32)
     batches = processes.mine(-(-n // batch))   # round robin over the processes
     rows = np.zeros(n, bool)
@@ -146,7 +150,7 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       hi = min(n, lo + batch)
       rows[lo:hi] = True
       ids = np.arange(lo, lo + batch)
-      prompt = sampling.prompts(vocab, labels[np.minimum(ids, n - 1)], prefix)
+      prompt = sampling.prompts(vocab, conditions[np.minimum(ids, n - 1)], prefix)
       args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
               jnp.full((batch,), st['temperature'], jnp.float32), jnp.full((batch,), st['top_k'], jnp.int32),
               jnp.full((batch,), st['top_p'], jnp.float32), allowed)
@@ -178,7 +182,7 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     if output.picture and not stage.exists(output.picture) and settings:
       output.animate(stage, settings, tokenizer.decode, fields, prefix)
     summary = {
-        'num_samples': n * (len(settings) - (beam > 0)) + (num_classes if beam > 0 else 0),
+        'num_samples': n * (len(settings) - (beam > 0)) + (max(1, vocab.num_classes) if beam > 0 else 0),
         'samples_per_setting': n,
         'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
         'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),

@@ -31,7 +31,7 @@ import numpy as np
 
 from nfjax import modalities, tokenizers
 from nfjax.configs import checks
-from nfjax.errors import DataError
+from nfjax.errors import ConfigError, DataError
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import tokens as token_data
@@ -44,7 +44,8 @@ STAGE = 'tokenize'
 KEYS = ('seed',) + tuple(f'tokenize.{k}' for k in (
     'method', 'num_codes', 'residual', 'normalize', 'per_layer', 'chunk', 'chunk_size', 'num_quantizers',
     'kmeans_restarts', 'kmeans_iters', 'kmeans_sample', 'pin_atoms', 'refine_steps', 'refine_lr', 'refine_batch',
-    'dead_code_threshold', 'encoder', 'compensate_damp', 'specials', 'class_token', 'val_fraction', 'drop_constant'))
+    'dead_code_threshold', 'encoder', 'compensate_damp', 'specials', 'class_token', 'val_fraction', 'drop_constant',
+    'condition'))
 SPLIT_STREAM = 0x70CE
 # Headline figures (../DESIGN.md) every tokenize summary has; NaN where the modality measures no PSNR.
 HEADLINE_NAN = ('psnr_fields_mean', 'psnr_tokenized_mean', 'psnr_drop_db', 'uniform_psnr_tokenized_mean',
@@ -56,6 +57,31 @@ def use_class_token(config, num_classes: int) -> bool:
   fields have more than one class; one class = NeF-GPT's ShapeNet layout [SOS, w...])."""
   mode = str(config.tokenize.get('class_token', 'auto'))
   return mode == 'yes' or (mode == 'auto' and num_classes > 1)
+
+
+def conditioning(config, fields_dir: str, good: np.ndarray, labels: np.ndarray, num_classes: int
+                 ) -> tuple[np.ndarray, int, dict]:
+  """What each sequence's conditioning token names (tokenize.condition): its class, or the prototype its
+  field started from (fields/prototypes.npz; fit.prototypes). Returns (the index of every good field [n],
+  how many, what vocab.json records: nothing for classes, `condition_class` for prototypes)."""
+  if condition_of(config) == 'class':
+    return labels, num_classes, {}
+  proto = field_io.prototypes(fields_dir)
+  if proto is None:
+    raise ConfigError(f"config key tokenize.condition='prototype' conditions on the prototypes the fields started "
+                      f"from, but {fields_dir} has no prototypes.npz (fitted with fit.prototypes=0): re-run the fit "
+                      f"stage with fit.prototypes > 0, or set tokenize.condition='class'")
+  of_field = np.asarray(proto['of_field'], np.int32)[good]
+  condition_class = np.asarray(proto['labels'], np.int32)
+  if np.any(condition_class[of_field] != labels):
+    raise DataError(f"{fields_dir}/prototypes.npz does not match the fields' classes: re-run the fit stage")
+  return of_field, len(condition_class), {'condition': 'prototype',
+                                          'condition_class': [int(c) for c in condition_class]}
+
+
+def condition_of(config) -> str:
+  """tokenize.condition ('class'; configs from before the key have none)."""
+  return str(config.tokenize.get('condition', 'class'))
 
 
 def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +135,7 @@ def run(config, workdir: str) -> dict:
   w = np.asarray(fields.weights[good], np.float32)
   labels = np.asarray(fields.labels[good], np.int32)
   num_classes = int(fields.meta.get('num_classes', int(labels.max()) + 1))
+  conditions, num_conditions, condition_meta = conditioning(config, fields_dir, good, labels, num_classes)
   seed = int(config.seed)
   train_rows, val_rows = split(labels, float(config.tokenize.val_fraction), seed)
   log(STAGE, f"{len(good)} good fields ({len(fields) - len(good)} flagged left out), {fields.params_per_field} "
@@ -144,11 +171,11 @@ def run(config, workdir: str) -> dict:
              f"({tok.tokens_per_field} tokens each{dropped})")
 
   with_class = use_class_token(config, num_classes)
-  vocab = tok.vocab(num_classes if with_class else 0, tuple(config.tokenize.specials))
+  vocab = tok.vocab(num_conditions if with_class else 0, tuple(config.tokenize.specials))
   prefix = ['sos', 'class'] if with_class else ['sos']
   cols = [np.full((len(w), 1), vocab.sos, np.int32)]
   if with_class:
-    cols.append(vocab.class_token(labels)[:, None].astype(np.int32))
+    cols.append(vocab.class_token(conditions)[:, None].astype(np.int32))
   seqs = np.concatenate([*cols, codes], axis=1)
   wq = tok.decode(codes)
 
@@ -183,7 +210,7 @@ def run(config, workdir: str) -> dict:
 
   token_data.write(tstage.path, seqs, field_index=good, labels=labels, train_idx=train_rows, val_idx=val_rows,
                    vocab=vocab, prefix_len=len(prefix),
-                   extra_meta={**tok.sequence_meta(), 'prefix': prefix, 'split_seed': seed,
+                   extra_meta={**tok.sequence_meta(), **condition_meta, 'prefix': prefix, 'split_seed': seed,
                                'val_fraction': float(config.tokenize.val_fraction),
                                'tokenizer': f'../{wd.TOKENIZER}/tokenizer.npz'})
   summary['seconds'] = time.perf_counter() - t_start

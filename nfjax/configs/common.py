@@ -55,8 +55,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # a field is fitted to every cluster's mean image from the shared init, and every field starts from
   # its own cluster's prototype instead of the one shared init (fields/prototypes.npz). With 1 per class
   # a class's fields stay in one class-shaped basin: on MNIST quick the samples' class consistency went
-  # from 0.73 to 0.97 (3 or 10 per class: worse than none; benchmarks/RESULTS.md, issue 15). The
-  # tokenizer still codes w - shared init. 0 = off: every field starts from the shared init.
+  # from 0.73 to 0.97. More per class pay only with the GPT conditioned on the prototype
+  # (tokenize.condition='prototype'; without it 3 or 10 per class were worse than none): 4 per class
+  # gave the quick preset its coverage (benchmarks/RESULTS.md, issue 15). The tokenizer still codes
+  # w - shared init. 0 = off: every field starts from the shared init.
   c.fit.prototypes = 0
   c.fit.shared_init_index = 0      # which field (position in the dataset) seeds the init
   c.fit.shared_init_steps = 3000

@@ -49,6 +49,9 @@ def test_tokens_name_each_fields_prototype_and_keep_the_class_split(conditioned)
   np.testing.assert_array_equal(ds.train_idx, plain.train_idx)                     # the same split
   np.testing.assert_array_equal(ds.tokens[:, 2:], plain.tokens[:, 2:])             # the same weight tokens
   assert ds.num_label_classes == plain.num_label_classes == 10
+  summary = json.load(open(os.path.join(by_proto, 'tokenizer', 'summary.json')))
+  assert summary['num_conditions'] == len(proto['labels']) and summary['num_classes'] == 10
+  assert 'num_conditions' not in json.load(open(os.path.join(by_class, 'tokenizer', 'summary.json')))
 
 
 def test_a_class_is_drawn_through_its_prototypes_with_their_training_shares(conditioned):

@@ -192,6 +192,7 @@ def run(config, workdir: str) -> dict:
       'num_codes': tok.num_codes, 'num_codebooks': tok.num_groups * tok.num_quantizers,
       'specials': list(vocab.specials), 'num_classes': num_classes, 'tokens_per_field': tok.tokens_per_field,
       **({'dropped_constant': tok.num_dropped} if tok.keep is not None else {}),
+      **({'condition': 'prototype', 'num_conditions': num_conditions} if condition_meta else {}),
       'seq_len': int(seqs.shape[1]), 'residual': settings.residual, 'normalize': settings.normalize,
       'per_layer': settings.per_layer, 'encoder': settings.encoder,
       'num_fields': int(len(w)), 'num_flagged_excluded': int(len(fields) - len(good)),
@@ -221,7 +222,7 @@ def run(config, workdir: str) -> dict:
                         'vocab_size': vocab.vocab_size, 'num_train': int(len(train_rows)),
                         'num_val': int(len(val_rows)), 'split_seed': seed, 'tokenizer': settings.method})
   log(STAGE, f"done: vocab {vocab.vocab_size} ({tok.num_codes} codes + {len(vocab.specials)} specials + "
-             f"{vocab.num_classes} class tokens), weight RMSE {summary['weight_rmse']:.4f}"
+             f"{vocab.num_classes} {'prototype' if condition_meta else 'class'} tokens), weight RMSE {summary['weight_rmse']:.4f}"
              + (f", {quality_text}" if quality_text else '') + f", usage {usage:.0%}, perplexity {perplexity:.1f}, "
              f"{summary['seconds']:.1f}s -> {stage.path}, {tstage.path}")
   return summary

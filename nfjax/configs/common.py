@@ -51,9 +51,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # agree. 0 = off (on the quick preset 0.03 cost 0.7 dB and made the samples worse: benchmarks/RESULTS.md).
   c.fit.anchor = 0.0
   c.fit.init = 'shared'            # shared (NeF-GPT's "conditioned" init) | random
-  # Prototype inits (images): each class's images are clustered (k-means, this many clusters per class),
-  # a field is fitted to every cluster's mean image from the shared init, and every field starts from
-  # its own cluster's prototype instead of the one shared init (fields/prototypes.npz). With 1 per class
+  # Prototype inits: each class's images (shapes: their voxelised occupancy) are clustered (k-means, this
+  # many clusters per class), a field is fitted to every cluster's mean (shapes: the member nearest it)
+  # from the shared init, and every field starts from its own cluster's prototype instead of the one
+  # shared init (fields/prototypes.npz). With 1 per class
   # a class's fields stay in one class-shaped basin: on MNIST quick the samples' class consistency went
   # from 0.73 to 0.97. More per class pay only with the GPT conditioned on the prototype
   # (tokenize.condition='prototype'; without it 3 or 10 per class were worse than none): 4 per class

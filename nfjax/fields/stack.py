@@ -6,8 +6,9 @@ modality:
 
 1. the shared init (`fit.init='shared'`): candidate inits fitted on one field from different seeds,
    the one whose probe fits are best is kept (fields/shared_init.npy);
-   With `fit.prototypes` = K > 0 (images), each class's targets are clustered into K groups (k-means),
-   a field is fitted from the shared init to every group's mean, and every field starts from its own
+   With `fit.prototypes` = K > 0, each class's targets (images: pixels; shapes: voxelised occupancy;
+   Modality.prototype_targets) are clustered into K groups (k-means), a field is fitted from the
+   shared init to every group's mean (shapes: its medoid), and every field starts from its own
    group's prototype instead (fields/prototypes.npz);
 2. every chunk of `fit.chunk_size` fields not on disk yet is fitted and written atomically
    (fields/chunks/), so a killed run resumes where it stopped and ends with the same dataset;
@@ -319,8 +320,8 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
                quality: Quality) -> dict | None:
   """fields/prototypes.npz (fit.prototypes > 0): read back when a previous run wrote it, else made and
   written. Each class's target vectors (`space` = Modality.prototype_targets: (vectors [N, D], the
-  fitter's rows of K vectors)) are clustered into min(K, members) groups by k-means; a field is fitted
-  to every group's mean from the shared init (fit.shared_init_steps steps, as the init's candidates).
+  fitter's rows for K means and their classes)) are clustered into min(K, members) groups by k-means; a
+  field is fitted to every group's mean (shapes: its medoid) from the shared init (fit.shared_init_steps steps, as the init's candidates).
   Holds weights [M, P] (the prototype fields), quality [M], labels [M] (their class), means [M, D]
   and of_field [N] (the prototype every field starts from: the nearest mean of its own class)."""
   k = fitting.prototypes_of(config.fit)
@@ -344,7 +345,7 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   means = np.concatenate(means)
   steps = int(config.fit.shared_init_steps)
   t0 = time.perf_counter()
-  w, _, q = fitter.fit(steps, rows_of(means), field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM),
+  w, _, q = fitter.fit(steps, rows_of(means, np.concatenate(classes)), field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM),
                        shared)
   out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
   files.write_npz(path, **out)

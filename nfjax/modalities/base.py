@@ -92,9 +92,9 @@ class Modality:
     """Pictures of the fitted fields (a failure must not cost the dataset)."""
 
   def prototype_targets(self, data: FitData):
-    """For fit.prototypes: (every field's targets as one vector [N, D] over inputs all fields share,
-    a function from cluster means [K, D] to the fitter's rows for K fields), or None where the fields
-    share no inputs to cluster on (the modality's validate then refuses fit.prototypes > 0)."""
+    """For fit.prototypes: (every field's targets as one vector [N, D] to cluster on, a function from
+    cluster means [K, D] and their classes [K] to the fitter's rows for the K prototype fields), or None
+    where the fields have nothing to cluster on (the modality's validate then refuses fit.prototypes > 0)."""
     return None
 
   # -- tokenize ------------------------------------------------------------------------------------

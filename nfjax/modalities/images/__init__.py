@@ -121,7 +121,7 @@ class Images(Modality):
   def prototype_targets(self, data):
     targets = np.asarray(data.rows[0], np.float32)   # [N, pixels, 1]
     n, pixels, out = targets.shape
-    return targets.reshape(n, pixels * out), lambda means: (np.asarray(means, np.float32).reshape(-1, pixels, out),)
+    return targets.reshape(n, pixels * out), lambda means, classes: (np.asarray(means, np.float32).reshape(-1, pixels, out),)
 
   # -- tokenize ------------------------------------------------------------------------------------
   def compensation_grid(self, meta):

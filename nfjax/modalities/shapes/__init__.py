@@ -90,9 +90,6 @@ def _validate_fit(config) -> None:
   cfg_utils.check_positive(config, 'fit.points_per_step', allow_minus_one=True)
   cfg_utils.check_positive(config, 'fit.sdf_clamp', allow_zero=True)
   cfg_utils.check_positive(config, 'fit.render_resolution')
-  if fitting.prototypes_of(config.fit) > 0:
-    raise ConfigError(f"config key fit.prototypes={config.fit.prototypes}: shape fields draw their own points, so "
-                      f"there are no common targets to cluster prototypes on; set fit.prototypes=0")
   for key in ('fit.shared_init_l2', 'fit.refit_below', 'fit.refit_steps_factor'):
     cfg_utils.get(config, key)  # must exist: they are part of the stage's fingerprint
 
@@ -163,6 +160,36 @@ def _check_sign(label: str, points: np.ndarray, values: np.ndarray, sample: int 
             'pm1': '-1 inside, +1 outside (NeF-GPT)'}[label]
     raise DataError(f"data.label={label!r}: {inside:.0%} of the training points outside the shapes' box "
                     f"(|coordinate| > 0.49) are labelled inside; nfjax's convention for {label!r} is {conv}")
+
+
+def occupancy_grid_size(points_per_shape: int) -> int:
+  """Side r of the r^3 voxel grid that fit.prototypes clusters shapes on: about 8 training points per
+  voxel, between 4 and 16 (the quick preset's 32,768 points: 16^3 voxels)."""
+  return int(np.clip(np.round((points_per_shape / 8.0) ** (1.0 / 3.0)), 4, 16))
+
+
+def voxel_occupancy(points: np.ndarray, inside: np.ndarray, r: int) -> np.ndarray:
+  """Each shape's training points voxelised: [N, r^3] share of a voxel's points that are inside (0 where
+  a voxel has no point). Voxels tile [-0.5, 0.5]^3 in C order over (x, y, z)."""
+  points, inside = np.asarray(points, np.float32), np.asarray(inside, np.float64)
+  idx = np.clip(np.floor((points + 0.5) * r).astype(np.int64), 0, r - 1)
+  flat = (idx[..., 0] * r + idx[..., 1]) * r + idx[..., 2]                      # [N, n]
+  flat = flat + np.arange(len(points))[:, None] * r ** 3
+  total = np.bincount(flat.ravel(), minlength=len(points) * r ** 3).reshape(len(points), -1)
+  hits = np.bincount(flat.ravel(), weights=inside.ravel(), minlength=len(points) * r ** 3).reshape(len(points), -1)
+  return (hits / np.maximum(total, 1)).astype(np.float32)
+
+
+def _medoid(vectors: np.ndarray, labels: np.ndarray, mean: np.ndarray, c: int) -> int:
+  """The shape of class c whose vector is nearest `mean` (the lowest index among equals)."""
+  members = np.nonzero(labels == c)[0]
+  return int(members[np.argmin(((vectors[members] - mean) ** 2).sum(-1))])
+
+
+def voxel_centres(r: int) -> np.ndarray:
+  """float32 [r^3, 3]: the centres of `voxel_occupancy`'s voxels, in its order."""
+  c = (np.arange(r, dtype=np.float32) + 0.5) / r - 0.5
+  return np.stack(np.meshgrid(c, c, c, indexing='ij'), -1).reshape(-1, 3)
 
 
 def _iou_score(spec: mlp.FieldSpec, level: float, inside_above: bool):
@@ -252,6 +279,27 @@ def _shapes_png(stage, config, spec, arrays, level: float, inside_above: bool, c
     log(STAGE, f"WARNING: shapes.png not written: {type(e).__name__}: {e}")
 
 
+def _prototypes_png(stage, config, spec, proto: dict, level: float, inside_above: bool, class_names: list[str],
+                    mesh) -> None:
+  """fields/prototypes.png: each class's prototype fields (fit.prototypes) meshed, one row per class, with how
+  many shapes start from each. Never fatal."""
+  try:
+    labels = np.asarray(proto['labels'])
+    used = np.bincount(np.asarray(proto['of_field']), minlength=len(labels))
+    meshes = meshing.mesh_fields(spec, np.asarray(proto['weights']), int(config.fit.render_resolution), level,
+                                 'above' if inside_above else 'below', mesh=mesh)
+    classes = sorted(set(labels.tolist()))
+    rows = [[meshes[i] for i in np.nonzero(labels == c)[0]] for c in classes]
+    cells = [[f"{used[i]} shapes" for i in np.nonzero(labels == c)[0]] for c in classes]
+    names = [str(class_names[c]) if c < len(class_names) else f"class {c}" for c in classes]
+    img = render3d.mesh_grid(rows, row_labels=names, cell_labels=cells)
+    img_utils.save_png(img_utils.captioned(
+        img, 'prototype fields: fitted to the mean voxel occupancy of k-means clusters of each class (fit.prototypes)',
+        'under each: how many shapes start from it'), stage.file('prototypes.png'))
+  except Exception as e:  # noqa: BLE001 - a picture must never cost the fitted dataset
+    log(STAGE, f"WARNING: prototypes.png not written: {type(e).__name__}: {e}")
+
+
 def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray], rows: np.ndarray,
                 batch: int = 64) -> dict[str, np.ndarray]:
   """IoU on the held-out points of the shapes at `rows` (indices into the fit stage's shapes) for
@@ -320,6 +368,21 @@ class Shapes(Modality):
     return StackFitter(spec, config, mesh, _iou_score(spec, level, above), points=True,
                        per_step=int(config.fit.points_per_step))
 
+  def prototype_targets(self, data):
+    """fit.prototypes: shapes share no points, so each is voxelised (its training points' inside share per
+    voxel, `voxel_occupancy`) and clustered on that. A cluster's mean occupancy is no shape (thin parts
+    average to shares under 0.5 and vanish), so its prototype field is fitted to the cluster's medoid: the
+    shape of the cluster's class nearest its mean, with its own points and held-out IoU."""
+    points = data.rows[0]
+    vectors = voxel_occupancy(points, inside_labels(data.meta['label'], np.asarray(data.rows[1])),
+                              occupancy_grid_size(points.shape[1]))
+    labels = np.asarray(data.labels)
+
+    def rows_of(means, classes):
+      pick = [_medoid(vectors, labels, m, c) for m, c in zip(np.asarray(means, np.float32), classes)]
+      return tuple(np.asarray(r)[pick] for r in data.rows)
+    return vectors, rows_of
+
   def fit_summary(self, config):
     return {'label': config.data.label, 'loss': config.fit.loss, 'points_per_step': int(config.fit.points_per_step)}
 
@@ -327,6 +390,9 @@ class Shapes(Modality):
     s = data.meta['surface']
     _shapes_png(stage, config, spec, arrays, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh,
                 data=data.handle)
+    if files.exists(stage.file('prototypes.npz')):
+      _prototypes_png(stage, config, spec, files.read_npz(stage.file('prototypes.npz')), s['level'],
+                      s['inside'] == 'above', data.meta['class_names'], mesh)
 
   # -- tokenize ------------------------------------------------------------------------------------
   def tokenize_quality(self, config, workdir, fields, good, weights, labels, val_rows, stage):

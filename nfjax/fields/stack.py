@@ -350,7 +350,7 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
   files.write_npz(path, **out)
   used = np.bincount(of_field, minlength=len(means))
-  log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the k-means means of each class's "
+  log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the k-means clusters of each class's "
              f"targets ({k} per class, {steps} steps, {time.perf_counter() - t0:.1f}s, {quality.label} mean "
              f"{quality.fmt(float(np.nanmean(q)))}); every field starts from its cluster's "
              f"({used.min()}-{used.max()} fields each)")

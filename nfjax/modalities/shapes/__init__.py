@@ -294,7 +294,7 @@ def _prototypes_png(stage, config, spec, proto: dict, level: float, inside_above
     names = [str(class_names[c]) if c < len(class_names) else f"class {c}" for c in classes]
     img = render3d.mesh_grid(rows, row_labels=names, cell_labels=cells)
     img_utils.save_png(img_utils.captioned(
-        img, 'prototype fields: fitted to the mean voxel occupancy of k-means clusters of each class (fit.prototypes)',
+        img, 'prototype fields: each fitted to the medoid shape of a k-means cluster of its class (fit.prototypes)',
         'under each: how many shapes start from it'), stage.file('prototypes.png'))
   except Exception as e:  # noqa: BLE001 - a picture must never cost the fitted dataset
     log(STAGE, f"WARNING: prototypes.png not written: {type(e).__name__}: {e}")

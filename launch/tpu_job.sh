@@ -6,7 +6,7 @@
 #
 #   start --run=RUN [--copy-log-to=DEST] -- COMMAND...
 #         run COMMAND detached (setsid nohup, stdin /dev/null: it survives the ssh session that
-#         started it), in the current directory, its output in ~/nfjax_jobs/RUN/worker-N-<time>.log
+#         started it), in the current directory, its output in ~/nfjax_jobs/RUN/worker-N-<time>[-k].log
 #         (worker-N.log links to the latest). Refuses, exit 3, when RUN is already running here.
 #         With DEST (a directory or gs:// URL) the log is copied to DEST/ every
 #         $NFJAX_LOG_COPY_SECS (60) seconds and when the job ends. When COMMAND ends, its exit code
@@ -116,6 +116,8 @@ case $ACTION in
         "launch/tpu.sh logs --follow, stop it with launch/tpu.sh stop"
     fi
     log="$DIR/worker-$W-$(date -u +%Y%m%d-%H%M%S).log"
+    k=1; base=${log%.log}
+    while [[ -e $log ]]; do k=$((k + 1)); log="$base-$k.log"; done   # a second start within the second keeps the first's log
     rm -f "$DIR/pid" "$DIR/child_pid" "$DIR/exit_code"
     ln -sfn "$(basename "$log")" "$DIR/worker-$W.log"
     setsid nohup bash "$SELF" _job --run="$RUN" --worker="$W" --log="$log" ${DEST:+--copy-log-to="$DEST"} \

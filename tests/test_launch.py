@@ -560,6 +560,24 @@ def start_fake(tmp_path, env, run='r1', *copy):
   return job('start', f'--run={run}', *copy, '--', 'bash', 'job.sh', env=env, cwd=tmp_path)
 
 
+def test_starts_within_one_second_keep_every_log(env, tmp_path):
+  """A run started again in the same second (a command that failed at once, a retry loop) gets a log of
+  its own; the first start's log is not overwritten. `date` is pinned to one second to make it so."""
+  bindir = tmp_path / 'datebin'
+  bindir.mkdir()
+  (bindir / 'date').write_text('#!/bin/bash\n[[ $* == *%H%M%S* ]] && { echo 20261202-100000; exit 0; }\nexec /bin/date "$@"\n')
+  (bindir / 'date').chmod(0o755)
+  env = {**job_env(tmp_path, env), 'PATH': f"{bindir}:{env.get('PATH', os.environ['PATH'])}"}
+  runs = tmp_path / 'jobs' / 'r1'
+  for word in ('first', 'second', 'third'):
+    job('start', '--run=r1', '--', 'echo', word, env=env, cwd=tmp_path, check=0)
+    job('logs', '--run=r1', '--follow', env=env, cwd=tmp_path, check=0)
+  logs = sorted(f.name for f in runs.iterdir() if f.name.startswith('worker-1-'))
+  assert logs == ['worker-1-20261202-100000-2.log', 'worker-1-20261202-100000-3.log', 'worker-1-20261202-100000.log']
+  assert 'first' in (runs / logs[2]).read_text() and 'second' in (runs / logs[0]).read_text()
+  assert os.readlink(runs / 'worker-1.log') == logs[1] and 'third' in (runs / logs[1]).read_text()
+
+
 def test_job_runs_detached_refuses_a_second_copy_and_records_its_exit_code(env, tmp_path):
   env = {**job_env(tmp_path, env), 'JOB_RC': '5'}
   runs = tmp_path / 'jobs' / 'r1'

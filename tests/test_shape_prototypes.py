@@ -24,7 +24,9 @@ def test_voxel_occupancy_is_each_voxels_inside_share():
   r = shape_mod.occupancy_grid_size(pts.shape[1])
   assert r == 16 and shape_mod.occupancy_grid_size(20000) == 14 and shape_mod.occupancy_grid_size(4096) == 8
   occ = shape_mod.voxel_occupancy(pts, inside, r)
-  centres = shape_mod.voxel_centres(r)
+  np.testing.assert_array_equal(shape_mod.voxel_occupancy(pts, inside, r, chunk=1), occ)   # chunks change nothing
+  c = (np.arange(r) + 0.5) / r - 0.5
+  centres = np.stack(np.meshgrid(c, c, c, indexing='ij'), -1).reshape(-1, 3)   # voxel (i, j, k)'s centre
   assert occ.shape == (2, r ** 3) and centres.shape == (r ** 3, 3)
   d = np.linalg.norm(centres, axis=-1)
   half = 0.5 * np.sqrt(3) / r                                    # a voxel's half diagonal

@@ -321,7 +321,8 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   """fields/prototypes.npz (fit.prototypes > 0): read back when a previous run wrote it, else made and
   written. Each class's target vectors (`space` = Modality.prototype_targets: (vectors [N, D], the
   fitter's rows for K means and their classes)) are clustered into min(K, members) groups by k-means; a
-  field is fitted to every group's mean (shapes: its medoid) from the shared init (fit.shared_init_steps steps, as the init's candidates).
+  field is fitted to every group's mean (shapes: its medoid) from the shared init (fit.shared_init_steps
+  steps, as the init's candidates).
   Holds weights [M, P] (the prototype fields), quality [M], labels [M] (their class), means [M, D]
   and of_field [N] (the prototype every field starts from: the nearest mean of its own class)."""
   k = fitting.prototypes_of(config.fit)
@@ -345,8 +346,8 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   means = np.concatenate(means)
   steps = int(config.fit.shared_init_steps)
   t0 = time.perf_counter()
-  w, _, q = fitter.fit(steps, rows_of(means, np.concatenate(classes)), field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM),
-                       shared)
+  keys = field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM)
+  w, _, q = fitter.fit(steps, rows_of(means, np.concatenate(classes)), keys, shared)
   out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
   files.write_npz(path, **out)
   used = np.bincount(of_field, minlength=len(means))

@@ -168,28 +168,26 @@ def occupancy_grid_size(points_per_shape: int) -> int:
   return int(np.clip(np.round((points_per_shape / 8.0) ** (1.0 / 3.0)), 4, 16))
 
 
-def voxel_occupancy(points: np.ndarray, inside: np.ndarray, r: int) -> np.ndarray:
+def voxel_occupancy(points: np.ndarray, inside: np.ndarray, r: int, chunk: int = 64) -> np.ndarray:
   """Each shape's training points voxelised: [N, r^3] share of a voxel's points that are inside (0 where
-  a voxel has no point). Voxels tile [-0.5, 0.5]^3 in C order over (x, y, z)."""
-  points, inside = np.asarray(points, np.float32), np.asarray(inside, np.float64)
-  idx = np.clip(np.floor((points + 0.5) * r).astype(np.int64), 0, r - 1)
-  flat = (idx[..., 0] * r + idx[..., 1]) * r + idx[..., 2]                      # [N, n]
-  flat = flat + np.arange(len(points))[:, None] * r ** 3
-  total = np.bincount(flat.ravel(), minlength=len(points) * r ** 3).reshape(len(points), -1)
-  hits = np.bincount(flat.ravel(), weights=inside.ravel(), minlength=len(points) * r ** 3).reshape(len(points), -1)
-  return (hits / np.maximum(total, 1)).astype(np.float32)
+  a voxel has no point). Voxel (i, j, k) covers [-0.5, 0.5]^3 / r at (x, y, z) index (i, j, k), flattened
+  in C order. `chunk` shapes at a time, so memory stays at chunk x points whatever N is."""
+  out = np.zeros((len(points), r ** 3), np.float32)
+  for lo in range(0, len(points), chunk):
+    p = np.asarray(points[lo:lo + chunk], np.float32)
+    idx = np.clip(np.floor((p + 0.5) * r).astype(np.int64), 0, r - 1)
+    flat = (idx[..., 0] * r + idx[..., 1]) * r + idx[..., 2] + np.arange(len(p))[:, None] * r ** 3
+    total = np.bincount(flat.ravel(), minlength=len(p) * r ** 3)
+    hits = np.bincount(flat.ravel(), weights=np.asarray(inside[lo:lo + chunk], np.float64).ravel(),
+                       minlength=len(p) * r ** 3)
+    out[lo:lo + len(p)] = (hits / np.maximum(total, 1)).reshape(len(p), -1)
+  return out
 
 
 def _medoid(vectors: np.ndarray, labels: np.ndarray, mean: np.ndarray, c: int) -> int:
   """The shape of class c whose vector is nearest `mean` (the lowest index among equals)."""
   members = np.nonzero(labels == c)[0]
   return int(members[np.argmin(((vectors[members] - mean) ** 2).sum(-1))])
-
-
-def voxel_centres(r: int) -> np.ndarray:
-  """float32 [r^3, 3]: the centres of `voxel_occupancy`'s voxels, in its order."""
-  c = (np.arange(r, dtype=np.float32) + 0.5) / r - 0.5
-  return np.stack(np.meshgrid(c, c, c, indexing='ij'), -1).reshape(-1, 3)
 
 
 def _iou_score(spec: mlp.FieldSpec, level: float, inside_above: bool):

@@ -288,7 +288,7 @@ def _prototypes_png(stage, config, spec, proto: dict, level: float, inside_above
                                  'above' if inside_above else 'below', mesh=mesh)
     classes = sorted(set(labels.tolist()))
     rows = [[meshes[i] for i in np.nonzero(labels == c)[0]] for c in classes]
-    cells = [[f"{used[i]} shapes" for i in np.nonzero(labels == c)[0]] for c in classes]
+    cells = [[f"{used[i]} shape{'' if used[i] == 1 else 's'}" for i in np.nonzero(labels == c)[0]] for c in classes]
     names = [str(class_names[c]) if c < len(class_names) else f"class {c}" for c in classes]
     img = render3d.mesh_grid(rows, row_labels=names, cell_labels=cells)
     img_utils.save_png(img_utils.captioned(

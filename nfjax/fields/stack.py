@@ -328,8 +328,7 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   k = fitting.prototypes_of(config.fit)
   if k <= 0:
     return None
-  path = stage.file('prototypes.npz')
-  found = processes.agree('prototypes', lambda: files.read_npz(path) if files.exists(path) else None)
+  found = processes.agree('prototypes', lambda: field_io.prototypes(stage.path))
   if found is not None:
     return found
   vectors, rows_of = space
@@ -349,7 +348,7 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   keys = field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM)
   w, _, q = fitter.fit(steps, rows_of(means, np.concatenate(classes)), keys, shared)
   out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
-  files.write_npz(path, **out)
+  files.write_npz(stage.file(field_io.PROTOTYPES), **out)
   used = np.bincount(of_field, minlength=len(means))
   log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the k-means clusters of each class's "
              f"targets ({k} per class, {steps} steps, {time.perf_counter() - t0:.1f}s, {quality.label} mean "

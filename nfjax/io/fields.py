@@ -98,9 +98,12 @@ def write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
   files.write_json(files.join(directory, 'meta.json'), {'format': FORMAT, **meta})
 
 
+PROTOTYPES = 'prototypes.npz'
+
+
 def prototypes(directory: str) -> dict[str, np.ndarray] | None:
   """fields/prototypes.npz (fit.prototypes > 0), or None when the fields were started without prototypes."""
-  path = files.join(directory, 'prototypes.npz')
+  path = files.join(directory, PROTOTYPES)
   return files.read_npz(path) if files.exists(path) else None
 
 

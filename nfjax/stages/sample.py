@@ -91,7 +91,6 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   if seq_len - 1 > block:
     raise NfjaxError(f"the model's context ({block}) is shorter than the token sequences need ({seq_len - 1})")
   num_classes = tokens.num_label_classes   # with prototype conditions: their classes
-  classes = tokens.label_classes()         # samples cycle through them (all but those without prototypes)
   s = config.sample
   settings = [setting_entry(t) for t in s.settings]
   null_class = int(getattr(model.cfg, 'null_class', -1))
@@ -107,6 +106,12 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     raise ConfigError("config key sample.settings has duplicate settings")
   sample_io.write_settings(workdir, settings)
   n = int(s.num_samples)
+  # Every setting's row i asks for the same class (they cycle through the classes with prototypes) and
+  # the same conditioning: the class, or one of its prototypes drawn seeded by its training share.
+  classes = tokens.label_classes()
+  labels = classes[np.arange(n) % len(classes)]
+  conditions = tokens.conditions_for(labels, int(config.seed))
+  num_conditions = max(1, vocab.num_classes)   # class (or prototype) tokens: one beam-search field each
   batch = int(s.batch_size)
   allowed = sampling.code_mask(vocab, num_new, model.cfg.vocab_size)
   gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))   # plain and guided programs
@@ -127,11 +132,11 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   if beam > 0 and todo and 'beam_width' in todo[-1][1]:   # the most likely field of each class
     st = todo.pop()[1]
     t0 = time.perf_counter()
-    conditions = np.arange(max(1, vocab.num_classes), dtype=np.int32)   # each class (or prototype)
-    prompt = sampling.prompts(vocab, conditions, prefix)
+    each = np.arange(num_conditions, dtype=np.int32)
+    prompt = sampling.prompts(vocab, each, prefix)
     toks, logp = sampling.make_beam_search(model, beam, num_new)(jnp.asarray(prompt), allowed)
-    finish_setting(st, np.concatenate([prompt, np.asarray(toks)], 1), tokens.class_of(conditions))
-    log(STAGE, f"beam search (width {beam}): {len(conditions)} fields in {time.perf_counter() - t0:.1f}s, "
+    finish_setting(st, np.concatenate([prompt, np.asarray(toks)], 1), tokens.class_of(each))
+    log(STAGE, f"beam search (width {beam}): {num_conditions} fields in {time.perf_counter() - t0:.1f}s, "
                f"mean log-prob {float(np.mean(np.asarray(logp))):.1f}")
   progress = Progress(STAGE, len(todo) * n, 'samples')
   gen_tokens, gen_seconds = 0, 0.0
@@ -139,8 +144,6 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   for k, (si, st) in enumerate(todo):
     kept = len(settings) - len(todo) + k   # settings finished before this one
     g = st.get('guidance')
-    labels = classes[np.arange(n) % len(classes)]
-    conditions = tokens.conditions_for(labels, int(config.seed))   # the classes, or one of each's prototypes
     out = np.zeros((n, seq_len), np.int32)
     batches = processes.mine(-(-n // batch))   # round robin over the processes
     rows = np.zeros(n, bool)
@@ -182,7 +185,7 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     if output.picture and not stage.exists(output.picture) and settings:
       output.animate(stage, settings, tokenizer.decode, fields, prefix)
     summary = {
-        'num_samples': n * (len(settings) - (beam > 0)) + (max(1, vocab.num_classes) if beam > 0 else 0),
+        'num_samples': n * (len(settings) - (beam > 0)) + (num_conditions if beam > 0 else 0),
         'samples_per_setting': n,
         'tokens_per_sec': gen_tokens / gen_seconds if gen_seconds else float('nan'),
         'seconds': time.perf_counter() - t_start, 'settings': settings, 'use_cache': bool(s.use_cache),

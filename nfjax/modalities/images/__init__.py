@@ -25,6 +25,7 @@ from nfjax.data import images as image_data
 from nfjax.errors import ConfigError, DataError
 from nfjax.fields import mlp
 from nfjax.fields.stack import StackFitter
+from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.evaluate.image_metrics import psnr
 from nfjax.modalities.base import FitData, Modality, Quality, SampleOutput
@@ -102,8 +103,9 @@ class Images(Modality):
     img = img_utils.grid([data.handle.images[idx], recon], row_labels=['original', 'fitted'], col_labels=cols)
     img_utils.save_png(img_utils.captioned(img, 'fitted fields beside their images', FIT_CAPTION),
                        stage.file('reconstructions.png'))
-    if files.exists(stage.file('prototypes.npz')):
-      self._prototype_picture(stage, spec, data, files.read_npz(stage.file('prototypes.npz')))
+    proto = field_io.prototypes(stage.path)
+    if proto is not None:
+      self._prototype_picture(stage, spec, data, proto)
 
   def _prototype_picture(self, stage, spec, data, proto):
     """fields/prototypes.png: each class's prototype fields (fit.prototypes), one row per class."""

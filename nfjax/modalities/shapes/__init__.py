@@ -40,6 +40,7 @@ from nfjax.data import shapes as shape_data
 from nfjax.errors import ConfigError, DataError
 from nfjax.fields import fitting, meshing, mlp
 from nfjax.fields.stack import StackFitter
+from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import samples as sample_io
 from nfjax.io.workdir import SHAPE_DATA
@@ -388,9 +389,9 @@ class Shapes(Modality):
     s = data.meta['surface']
     _shapes_png(stage, config, spec, arrays, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh,
                 data=data.handle)
-    if files.exists(stage.file('prototypes.npz')):
-      _prototypes_png(stage, config, spec, files.read_npz(stage.file('prototypes.npz')), s['level'],
-                      s['inside'] == 'above', data.meta['class_names'], mesh)
+    proto = field_io.prototypes(stage.path)
+    if proto is not None:
+      _prototypes_png(stage, config, spec, proto, s['level'], s['inside'] == 'above', data.meta['class_names'], mesh)
 
   # -- tokenize ------------------------------------------------------------------------------------
   def tokenize_quality(self, config, workdir, fields, good, weights, labels, val_rows, stage):

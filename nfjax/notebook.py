@@ -359,6 +359,7 @@ class Sampler:
     # only codes in weight slots (the model's vocabulary: + the null class of classifier-free guidance)
     self._allowed = sampling.code_mask(self.vocab, self.num_new, self.model.cfg.vocab_size)
     self._generate = sampling.make_generate(self.model, self.num_new, use_cache=use_cache)
+    self._support = None   # sampling.training_support, made on the first sample(support='training')
 
   @property
   def step(self) -> int | None:
@@ -369,13 +370,16 @@ class Sampler:
     return sampling.prompts(self.vocab, self.tokens.conditions_for(labels, seed), self.prefix)
 
   def sample(self, classes: int | Sequence[int] | None = 0, num: int = 10, temperature: float = 0.8,
-             top_k: int = 3, top_p: float = 1.0, seed: int = 0) -> Samples:
+             top_k: int = 3, top_p: float = 1.0, seed: int = 0, support: str = 'all') -> Samples:
     """`num` samples of each class in `classes` (an int, a list, or None = every class).
 
-    temperature 0 = greedy; top_k 0 = off; top_p 1 = off (as sample.settings).
+    temperature 0 = greedy; top_k 0 = off; top_p 1 = off (as sample.settings); support 'training'
+    limits every slot to the codes its class's (prototype's) training sequences use there (sample.support).
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num < 1:
       raise ValueError("need num >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    if support not in ('all', 'training'):
+      raise ValueError(f"support must be 'all' or 'training', not {support!r}")
     if classes is None:
       classes = self.tokens.label_classes().tolist()
     classes = [int(c) for c in np.atleast_1d(classes)]
@@ -384,14 +388,22 @@ class Sampler:
       raise ValueError(f"classes {bad} out of range: the model knows {self.num_classes} classes")
     labels = np.repeat(np.asarray(classes, np.int32), num)
     b = len(labels)
+    conditions = self.tokens.conditions_for(labels, seed)
+    allowed, rows = self._allowed, {}
+    if support == 'training':
+      if self._support is None:
+        self._support = jnp.asarray(sampling.training_support(self.tokens, self.num_new, self.model.cfg.vocab_size))
+      allowed = self._support
+      rows = {'allowed_rows': jnp.asarray(conditions if len(allowed) > 1 else np.zeros(b), jnp.int32)}
     toks = np.asarray(self._generate(
-        jnp.asarray(self.prompt(labels, seed)), sampling.sample_keys(int(seed), 0, np.arange(b)),
+        jnp.asarray(sampling.prompts(self.vocab, conditions, self.prefix)), sampling.sample_keys(int(seed), 0, np.arange(b)),
         jnp.full((b,), temperature, jnp.float32), jnp.full((b,), top_k, jnp.int32),
-        jnp.full((b,), top_p, jnp.float32), self._allowed))
+        jnp.full((b,), top_p, jnp.float32), allowed, **rows))
     weights = self.tokenizer.decode(toks, self.vocab).astype(np.float32)
     images = mlp.render_weights(self.spec, np.nan_to_num(weights), *self.shape)
     return Samples(tokens=toks, weights=weights, images=images, labels=labels,
-                   settings=dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed)))
+                   settings=dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed),
+                                 support=support))
 
 
 def has_widgets() -> bool:

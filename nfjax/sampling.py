@@ -7,7 +7,9 @@ and over a grid of settings in one compiled call.
 * Settings are per row: temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] (1 = off). A
   grid of settings is one batch, so the whole grid compiles once.
 * Weight slots can only receive codes: logits outside `allowed` (default: ids < num_codes) are
-  masked before filtering, so special tokens never appear where a weight comes next.
+  masked before filtering, so special tokens never appear where a weight comes next. A table of
+  masks [C, num_new, V] with `allowed_rows` [B] gives every row its own (`training_support`: each
+  slot limited to the codes the training sequences of the row's class or prototype use there).
 * Per-sample randomness: row b at step i draws with fold_in(keys[b], i); a sample does not depend
   on the batch it is in or on its position in the batch.
 * Classifier-free guidance (`guidance` [B], `null_prompt` [B, T0]): the B conditional rows and
@@ -64,7 +66,8 @@ def pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Ar
 
 
 def _pick_rows(logits, keys, step, temperature, top_k, top_p, allowed):
-  logits = jnp.where(allowed[None, :], logits.astype(jnp.float32), NEG)
+  """allowed: bool [V] (every row) or [B, V] (one mask per row)."""
+  logits = jnp.where(allowed if allowed.ndim == 2 else allowed[None, :], logits.astype(jnp.float32), NEG)
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
   return jax.vmap(pick)(logits, step_keys, temperature, top_k, top_p)
 
@@ -83,10 +86,11 @@ def guide(logits: jax.Array, guidance: jax.Array | None) -> jax.Array:
 def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
              top_p: jax.Array, num_new: int, allowed: jax.Array, use_cache: bool = True,
              on_step: Callable | None = None, max_len: int | None = None, guidance: jax.Array | None = None,
-             null_prompt: jax.Array | None = None) -> jax.Array:
+             null_prompt: jax.Array | None = None, allowed_rows: jax.Array | None = None) -> jax.Array:
   """prompt int [B, T0] -> new tokens int [B, num_new]. Call inside jit (see `make_generate`).
 
-  allowed: bool [V] or [num_new, V] — which ids may be generated at each new position.
+  allowed: bool [V] or [num_new, V] — which ids may be generated at each new position; with
+  allowed_rows int [B], a table [C, num_new, V] of which row b uses allowed[allowed_rows[b]].
   guidance float [B] with null_prompt int [B, T0]: classifier-free guidance (module docstring).
   use_cache=False recomputes the whole prefix every step (NeF-GPT's way): the reference.
   max_len: the positions the model works over (the cache length; the no-cache forward's length),
@@ -94,7 +98,13 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
   token of longer sequences: benchmarks time a few tokens of a long sequence with it.
   """
   b, t0 = prompt.shape
-  allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
+  if allowed_rows is None:
+    allowed = jnp.broadcast_to(allowed, (num_new, allowed.shape[-1]))
+    at = lambda i: allowed[i]                                             # noqa: E731  [V]
+  else:
+    if allowed.ndim != 3 or allowed.shape[1] != num_new:
+      raise ValueError(f"allowed_rows needs a table allowed [C, {num_new}, V], got {allowed.shape}")
+    at = lambda i: jnp.take(allowed[:, i], allowed_rows, axis=0)           # noqa: E731  [B, V]
   total = t0 + num_new
   length = total - 1 if max_len is None else max(int(max_len), total - 1)
   if (guidance is None) != (null_prompt is None):
@@ -109,12 +119,12 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
 
     def step(carry, i):
       cache, last = carry
-      tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, allowed[i])
+      tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, at(i))
       logits, cache = model.decode(twice(tok)[:, None], cache, t0 + i)
       return (cache, logits[:, 0]), tok
 
     (_, last), toks = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_new - 1))
-    final = _pick_rows(guide(last, guidance), keys, num_new - 1, temperature, top_k, top_p, allowed[num_new - 1])
+    final = _pick_rows(guide(last, guidance), keys, num_new - 1, temperature, top_k, top_p, at(num_new - 1))
     return jnp.concatenate([toks.T, final[:, None]], axis=1)
 
   buf = jnp.zeros((rows.shape[0], length + 1), jnp.int32).at[:, :t0].set(rows)
@@ -122,7 +132,7 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
   def step_nc(buf, i):
     logits = model(buf[:, :length] if length > 0 else buf)
     last = jax.lax.dynamic_index_in_dim(logits, t0 + i - 1, axis=1, keepdims=False)
-    tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, allowed[i])
+    tok = _pick_rows(guide(last, guidance), keys, i, temperature, top_k, top_p, at(i))
     return jax.lax.dynamic_update_index_in_dim(buf, twice(tok), t0 + i, axis=1), tok
 
   _, toks = jax.lax.scan(step_nc, buf, jnp.arange(num_new))
@@ -130,9 +140,9 @@ def generate(model, prompt: jax.Array, keys: jax.Array, temperature: jax.Array, 
 
 
 def make_generate(model, num_new: int, use_cache: bool = True, max_len: int | None = None):
-  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed[, guidance, null_prompt]) -> tokens
-  [B, num_new] (`max_len`, classifier-free `guidance` / `null_prompt`: see `generate`; a call with them
-  is a second program, of 2B rows).
+  """A jitted fn(prompt, keys, temperature, top_k, top_p, allowed[, guidance, null_prompt], allowed_rows=None)
+  -> tokens [B, num_new] (`max_len`, classifier-free `guidance` / `null_prompt`, per-row masks
+  `allowed_rows`: see `generate`; a call with guidance is a second program, of 2B rows).
 
   The model is split into (graphdef, state) once; the compiled function takes the state as an
   argument so it is not baked into the executable as constants.
@@ -140,20 +150,21 @@ def make_generate(model, num_new: int, use_cache: bool = True, max_len: int | No
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def fn(state, prompt, keys, temperature, top_k, top_p, allowed, guidance=None, null_prompt=None):
+  def fn(state, prompt, keys, temperature, top_k, top_p, allowed, guidance=None, null_prompt=None,
+         allowed_rows=None):
     m = nnx.merge(graphdef, state)
     return generate(m, prompt, keys, temperature, top_k, top_p, num_new, allowed, use_cache=use_cache,
-                    max_len=max_len, guidance=guidance, null_prompt=null_prompt)
+                    max_len=max_len, guidance=guidance, null_prompt=null_prompt, allowed_rows=allowed_rows)
 
   full = lambda args: tuple(args) + (None,) * (8 - len(args))  # noqa: E731  (no guidance: None, None)
 
-  def call(*args):
-    return fn(state, *full(args))
+  def call(*args, allowed_rows=None):
+    return fn(state, *full(args), allowed_rows)
 
-  def compile(*args):
+  def compile(*args, allowed_rows=None):
     """Compile for these shapes without running; returns a callable with `call`'s signature."""
-    exe = fn.lower(state, *full(args)).compile()
-    return lambda *a: exe(state, *full(a))
+    exe = fn.lower(state, *full(args), allowed_rows).compile()
+    return lambda *a, allowed_rows=None: exe(state, *full(a), allowed_rows)
 
   call.jitted = fn
   call.compile = compile
@@ -243,6 +254,29 @@ def code_mask(vocab, num_new: int, model_vocab: int | None = None) -> jax.Array:
   allowed = np.zeros((num_new, max(vocab.vocab_size, int(model_vocab or 0))), bool)
   allowed[:, :vocab.num_codes] = True
   return jnp.asarray(allowed)
+
+
+def training_support(tokens, num_new: int, model_vocab: int | None = None) -> np.ndarray:
+  """sample.support='training': a table bool [C, num_new, V] (C conditioning indices) -- slot j of a sequence conditioned on c may take only the codes that the training sequences
+  (`train_idx`) conditioned on c use at slot j, so a sample never holds a code no training field of
+  its class (or prototype) has there; the no-structure row (nfjax/evaluate/no_structure.py) draws from
+  the same support. C is the number of conditioning tokens (one table, pooled, without a class
+  token); a condition without training sequences gets the pooled support. `tokens`: a TokenDataset."""
+  vocab = tokens.vocab
+  train = np.asarray(tokens.train_idx, np.int64)
+  seqs = np.asarray(tokens.tokens)[train][:, tokens.prefix_len:tokens.prefix_len + num_new].astype(np.int64)
+  if seqs.shape[1] != num_new:
+    raise NfjaxError(f"training sequences have {seqs.shape[1]} weight tokens, the sampler makes {num_new}")
+  classed = tokens.prefix_len >= 2 and vocab.num_classes > 0
+  cond = tokens.conditions()[train].astype(np.int64) if classed else np.zeros(len(train), np.int64)
+  c = max(1, vocab.num_classes) if classed else 1
+  table = np.zeros((c, num_new, max(vocab.vocab_size, int(model_vocab or 0))), bool)
+  table[cond[:, None], np.arange(num_new)[None, :], seqs] = True
+  table[:, :, vocab.num_codes:] = False             # never a special or class token
+  empty = ~table.any(axis=(1, 2))
+  if empty.any():                                   # no training sequence: every condition's codes
+    table[empty] = table[~empty].any(0) if (~empty).any() else np.asarray(code_mask(vocab, num_new, model_vocab))
+  return table
 
 
 def load_generator(workdir: str, step: int | None = None, device: jax.Device | None = None,

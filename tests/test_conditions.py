@@ -122,3 +122,34 @@ def test_prototype_conditions_are_refused_without_prototypes(tmp_path):
     main.run(_config(**{'tokenize.condition': 'prototype', 'tokenize.class_token': 'no'}), str(tmp_path / 'c'),
              'tokenize')
   assert not (tmp_path / 'a').exists() or not os.listdir(tmp_path / 'a')
+
+
+def test_support_training_keeps_every_slot_to_its_prototypes_training_codes(conditioned, tmp_path):
+  """sample.support='training': each weight slot takes only codes that the training sequences of the
+  sample's prototype use there (the same draw unrestricted leaves them); the notebook sampler draws the
+  same tokens."""
+  from nfjax.notebook import Sampler
+  _, by_proto = conditioned
+  ds = token_io.load(os.path.join(by_proto, 'tokens'))
+  seqs, cond = ds.tokens[ds.train_idx, 2:], ds.conditions()[ds.train_idx]
+  hot = {'sample.settings': ((0, 2.0, 1.0),)}   # T 2, no filter: unrestricted draws stray
+  drawn = {}
+  for support in ('all', 'training'):
+    w = str(tmp_path / support)
+    for d in ('fields', 'tokenizer', 'tokens', 'transformer'):
+      shutil.copytree(os.path.join(by_proto, d), os.path.join(w, d))
+    main.run(_config(**hot, **{'sample.support': support}), w, 'sample')
+    drawn[support] = np.load(os.path.join(w, 'samples', 'topk0_t2', 'tokens.npy'))
+    settings = json.load(open(os.path.join(w, 'samples', 'settings.json')))['settings']
+    assert [s.get('support', 'all') for s in settings] == [support]
+
+  def inside(toks):
+    prompted = toks[:, 1] - ds.vocab.class_token(0)
+    return np.array([[np.isin(toks[i, 2 + j], seqs[cond == prompted[i], j]) for j in range(seqs.shape[1])]
+                     for i in range(len(toks))])
+  assert inside(drawn['training']).all()
+  assert not inside(drawn['all']).all()
+  np.testing.assert_array_equal(drawn['training'][:, :2], drawn['all'][:, :2])    # the same prompts
+  labels = np.load(os.path.join(tmp_path, 'training', 'samples', 'topk0_t2', 'labels.npy'))
+  nb = Sampler(by_proto).sample(labels.tolist(), num=1, temperature=2.0, top_k=0, support='training')
+  np.testing.assert_array_equal(nb.tokens, drawn['training'][:, 2:])

@@ -117,6 +117,8 @@ def test_bad_sample_configs_fail_clearly(pipeline, tmp_path):
     sample.run(_config(**{'sample.settings': ((3, -1.0, 1.0),)}), str(tmp_path / 'a'))
   with pytest.raises(ConfigError, match='triple'):
     sample.run(_config(**{'sample.settings': ((3, 1.0),)}), str(tmp_path / 'b'))
+  with pytest.raises(ConfigError, match="sample.support"):
+    sample.run(_config(**{'sample.support': 'seen'}), str(tmp_path / 'c'))
   with pytest.raises(NfjaxError, match=r'empty/fields does not exist; the sample stage reads it: run the fit stage'):
     sample.run(_config(), str(tmp_path / 'empty'))      # the first missing input, with the stage that makes it
 

@@ -174,3 +174,52 @@ def test_guide_combines_cond_and_uncond_logits():
   np.testing.assert_allclose(sampling.guide(both, jnp.array([2.0])), [[-1.0, 2.0, 6.0]])
   np.testing.assert_array_equal(sampling.guide(both, jnp.array([1.0])), cond)
   np.testing.assert_array_equal(sampling.guide(both, jnp.array([0.0])), uncond)
+
+
+def test_per_row_masks_restrict_each_row_and_a_shared_table_changes_nothing(model):
+  """allowed [C, NEW, V] with allowed_rows [B]: row b draws only what its table row allows at each slot;
+  a table whose rows are all the shared mask draws exactly the plain tokens (cached and uncached)."""
+  b = 8
+  prompt = jnp.stack([jnp.full((b,), 17), 18 + jnp.arange(b) % 4], 1).astype(jnp.int32)
+  keys = sampling.sample_keys(0, 0, np.arange(b))
+  args = (prompt, keys, jnp.full((b,), 1.5, jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32))
+  shared = jnp.arange(V) < CODES
+  rows = jnp.asarray(np.arange(b) % 3, jnp.int32)
+  for use_cache in (True, False):
+    gen = sampling.make_generate(model, NEW, use_cache=use_cache)
+    plain = np.asarray(gen(*args, shared))
+    same = np.asarray(gen(*args, jnp.broadcast_to(shared, (3, NEW, V)), allowed_rows=rows))
+    np.testing.assert_array_equal(same, plain)
+  rng = np.random.default_rng(0)
+  table = np.zeros((3, NEW, V), bool)
+  for c in range(3):
+    for j in range(NEW):
+      table[c, j, rng.choice(CODES, size=2, replace=False)] = True
+  drawn = {}
+  for use_cache in (True, False):
+    gen = sampling.make_generate(model, NEW, use_cache=use_cache)
+    drawn[use_cache] = np.asarray(gen(*args, jnp.asarray(table), allowed_rows=rows))
+  np.testing.assert_array_equal(drawn[True], drawn[False])
+  r = np.asarray(rows)
+  assert table[r[:, None], np.arange(NEW)[None, :], drawn[True]].all()
+  assert not table[r[:, None], np.arange(NEW)[None, :], plain].all()   # unrestricted, rows leave their tables
+
+
+def test_training_support_is_each_conditions_codes_per_slot():
+  from types import SimpleNamespace
+  # 3 conditions, condition 2 without training sequences; codes 0..4, specials 5.., class tokens 7, 8, 9
+  vocab = SimpleNamespace(vocab_size=10, num_codes=5, num_classes=3)
+  seqs = np.array([[0, 1, 2], [3, 1, 2], [4, 4, 4], [2, 2, 2]])
+  cond = np.array([0, 0, 1, 2])
+  toks = np.concatenate([np.full((4, 1), 5), 7 + cond[:, None], seqs], 1)
+  ds = SimpleNamespace(vocab=vocab, train_idx=np.array([0, 1, 2]), tokens=toks, prefix_len=2,
+                       conditions=lambda: cond)
+  t = sampling.training_support(ds, 3, model_vocab=11)
+  assert t.shape == (3, 3, 11)
+  assert [np.nonzero(t[0, j])[0].tolist() for j in range(3)] == [[0, 3], [1], [2]]
+  assert [np.nonzero(t[1, j])[0].tolist() for j in range(3)] == [[4], [4], [4]]
+  # condition 2 has only a validation sequence: it gets every condition's training codes, pooled
+  assert [np.nonzero(t[2, j])[0].tolist() for j in range(3)] == [[0, 3, 4], [1, 4], [2, 4]]
+  # without a class token: one pooled table
+  one = sampling.training_support(SimpleNamespace(**{**vars(ds), 'prefix_len': 1, 'tokens': toks[:, 1:]}), 3)
+  assert one.shape == (1, 3, 10) and one[0, 0].nonzero()[0].tolist() == [0, 3, 4]

@@ -154,6 +154,7 @@ def _train(config) -> None:
 
 
 def _sample(config) -> None:
+  config_lib.check_choice(config, 'sample.support', ('all', 'training'))
   config_lib.check_positive(config, 'sample.num_samples')
   config_lib.check_positive(config, 'sample.batch_size')
   settings = config_lib.get(config, 'sample.settings')

@@ -204,6 +204,10 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.sample.settings = ((3, 0.8, 1.0), (3, 1.0, 1.0), (5, 0.8, 1.0), (5, 1.0, 1.0))
   c.sample.use_cache = True        # False: recompute the whole prefix per token (NeF-GPT's way)
   c.sample.beam_width = 0          # > 0 adds a setting 'beam<W>': the most likely field per class
+  # Which codes a weight slot may take: 'all' (every code) or 'training' (only the codes the training
+  # sequences of the sample's class -- or prototype, tokenize.condition -- use at that slot, the support
+  # the no_structure row draws from; before temperature and filters, every setting of the grid).
+  c.sample.support = 'all'
 
 
   # evaluate: samples/ + fields/ -> eval/ (nfjax/stages/evaluate.py, nfjax/evaluate/protocol.py); the

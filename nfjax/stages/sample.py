@@ -104,7 +104,6 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
     settings.append(dict(name=f'beam{beam}', top_k=0, temperature=0.0, top_p=1.0, beam_width=beam))
   if len({x['name'] for x in settings}) != len(settings):
     raise ConfigError("config key sample.settings has duplicate settings")
-  sample_io.write_settings(workdir, settings)
   n = int(s.num_samples)
   # Every setting's row i asks for the same class (they cycle through the classes with prototypes) and
   # the same conditioning: the class, or one of its prototypes drawn seeded by its training share.
@@ -114,6 +113,14 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   num_conditions = max(1, vocab.num_classes)   # class (or prototype) tokens: one beam-search field each
   batch = int(s.batch_size)
   allowed = sampling.code_mask(vocab, num_new, model.cfg.vocab_size)
+  support = str(s.support)
+  if support == 'training':   # every row's own masks: the codes its condition's training sequences use per slot
+    table = jnp.asarray(sampling.training_support(tokens, num_new, model.cfg.vocab_size))
+    table_rows = conditions if table.shape[0] > 1 else np.zeros(n, np.int32)
+    for st in settings:
+      if 'beam_width' not in st:   # beam search keeps the code mask alone
+        st['support'] = support
+  sample_io.write_settings(workdir, settings)
   gen = sampling.make_generate(model, num_new, use_cache=bool(s.use_cache))   # plain and guided programs
 
   def finish_setting(st, out, labels):   # process 0 alone in a multi-process run (nfjax/processes.py)
@@ -159,14 +166,18 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
               jnp.full((batch,), st['top_p'], jnp.float32), allowed)
       if g is not None:
         args += (jnp.full((batch,), g, jnp.float32), jnp.asarray(sampling.unconditional(prompt, null_class)))
+      rows_of = {}
+      if support == 'training':
+        args = args[:5] + (table,) + args[6:]
+        rows_of = {'allowed_rows': jnp.asarray(table_rows[np.minimum(ids, n - 1)], jnp.int32)}
       if (g is not None) not in compiled:
         t0 = time.perf_counter()
-        compiled[g is not None] = gen.compile(*args)   # one executable for every setting and batch (of its kind)
+        compiled[g is not None] = gen.compile(*args, **rows_of)   # one executable for every setting and batch
         log(STAGE, f"compiled the {'guided ' if g is not None else ''}sampler in {time.perf_counter() - t0:.1f}s")
         if len(compiled) == 1:
           progress.start()
       t0 = time.perf_counter()
-      new = np.asarray(compiled[g is not None](*args))
+      new = np.asarray(compiled[g is not None](*args, **rows_of))
       gen_seconds += time.perf_counter() - t0
       gen_tokens += (hi - lo) * num_new
       out[lo:hi, :prefix] = prompt[:hi - lo]

@@ -257,11 +257,12 @@ def code_mask(vocab, num_new: int, model_vocab: int | None = None) -> jax.Array:
 
 
 def training_support(tokens, num_new: int, model_vocab: int | None = None) -> np.ndarray:
-  """sample.support='training': a table bool [C, num_new, V] (C conditioning indices) -- slot j of a sequence conditioned on c may take only the codes that the training sequences
-  (`train_idx`) conditioned on c use at slot j, so a sample never holds a code no training field of
-  its class (or prototype) has there; the no-structure row (nfjax/evaluate/no_structure.py) draws from
-  the same support. C is the number of conditioning tokens (one table, pooled, without a class
-  token); a condition without training sequences gets the pooled support. `tokens`: a TokenDataset."""
+  """sample.support='training': a table bool [C, num_new, V] over the C conditioning indices. Slot j
+  of a sequence conditioned on c may take only the codes that the training sequences (`train_idx`)
+  conditioned on c hold at slot j, so a sample never holds a code no training field of its class (or
+  prototype) has there; the no-structure row (nfjax/evaluate/no_structure.py) draws from the same
+  support. Without a class token, one pooled table (C = 1); a condition without training sequences
+  gets every condition's codes. `tokens`: a TokenDataset."""
   vocab = tokens.vocab
   train = np.asarray(tokens.train_idx, np.int64)
   seqs = np.asarray(tokens.tokens)[train][:, tokens.prefix_len:tokens.prefix_len + num_new].astype(np.int64)

@@ -21,6 +21,8 @@ def test_setting_title_names_every_field_of_the_setting():
   t = img_utils.setting_title({'name': 'topk3_t0.8_g2', 'top_k': 3, 'temperature': 0.8, 'top_p': 1.0, 'guidance': 2.0})
   assert t == 'sampling topk3_t0.8_g2: top-k 3, temperature 0.8, top-p off (1), classifier-free guidance 2'
   assert 'temperature 0 (greedy)' in img_utils.setting_title({'top_k': 1, 'temperature': 0.0, 'top_p': 1.0})
+  t = img_utils.setting_title({'name': 'topk0_t0.9', 'top_k': 0, 'temperature': 0.9, 'top_p': 1.0, 'support': 'training'})
+  assert t.endswith('top-p off (1), each slot inside its training codes (support training)'), t
 
 
 def test_captioned_adds_wrapped_lines_above_and_below():

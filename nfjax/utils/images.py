@@ -124,7 +124,7 @@ def captioned(image: Image.Image, title: str | Sequence[str] = (), caption: str 
 def setting_title(setting: dict) -> str:
   """The sampling setting of a grid in words: 'sampling topk3_t0.8: top-k 3, temperature 0.8, top-p
   off (1)' ('off' where the filter is switched off); a guidance scale (', classifier-free guidance 2'),
-  beam search and other fields are named too."""
+  the training support (sample.support), beam search and other fields are named too."""
   name = setting.get('name', '')
   if int(setting.get('beam_width', 0) or 0) > 0:
     parts = [f"beam search, width {int(setting['beam_width'])} (the most likely field per class)"]
@@ -135,7 +135,9 @@ def setting_title(setting: dict) -> str:
              f"top-p {p:g}" if p < 1.0 else "top-p off (1)"]
     if 'guidance' in setting:
       parts.append(f"classifier-free guidance {float(setting['guidance']):g}")
-  known = {'name', 'top_k', 'temperature', 'top_p', 'beam_width', 'guidance'}
+    if setting.get('support', 'all') == 'training':
+      parts.append("each slot inside its training codes (support training)")
+  known = {'name', 'top_k', 'temperature', 'top_p', 'beam_width', 'guidance', 'support'}
   parts += [f"{k.replace('_', ' ')} {v}" for k, v in setting.items() if k not in known]
   return f"sampling {name}: " + ', '.join(parts) if name else 'sampling: ' + ', '.join(parts)
 

@@ -57,7 +57,7 @@ NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 # fit.matmul_precision: 'highest' is what a CPU always computed; fit.anchor: 0 is no pull;
 # evaluate.classifier.packaged: a cached classifier is used whatever its origin.
 OMITTED_AT = {'train.class_dropout': 0.0, 'fit.matmul_precision': 'highest', 'fit.anchor': 0.0, 'fit.prototypes': 0, 'tokenize.drop_constant': False, 'tokenize.condition': 'class', 'model.class_bias_init': 'zeros', 'evaluate.headline_guidance': 1.0,
-              'evaluate.classifier.packaged': True}
+              'evaluate.classifier.packaged': True, 'sample.support': 'all'}
 
 
 def fingerprint(config, keys: Iterable[str]) -> dict:

@@ -109,6 +109,17 @@ def test_samples_do_not_depend_on_the_batch_size(pipeline, tmp_path):
                                   np.load(os.path.join(workdir, 'samples', name, 'tokens.npy')))
 
 
+def test_support_all_leaves_the_sample_fingerprint_as_before_the_key():
+  """A workdir sampled before sample.support existed is not sampled again ('all' is left out)."""
+  from nfjax import config as config_lib
+  from nfjax.stages import sample
+  old = _config()
+  with old.unlocked():
+    del old.sample['support']
+  assert config_lib.fingerprint(_config(), sample.KEYS) == config_lib.fingerprint(old, sample.KEYS)
+  assert config_lib.fingerprint(_config(**{'sample.support': 'training'}), sample.KEYS)['sample']['support'] == 'training'
+
+
 def test_bad_sample_configs_fail_clearly(pipeline, tmp_path):
   from nfjax.stages import sample
   from nfjax.errors import ConfigError, NfjaxError

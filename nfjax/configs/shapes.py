@@ -169,8 +169,8 @@ def get_config(arg=None):
     # (sample.support='training', the support the no_structure row draws from): the full distribution
     # no longer draws the tail codes that ruined fields (top-k 0, T 1 MMD-CD 29 before), so it can be
     # sampled whole. Top-k 0, T 0.85 over four draws: COV 0.58, 1-NNA 0.72, MMD-CD 15.1; T 0.9 over
-    # six 0.55 / 0.74 / 15.5; top-k 5, T 1 (the headline before) 0.50 / 0.77 / 15.9; no_structure 0.53 /
-    # 0.71 / 15.6 (benchmarks/RESULTS.md, issue 15).
+    # six 0.55 / 0.74 / 15.5; top-k 5, T 1 (the headline before) 0.50 / 0.77 / 15.9; no_structure over
+    # six draws 0.53 / 0.71 / 15.4 (benchmarks/RESULTS.md, issue 15).
     c.fit.prototypes = 8
     c.tokenize.condition = 'prototype'
     c.sample.support = 'training'

@@ -394,7 +394,7 @@ class Sampler:
       if self._support is None:
         self._support = jnp.asarray(sampling.training_support(self.tokens, self.num_new, self.model.cfg.vocab_size))
       allowed = self._support
-      rows = {'allowed_rows': jnp.asarray(conditions if len(allowed) > 1 else np.zeros(b), jnp.int32)}
+      rows = {'allowed_rows': jnp.asarray(sampling.support_rows(allowed, conditions))}
     toks = np.asarray(self._generate(
         jnp.asarray(sampling.prompts(self.vocab, conditions, self.prefix)), sampling.sample_keys(int(seed), 0, np.arange(b)),
         jnp.full((b,), temperature, jnp.float32), jnp.full((b,), top_k, jnp.int32),

@@ -280,6 +280,13 @@ def training_support(tokens, num_new: int, model_vocab: int | None = None) -> np
   return table
 
 
+def support_rows(table: np.ndarray, conditions: np.ndarray) -> np.ndarray:
+  """`allowed_rows` int32 [n] of samples conditioned on `conditions` [n] for a `training_support` table:
+  each condition's own table, or the pooled one where the table has one (no class token)."""
+  conditions = np.asarray(conditions, np.int32)
+  return conditions if len(table) > 1 else np.zeros_like(conditions)
+
+
 def load_generator(workdir: str, step: int | None = None, device: jax.Device | None = None,
                    attention: str | None = None):
   """(model, token dataset, tokenizer, checkpoint meta) of a workdir with finished tokenize and train

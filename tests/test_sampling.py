@@ -223,3 +223,5 @@ def test_training_support_is_each_conditions_codes_per_slot():
   # without a class token: one pooled table
   one = sampling.training_support(SimpleNamespace(**{**vars(ds), 'prefix_len': 1, 'tokens': toks[:, 1:]}), 3)
   assert one.shape == (1, 3, 10) and one[0, 0].nonzero()[0].tolist() == [0, 3, 4]
+  assert sampling.support_rows(t, [2, 0]).tolist() == [2, 0]       # each condition's own table
+  assert sampling.support_rows(one, [2, 0]).tolist() == [0, 0]     # the pooled one

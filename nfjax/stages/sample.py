@@ -113,10 +113,11 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
   num_conditions = max(1, vocab.num_classes)   # class (or prototype) tokens: one beam-search field each
   batch = int(s.batch_size)
   allowed = sampling.code_mask(vocab, num_new, model.cfg.vocab_size)
+  mask, mask_rows = allowed, None   # the code mask, or (support 'training') every row's own table
   support = str(s.support)
-  if support == 'training':   # every row's own masks: the codes its condition's training sequences use per slot
-    table = jnp.asarray(sampling.training_support(tokens, num_new, model.cfg.vocab_size))
-    table_rows = conditions if table.shape[0] > 1 else np.zeros(n, np.int32)
+  if support == 'training':   # the codes its condition's training sequences hold at each slot
+    mask = jnp.asarray(sampling.training_support(tokens, num_new, model.cfg.vocab_size))
+    mask_rows = sampling.support_rows(mask, conditions)
     for st in settings:
       if 'beam_width' not in st:   # beam search keeps the code mask alone
         st['support'] = support
@@ -163,13 +164,10 @@ def run(config, workdir: str, *, device: jax.Device | None = None) -> dict:
       prompt = sampling.prompts(vocab, conditions[np.minimum(ids, n - 1)], prefix)
       args = (jnp.asarray(prompt), sampling.sample_keys(int(config.seed), si, ids),
               jnp.full((batch,), st['temperature'], jnp.float32), jnp.full((batch,), st['top_k'], jnp.int32),
-              jnp.full((batch,), st['top_p'], jnp.float32), allowed)
+              jnp.full((batch,), st['top_p'], jnp.float32), mask)
       if g is not None:
         args += (jnp.full((batch,), g, jnp.float32), jnp.asarray(sampling.unconditional(prompt, null_class)))
-      rows_of = {}
-      if support == 'training':
-        args = args[:5] + (table,) + args[6:]
-        rows_of = {'allowed_rows': jnp.asarray(table_rows[np.minimum(ids, n - 1)], jnp.int32)}
+      rows_of = {} if mask_rows is None else {'allowed_rows': jnp.asarray(mask_rows[np.minimum(ids, n - 1)])}
       if (g is not None) not in compiled:
         t0 = time.perf_counter()
         compiled[g is not None] = gen.compile(*args, **rows_of)   # one executable for every setting and batch

@@ -243,6 +243,51 @@ def test_prototypes_start_every_field_from_its_own_class_cluster(tmp_path):
   assert (tmp_path / 'proto' / 'fields' / 'prototypes.png').exists()
 
 
+def test_medoid_prototypes_are_fitted_to_a_real_member_of_their_cluster(tmp_path):
+  from nfjax import analysis
+  from nfjax.data import images
+  from nfjax.fields import stack
+  from nfjax.evaluate.image_metrics import psnr
+  over = {'data.num_fields': 30, 'fit.prototypes': 2, 'fit.chunk_size': 8}
+  config = tiny(**over, **{'fit.prototype_target': 'medoid'})
+  main.run(config, str(tmp_path / 'medoid'), 'fit')
+  main.run(tiny(**over), str(tmp_path / 'mean'), 'fit')
+  med, mean = _prototypes(str(tmp_path / 'medoid')), _prototypes(str(tmp_path / 'mean'))
+  # the same clusters and starts; only what each prototype field is fitted to differs
+  for k in ('labels', 'means', 'of_field'):
+    np.testing.assert_array_equal(med[k], mean[k])
+  labels = _arrays(str(tmp_path / 'medoid')).labels
+  pixels = images.load(config).images.reshape(len(labels), -1)
+  fitter = analysis.make_fitter(config, (28, 28))
+  shared = np.load(tmp_path / 'medoid' / 'fields' / 'shared_init.npy')
+  for j, (centre, c) in enumerate(zip(med['means'], med['labels'])):
+    members = np.nonzero(labels == c)[0]
+    medoid = members[np.argmin(((pixels[members] - centre) ** 2).sum(1))]
+    # the prototype is the shared init fitted to that image (the fitter on it alone) ...
+    w, _, q = fitter.fit(int(config.fit.shared_init_steps), pixels[[medoid]].reshape(1, 784, 1),
+                         stack.field_keys(0, np.array([j]), stream=stack.PROTOTYPE_STREAM), shared)
+    np.testing.assert_allclose(med['weights'][j], w[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(med['quality'][j], q[0], atol=1e-3)
+    # ... so it renders nearer that image than the mean's prototype does, and that one nearer the mean
+    # (where the cluster holds more than one image)
+    if not np.allclose(centre, pixels[medoid]):
+      spec = mlp.FieldSpec.from_config(config.field)
+      r_med, r_mean = (mlp.render_weights(spec, x[[j]], 28, 28) for x in (med['weights'], mean['weights']))
+      image, blur = pixels[medoid].reshape(1, 28, 28), centre.reshape(1, 28, 28)
+      assert psnr(r_med, image)[0] > psnr(r_mean, image)[0] and psnr(r_mean, blur)[0] > psnr(r_med, blur)[0]
+
+
+def test_prototype_target_auto_leaves_the_fit_fingerprint_as_before_the_key():
+  """Fields fitted before fit.prototype_target existed are not fitted again ('auto' is left out)."""
+  from nfjax import config as config_lib
+  old = tiny(**{'fit.prototypes': 2})
+  with old.unlocked():
+    del old.fit['prototype_target']
+  assert config_lib.fingerprint(tiny(**{'fit.prototypes': 2}), fit.FIT_KEYS) == config_lib.fingerprint(old, fit.FIT_KEYS)
+  medoid = config_lib.fingerprint(tiny(**{'fit.prototypes': 2, 'fit.prototype_target': 'medoid'}), fit.FIT_KEYS)
+  assert medoid['fit.prototype_target'] == 'medoid'
+
+
 def test_prototypes_are_read_back_not_made_again(tmp_path):
   from nfjax.io import files
   config = tiny(**{'data.num_fields': 16, 'fit.prototypes': 1, 'fit.chunk_size': 8})
@@ -270,4 +315,6 @@ def test_prototypes_refused_where_they_cannot_apply(tmp_path):
     main.run(tiny(**{'fit.prototypes': 2, 'fit.init': 'random'}), str(tmp_path / 'a'), 'fit')
   with pytest.raises(ConfigError, match=r'fit.prototypes=-1'):
     main.run(tiny(**{'fit.prototypes': -1}), str(tmp_path / 'b'), 'fit')
-  assert not any((tmp_path / x / 'fields').exists() for x in 'ab')
+  with pytest.raises(ConfigError, match=r"fit.prototype_target.*'medoid'"):
+    main.run(tiny(**{'fit.prototypes': 2, 'fit.prototype_target': 'centre'}), str(tmp_path / 'c'), 'fit')
+  assert not any((tmp_path / x / 'fields').exists() for x in 'abc')

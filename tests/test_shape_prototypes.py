@@ -1,5 +1,5 @@
 """fit.prototypes on shapes: shapes clustered on their voxelised occupancy, a prototype field fitted to
-each cluster's mean occupancy, every shape fitted from its cluster's prototype, and the GPT conditioned
+each cluster's medoid (a mean occupancy is no shape: fit.prototype_target='mean' is refused), every shape fitted from its cluster's prototype, and the GPT conditioned
 on the prototype (tokenize.condition='prototype') sampling each class through its prototypes."""
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ def test_voxel_occupancy_is_each_voxels_inside_share():
   np.testing.assert_array_equal(occ[1] > 0.5, centres[:, 0] > 0)  # the voxel order is the centres' order
   # a voxel no point falls in reads as outside
   assert shape_mod.voxel_occupancy(np.zeros((1, 1, 3), np.float32), np.ones((1, 1)), 4).sum() == 1.0
+
+
+def test_shape_prototypes_refuse_a_mean_target(tmp_path):
+  from nfjax import main
+  from nfjax.errors import ConfigError
+  for target in ('auto', 'medoid'):   # what shapes fit (the key checked, nothing run: a bad preset stops it)
+    with pytest.raises(ConfigError, match='fit.shared_init_steps'):
+      main.run(load_config('smoke', SHAPES, **OVERRIDES, **{'fit.prototype_target': target,
+                                                              'fit.shared_init_steps': -1}), str(tmp_path / target), 'fit')
+  with pytest.raises(ConfigError, match=r"fit.prototype_target='mean'.*set fit.prototype_target='medoid'"):
+    main.run(load_config('smoke', SHAPES, **OVERRIDES, **{'fit.prototype_target': 'mean'}), str(tmp_path / 'm'), 'fit')
+  assert not (tmp_path / 'm' / 'fields').exists()
 
 
 @pytest.fixture(scope='module')

@@ -29,6 +29,7 @@ LOSSES = ('bce', 'mse', 'l1')
 SCHEDULES = ('cosine', 'constant')
 MATMUL_PRECISIONS = ('highest', 'high', 'default')  # fit.matmul_precision: jax.default_matmul_precision's names
 FORMULATIONS = ('auto', 'stacked', 'blocked', 'vmap')  # of a stack's fit: nfjax/fields/stacked.py, stack.py
+PROTOTYPE_TARGETS = ('auto', 'mean', 'medoid')  # fit.prototype_target: nfjax/fields/stack.py prototypes
 
 
 def validate(config) -> None:
@@ -44,11 +45,16 @@ def validate(config) -> None:
   cfg_utils.check_choice(config, 'fit.loss', LOSSES)
   cfg_utils.check_choice(config, 'fit.schedule', SCHEDULES)
   cfg_utils.check_choice(config, 'fit.init', ('shared', 'random'))
+  if config.fit.init == 'shared':
+    cfg_utils.check_positive(config, 'fit.shared_init_steps')
+    cfg_utils.check_positive(config, 'fit.shared_init_candidates')
   if 'prototypes' in config.fit:   # a config written without the key has none
     cfg_utils.check_positive(config, 'fit.prototypes', allow_zero=True)
     if prototypes_of(config.fit) > 0 and config.fit.init != 'shared':
       raise ConfigError(f"config key fit.prototypes={config.fit.prototypes} fits its prototypes from the shared "
                         f"init and needs fit.init='shared' (not {config.fit.init!r}); or set fit.prototypes=0")
+  if 'prototype_target' in config.fit:
+    cfg_utils.check_choice(config, 'fit.prototype_target', PROTOTYPE_TARGETS)
   cfg_utils.check_choice(config, 'fit.formulation', FORMULATIONS)
   cfg_utils.check_choice(config, 'fit.matmul_precision', MATMUL_PRECISIONS)
   cfg_utils.check_positive(config, 'fit.block_fields', allow_zero=True)

@@ -8,8 +8,8 @@ modality:
    the one whose probe fits are best is kept (fields/shared_init.npy);
    With `fit.prototypes` = K > 0, each class's targets (images: pixels; shapes: voxelised occupancy;
    Modality.prototype_targets) are clustered into K groups (k-means), a field is fitted from the
-   shared init to every group's mean (shapes: its medoid), and every field starts from its own
-   group's prototype instead (fields/prototypes.npz);
+   shared init to every group's mean or medoid (fit.prototype_target; shapes: the medoid), and every
+   field starts from its own group's prototype instead (fields/prototypes.npz);
 2. every chunk of `fit.chunk_size` fields not on disk yet is fitted and written atomically
    (fields/chunks/), so a killed run resumes where it stopped and ends with the same dataset;
 3. fields under `fit.refit_below` get a second, longer fit (the better result is kept);
@@ -32,7 +32,7 @@ from nfjax import processes, sharding
 from nfjax.fields import fitting, mlp, stacked
 from nfjax.io import fields as field_io
 from nfjax.io import files
-from nfjax.modalities.base import Quality
+from nfjax.modalities.base import PrototypeSpace, Quality, prototype_target
 from nfjax.tokenizers import kmeans
 from nfjax.utils import preemption
 from nfjax.utils.logging import MetricsWriter, Progress, log
@@ -316,13 +316,14 @@ def shared_init(stage, fitter: StackFitter, config, targets, seed: int,
 PROTOTYPE_STREAM = 0x9807
 
 
-def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, shared: np.ndarray, seed: int,
-               quality: Quality) -> dict | None:
+def prototypes(stage, fitter: StackFitter, config, space: PrototypeSpace, labels: np.ndarray, shared: np.ndarray,
+               seed: int, quality: Quality) -> dict | None:
   """fields/prototypes.npz (fit.prototypes > 0): read back when a previous run wrote it, else made and
-  written. Each class's target vectors (`space` = Modality.prototype_targets: (vectors [N, D], the
-  fitter's rows for K means and their classes)) are clustered into min(K, members) groups by k-means; a
-  field is fitted to every group's mean (shapes: its medoid) from the shared init (fit.shared_init_steps
-  steps, as the init's candidates).
+  written. Each class's target vectors (`space` = Modality.prototype_targets) are clustered into
+  min(K, members) groups by k-means; a field is fitted from the shared init (fit.shared_init_steps steps,
+  as the init's candidates) to every group's mean, or to its medoid -- the member of the group's class
+  nearest the mean, a real example (fit.prototype_target; 'auto': the mean where the modality can fit
+  one, shapes the medoid).
   Holds weights [M, P] (the prototype fields), quality [M], labels [M] (their class), means [M, D]
   and of_field [N] (the prototype every field starts from: the nearest mean of its own class)."""
   k = fitting.prototypes_of(config.fit)
@@ -331,9 +332,10 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
   found = processes.agree('prototypes', lambda: field_io.prototypes(stage.path))
   if found is not None:
     return found
-  vectors, rows_of = space
-  vectors = np.asarray(vectors, np.float32)
-  means, classes = [], []
+  target = prototype_target(config.fit, space)
+  raw = np.asarray(space.vectors)
+  vectors = raw.astype(np.float32, copy=False)
+  means, classes, medoids = [], [], []
   of_field = np.zeros(len(labels), np.int32)
   for c in np.unique(labels):
     members = np.nonzero(labels == c)[0]
@@ -342,16 +344,18 @@ def prototypes(stage, fitter: StackFitter, config, space, labels: np.ndarray, sh
     of_field[members] = sum(len(m) for m in means) + kmeans.assign(vectors[members], codes)
     means.append(codes)
     classes.append(np.full(len(codes), c, np.int32))
-  means = np.concatenate(means)
+    medoids += [int(members[np.argmin(((raw[members] - code) ** 2).sum(-1))]) for code in codes]
+  means, classes = np.concatenate(means), np.concatenate(classes)
   steps = int(config.fit.shared_init_steps)
   t0 = time.perf_counter()
   keys = field_keys(seed, np.arange(len(means)), stream=PROTOTYPE_STREAM)
-  w, _, q = fitter.fit(steps, rows_of(means, np.concatenate(classes)), keys, shared)
-  out = {'weights': w, 'quality': q, 'labels': np.concatenate(classes), 'means': means, 'of_field': of_field}
+  rows = space.members(np.asarray(medoids)) if target == 'medoid' else space.means(means, classes)
+  w, _, q = fitter.fit(steps, rows, keys, shared)
+  out = {'weights': w, 'quality': q, 'labels': classes, 'means': means, 'of_field': of_field}
   files.write_npz(stage.file(field_io.PROTOTYPES), **out)
   used = np.bincount(of_field, minlength=len(means))
-  log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the k-means clusters of each class's "
-             f"targets ({k} per class, {steps} steps, {time.perf_counter() - t0:.1f}s, {quality.label} mean "
+  log(STAGE, f"prototypes: {len(means)} fields fitted from the shared init to the {target}s of the k-means clusters of "
+             f"each class's targets ({k} per class, {steps} steps, {time.perf_counter() - t0:.1f}s, {quality.label} mean "
              f"{quality.fmt(float(np.nanmean(q)))}); every field starts from its cluster's "
              f"({used.min()}-{used.max()} fields each)")
   return out

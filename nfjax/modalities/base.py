@@ -19,7 +19,7 @@ the evaluation frame -- is modality-free.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,22 @@ class FitData:
 
   def __len__(self) -> int:
     return len(self.rows[0])
+
+
+class PrototypeSpace(NamedTuple):
+  """What fit.prototypes clusters and fits (`Modality.prototype_targets`)."""
+  vectors: np.ndarray                      # [N, D]: every field's targets as one vector, clustered by k-means
+  members: Callable[[np.ndarray], tuple]   # field indices [K] -> the fitter's rows for those fields' own targets
+  means: Callable[[np.ndarray, np.ndarray], tuple] | None   # (cluster means [K, D], classes [K]) -> the fitter's
+                                           # rows for fields fitted to the means; None where a mean is no target
+
+
+def prototype_target(fit_cfg, space: PrototypeSpace) -> str:
+  """fit.prototype_target resolved: 'mean' or 'medoid' ('auto': the mean where the modality can fit one)."""
+  target = str(fit_cfg.get('prototype_target', 'auto'))
+  if target == 'auto':
+    return 'mean' if space.means is not None else 'medoid'
+  return target
 
 
 class Modality:
@@ -91,10 +107,10 @@ class Modality:
   def fit_pictures(self, stage, config, spec, data: FitData, arrays: dict, mesh) -> None:
     """Pictures of the fitted fields (a failure must not cost the dataset)."""
 
-  def prototype_targets(self, data: FitData):
-    """For fit.prototypes: (every field's targets as one vector [N, D] to cluster on, a function from
-    cluster means [K, D] and their classes [K] to the fitter's rows for the K prototype fields), or None
-    where the fields have nothing to cluster on (the modality's validate then refuses fit.prototypes > 0)."""
+  def prototype_targets(self, data: FitData) -> PrototypeSpace | None:
+    """For fit.prototypes: what to cluster every field's targets on and how to fit a prototype to a cluster
+    (its mean or its medoid, fit.prototype_target), or None where the fields have nothing to cluster on (the
+    modality's validate then refuses fit.prototypes > 0)."""
     return None
 
   # -- tokenize ------------------------------------------------------------------------------------

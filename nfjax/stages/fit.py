@@ -25,7 +25,7 @@ from nfjax.utils.logging import log
 STAGE = 'fit'
 # The fit.* keys every modality's fields depend on (the modality adds its own: Modality.fit_keys).
 FIT_KEYS = ('seed', 'data', 'field', 'fit.steps', 'fit.lr', 'fit.schedule', 'fit.warmup_steps', 'fit.end_lr_factor',
-            'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.anchor', 'fit.init', 'fit.prototypes', 'fit.shared_init_index', 'fit.shared_init_steps',
+            'fit.b1', 'fit.b2', 'fit.loss', 'fit.l2', 'fit.anchor', 'fit.init', 'fit.prototypes', 'fit.prototype_target', 'fit.shared_init_index', 'fit.shared_init_steps',
             'fit.shared_init_candidates', 'fit.shared_init_probe', 'fit.refit_below', 'fit.refit_steps_factor',
             'fit.chunk_size', 'fit.formulation', 'fit.block_fields', 'fit.matmul_precision')
 

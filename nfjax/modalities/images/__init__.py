@@ -28,7 +28,7 @@ from nfjax.fields.stack import StackFitter
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.evaluate.image_metrics import psnr
-from nfjax.modalities.base import FitData, Modality, Quality, SampleOutput
+from nfjax.modalities.base import FitData, Modality, PrototypeSpace, Quality, SampleOutput, prototype_target
 from nfjax.modalities.images import evaluate as image_eval
 from nfjax.utils import images as img_utils
 from nfjax.utils import picks
@@ -105,11 +105,13 @@ class Images(Modality):
                        stage.file('reconstructions.png'))
     proto = field_io.prototypes(stage.path)
     if proto is not None:
-      self._prototype_picture(stage, spec, data, proto)
+      self._prototype_picture(stage, config, spec, data, proto)
 
-  def _prototype_picture(self, stage, spec, data, proto):
+  def _prototype_picture(self, stage, config, spec, data, proto):
     """fields/prototypes.png: each class's prototype fields (fit.prototypes), one row per class."""
     h, w = data.meta['image_shape']
+    fitted_to = {'mean': 'k-means means', 'medoid': 'medoids of the k-means clusters'}[
+        prototype_target(config.fit, self.prototype_targets(data))]
     recon = mlp.render_weights(spec, proto['weights'], h, w)
     used = np.bincount(proto['of_field'], minlength=len(recon))
     classes = np.unique(proto['labels'])
@@ -117,13 +119,14 @@ class Images(Modality):
     cells = [[f"{used[i]}" for i in np.nonzero(proto['labels'] == c)[0]] for c in classes]
     img = img_utils.grid(rows, row_labels=[f'class {c}' for c in classes], cell_labels=cells)
     img_utils.save_png(img_utils.captioned(
-        img, 'prototype fields: fitted to the k-means means of each class (fit.prototypes)',
+        img, f"prototype fields: fitted to the {fitted_to} of each class (fit.prototypes)",
         'under each: how many fields start from it'), stage.file('prototypes.png'))
 
   def prototype_targets(self, data):
     targets = np.asarray(data.rows[0], np.float32)   # [N, pixels, 1]
     n, pixels, out = targets.shape
-    return targets.reshape(n, pixels * out), lambda means, classes: (np.asarray(means, np.float32).reshape(-1, pixels, out),)
+    return PrototypeSpace(targets.reshape(n, pixels * out), lambda idx: (targets[idx],),
+                          lambda means, classes: (np.asarray(means, np.float32).reshape(-1, pixels, out),))
 
   # -- tokenize ------------------------------------------------------------------------------------
   def compensation_grid(self, meta):

@@ -44,7 +44,7 @@ from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import samples as sample_io
 from nfjax.io.workdir import SHAPE_DATA
-from nfjax.modalities.base import FitData, Modality, Quality, SampleOutput
+from nfjax.modalities.base import FitData, Modality, PrototypeSpace, Quality, SampleOutput
 from nfjax.modalities.shapes import evaluate as shape_eval
 from nfjax.utils import images as img_utils
 from nfjax.utils import picks, render3d
@@ -78,6 +78,10 @@ def _validate_fit(config) -> None:
                       f"(data.modality='shapes'); set field.in_dims=3")
   if spec.out_dims != 1:
     raise ConfigError(f"config key field.out_dims={spec.out_dims}: shape fields have one output")
+  if fitting.prototypes_of(config.fit) > 0 and config.fit.get('prototype_target', 'auto') == 'mean':
+    raise ConfigError("config key fit.prototype_target='mean': a cluster's mean occupancy is no shape (thin parts "
+                      "average under 0.5 and vanish), so shape prototypes are fitted to medoids; set "
+                      "fit.prototype_target='medoid' (or 'auto')")
   loss = config.fit.loss
   if loss == 'bce' and label != 'occupancy':
     raise ConfigError(f"config key fit.loss='bce' fits occupancy logits and needs data.label='occupancy', "
@@ -183,12 +187,6 @@ def voxel_occupancy(points: np.ndarray, inside: np.ndarray, r: int, chunk: int =
                        minlength=len(p) * r ** 3)
     out[lo:lo + len(p)] = (hits / np.maximum(total, 1)).reshape(len(p), -1)
   return out
-
-
-def _medoid(vectors: np.ndarray, labels: np.ndarray, mean: np.ndarray, c: int) -> int:
-  """The shape of class c whose vector is nearest `mean` (the lowest index among equals)."""
-  members = np.nonzero(labels == c)[0]
-  return int(members[np.argmin(((vectors[members] - mean) ** 2).sum(-1))])
 
 
 def _iou_score(spec: mlp.FieldSpec, level: float, inside_above: bool):
@@ -371,16 +369,12 @@ class Shapes(Modality):
     """fit.prototypes: shapes share no points, so each is voxelised (its training points' inside share per
     voxel, `voxel_occupancy`) and clustered on that. A cluster's mean occupancy is no shape (thin parts
     average to shares under 0.5 and vanish), so its prototype field is fitted to the cluster's medoid: the
-    shape of the cluster's class nearest its mean, with its own points and held-out IoU."""
+    shape of the cluster's class nearest its mean, with its own points and held-out IoU (fit.prototype_target
+    'mean' is refused)."""
     points = data.rows[0]
     vectors = voxel_occupancy(points, inside_labels(data.meta['label'], np.asarray(data.rows[1])),
                               occupancy_grid_size(points.shape[1]))
-    labels = np.asarray(data.labels)
-
-    def rows_of(means, classes):
-      pick = [_medoid(vectors, labels, m, c) for m, c in zip(np.asarray(means, np.float32), classes)]
-      return tuple(np.asarray(r)[pick] for r in data.rows)
-    return vectors, rows_of
+    return PrototypeSpace(vectors, lambda idx: tuple(np.asarray(r)[idx] for r in data.rows), None)
 
   def fit_summary(self, config):
     return {'label': config.data.label, 'loss': config.fit.loss, 'points_per_step': int(config.fit.points_per_step)}

@@ -57,8 +57,9 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # shared init (fields/prototypes.npz). With 1 per class
   # a class's fields stay in one class-shaped basin: on MNIST quick the samples' class consistency went
   # from 0.73 to 0.97. More per class pay only with the GPT conditioned on the prototype
-  # (tokenize.condition='prototype'; without it 3 or 10 per class were worse than none): 4 per class
-  # gave the quick preset its coverage (benchmarks/RESULTS.md, issue 15). The tokenizer still codes
+  # (tokenize.condition='prototype'; without it 3 or 10 per class were worse than none): 8 per class,
+  # each fitted to a real digit (fit.prototype_target='medoid' below), give the quick preset its
+  # coverage (benchmarks/RESULTS.md, issue 15). The tokenizer still codes
   # w - shared init. 0 = off: every field starts from the shared init.
   c.fit.prototypes = 0
   # What each prototype field is fitted to: 'mean' (the cluster's mean target: a blurred average image),

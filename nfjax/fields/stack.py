@@ -333,8 +333,7 @@ def prototypes(stage, fitter: StackFitter, config, space: PrototypeSpace, labels
   if found is not None:
     return found
   target = prototype_target(config.fit, space)
-  raw = np.asarray(space.vectors)
-  vectors = raw.astype(np.float32, copy=False)
+  vectors = np.asarray(space.vectors, np.float32)
   means, classes, medoids = [], [], []
   of_field = np.zeros(len(labels), np.int32)
   for c in np.unique(labels):
@@ -344,7 +343,8 @@ def prototypes(stage, fitter: StackFitter, config, space: PrototypeSpace, labels
     of_field[members] = sum(len(m) for m in means) + kmeans.assign(vectors[members], codes)
     means.append(codes)
     classes.append(np.full(len(codes), c, np.int32))
-    medoids += [int(members[np.argmin(((raw[members] - code) ** 2).sum(-1))]) for code in codes]
+    if target == 'medoid':   # the member nearest each mean
+      medoids += [int(members[np.argmin(((vectors[members] - code) ** 2).sum(-1))]) for code in codes]
   means, classes = np.concatenate(means), np.concatenate(classes)
   steps = int(config.fit.shared_init_steps)
   t0 = time.perf_counter()

@@ -56,7 +56,7 @@ NOT_FINGERPRINTED = ('model.attention', 'data.download_url')
 # 'evaluate' for shapes). train.class_dropout, evaluate.headline_guidance: classifier-free guidance;
 # fit.matmul_precision: 'highest' is what a CPU always computed; fit.anchor: 0 is no pull;
 # evaluate.classifier.packaged: a cached classifier is used whatever its origin.
-OMITTED_AT = {'train.class_dropout': 0.0, 'fit.matmul_precision': 'highest', 'fit.anchor': 0.0, 'fit.prototypes': 0, 'fit.prototype_target': 'auto', 'tokenize.drop_constant': False, 'tokenize.condition': 'class', 'model.class_bias_init': 'zeros', 'evaluate.headline_guidance': 1.0,
+OMITTED_AT = {'train.class_dropout': 0.0, 'fit.matmul_precision': 'highest', 'fit.anchor': 0.0, 'fit.prototypes': 0, 'fit.prototype_target': 'auto', 'tokenize.drop_constant': False, 'tokenize.condition': 'class', 'model.class_bias_init': 'zeros', 'model.class_bias_prior': 0.0, 'evaluate.headline_guidance': 1.0,
               'evaluate.classifier.packaged': True, 'sample.support': 'all'}
 
 

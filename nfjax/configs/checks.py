@@ -137,6 +137,11 @@ def _train(config) -> None:
     if m.class_bias_init == 'histogram' and (m.kind != 'gpt' or not m.class_bias):
       raise ConfigError("config key model.class_bias_init='histogram' starts the class x position bias of "
                         "model.kind='gpt' with model.class_bias=True; set it to 'zeros' or turn model.class_bias on")
+  if 'class_bias_prior' in m:
+    config_lib.check_positive(config, 'model.class_bias_prior', allow_zero=True)
+    if m.class_bias_prior > 0 and m.get('class_bias_init', 'zeros') != 'histogram':
+      raise ConfigError(f"config key model.class_bias_prior={m.class_bias_prior!r} smooths the histograms of "
+                        f"model.class_bias_init='histogram'; set model.class_bias_init='histogram' or the prior to 0")
   p_drop = float(t.get('class_dropout', 0.0))
   if not 0.0 <= p_drop < 1.0:
     raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")

@@ -143,12 +143,18 @@ def class_dropout(p: float) -> Callable:
   return augment
 
 
-def class_histogram_bias(tokens: np.ndarray, cfg, class_column: int, smoothing: float = 0.1) -> np.ndarray:
+def class_histogram_bias(tokens: np.ndarray, cfg, class_column: int, smoothing: float = 0.1,
+                         prior: float = 0.0) -> np.ndarray:
   """model.class_bias_init='histogram': the [cond_classes, block_size, vocab] logit bias `wcb` set to each
   class's per-slot log token frequencies in the training sequences `tokens` [N, T] (add-`smoothing`
   counts), so the model starts where the no-structure row is (nfjax/evaluate/no_structure.py) and its
   steps go to how the slots go together. Input position t predicts token t + 1; the null class's row
-  (classifier-free guidance) pools every class. Positions the data does not reach stay 0."""
+  (classifier-free guidance) pools every class. Positions the data does not reach stay 0.
+
+  prior > 0 (model.class_bias_prior): instead of add-`smoothing`, each class's counts at a slot get
+  `prior` pseudo-counts spread as the pooled histogram of every class there (itself add-0.01), a
+  hierarchical estimate: a class with few sequences leans on what all classes do at that slot, one
+  with many on its own counts."""
   tokens = np.asarray(tokens, np.int64)
   classes, block, v = int(cfg.cond_classes), int(cfg.block_size), int(cfg.vocab_size)
   counts = np.zeros((classes, block, v), np.float64)
@@ -164,7 +170,11 @@ def class_histogram_bias(tokens: np.ndarray, cfg, class_column: int, smoothing: 
   if cfg.null_class >= 0:
     counts[real] = counts[:real].sum(0)
   out = np.zeros((classes, block, v), np.float32)
-  c = counts[:, :t] + smoothing
+  if prior > 0:
+    pooled = counts[:real, :t].sum(0) + 0.01
+    c = counts[:, :t] + prior * (pooled / pooled.sum(-1, keepdims=True))[None]
+  else:
+    c = counts[:, :t] + smoothing
   out[:, :t] = np.log(c / c.sum(-1, keepdims=True))
   return out
 
@@ -209,7 +219,8 @@ def gpt_task(config, workdir: str) -> Task:
   prefix = list(ds.meta.get('prefix', ['sos', 'class'][:ds.prefix_len]))
   init_params = None
   if cfg.cond_classes > 0 and str(config.model.get('class_bias_init', 'zeros')) == 'histogram':
-    init_params = lambda: {'wcb': class_histogram_bias(train['tokens'], cfg, prefix.index('class'))}
+    prior = float(config.model.get('class_bias_prior', 0.0))
+    init_params = lambda: {'wcb': class_histogram_bias(train['tokens'], cfg, prefix.index('class'), prior=prior)}
   if cfg.null_class < 0:
     loss = gpt_loss(ds.prefix_len, bool(config.train.loss_on_prefix))
     return Task('gpt', mdef, loss, train, val, tokens_per_example=seq_len - 1, info=info, init_params=init_params)

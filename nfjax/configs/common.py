@@ -158,7 +158,8 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   # With 'histogram': how thin counts are smoothed. 0 = add 0.1 to every code's count; > 0 = that many
   # pseudo-counts spread as the pooled histogram of all classes at the slot (a hierarchical prior: on
   # the MNIST quick preset's 80 prototypes of ~56 training sequences each, 30 takes the table's
-  # held-out cross-entropy from 4.21 to 3.88 nats per token and the trained GPT's from 3.83 to 3.74).
+  # held-out cross-entropy from 4.21 to 3.88 nats per token and the trained GPT's from 3.83 to 3.74, its
+  # samples the same within their spread; no preset sets it: benchmarks/RESULTS.md, issue 15).
   c.model.class_bias_prior = 0.0
   c.model.position = 'learned'     # learned | rope
   c.model.rope_base = 10000.0

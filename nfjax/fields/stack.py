@@ -338,13 +338,14 @@ def prototypes(stage, fitter: StackFitter, config, space: PrototypeSpace, labels
   of_field = np.zeros(len(labels), np.int32)
   for c in np.unique(labels):
     members = np.nonzero(labels == c)[0]
-    codes, _ = kmeans.kmeans(vectors[members], min(k, len(members)), restarts=3, iters=50,
+    x = vectors[members]
+    codes, _ = kmeans.kmeans(x, min(k, len(members)), restarts=3, iters=50,
                              seed=(seed * 1000003 + int(c) * 101 + PROTOTYPE_STREAM) % (2 ** 31))
-    of_field[members] = sum(len(m) for m in means) + kmeans.assign(vectors[members], codes)
+    of_field[members] = sum(len(m) for m in means) + kmeans.assign(x, codes)
     means.append(codes)
     classes.append(np.full(len(codes), c, np.int32))
     if target == 'medoid':   # the member nearest each mean
-      medoids += [int(members[np.argmin(((vectors[members] - code) ** 2).sum(-1))]) for code in codes]
+      medoids += [int(members[np.argmin(((x - code) ** 2).sum(-1))]) for code in codes]
   means, classes = np.concatenate(means), np.concatenate(classes)
   steps = int(config.fit.shared_init_steps)
   t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import shutil
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import load_config
 from nfjax import main, sharding
@@ -312,6 +313,14 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert f"[evaluate] vs no_structure at top-k 3, T 0.8: class consistency {a:.3f} vs {b:.3f} ({a - b:+.3f}), " \
          f"FD {h['frechet_distance']:.3g} vs {ns['frechet_distance']:.3g}" in line, line
   assert f"SSIM COV {h['ssim_cov']:.3f} vs {ns['ssim_cov']:.3f}" in line, line
+  # Which settings beat the row on all three figures at once: class consistency up, FD and COV in
+  # their own directions (FD down, COV up), in the summary, the log and eval/settings.png.
+  beats = lambda r: (r['class_accuracy'] > ns['class_accuracy'] and r['frechet_distance'] < ns['frechet_distance']
+                     and r['ssim_cov'] > ns['ssim_cov'])
+  better = [name for name, r in s['settings'].items() if beats(r)]
+  assert vs['better_on_every_figure'] == beats(h) and vs['settings_better_on_every_figure'] == better
+  assert f"settings better than no_structure on class consistency, FD and SSIM COV at once: " \
+         f"{', '.join(better) or 'none'} (of 2; eval/settings.png)" in out
   assert not any('no no_structure row' in n for n in s['notes'])
   # The row's weights are the tokenizer's decoding of the seeded histogram draw (the same again).
   w, _ = no_structure.draw(wd, labels, config.seed + no_structure.STREAM, 561)
@@ -358,7 +367,8 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert ref['novelty']['nn_weight_l2']['min'] > 0.0
   assert base['noise'] == 0.1 and base['num_samples'] == 24
   for png in ('novelty.png', 'neighbours_copies.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png',
-              'neighbours_baseline.png', 'neighbours_no_structure.png', 'grid_copies.png', 'grid_topk3_t0.8.png'):
+              'neighbours_baseline.png', 'neighbours_no_structure.png', 'grid_copies.png', 'grid_topk3_t0.8.png',
+              'settings.png'):
     assert os.path.getsize(os.path.join(ev, png)) > 1000, png
   listed = json.load(open(os.path.join(ev, 'manifest.json')))['files']
   assert {'grid_copies.png', 'grid_topk3_t0.8.png'} <= set(listed)                       # one per setting
@@ -408,6 +418,35 @@ def test_missing_or_bad_inputs_give_clear_errors(smoke_fields, tmp_path):
     stage.run(config, wd)
   with pytest.raises(NfjaxError, match='heldout_fraction'):
     image_eval.validate(load_config('smoke', **{'evaluate.classifier.heldout_fraction': 1.5}))
+
+
+def test_better_on_every_figure_reads_each_figure_in_its_own_direction(tmp_path):
+  from nfjax.evaluate import settings_plot
+  ev = image_eval.ImageEvaluator
+  ns = {'class_accuracy': 0.80, 'frechet_distance': 50.0, 'ssim_cov': 0.54}
+  row = {'class_accuracy': 0.90, 'frechet_distance': 40.0, 'ssim_cov': 0.55}
+  assert protocol.better_on_every_figure(ev, row, ns) is True
+  assert protocol.better_on_every_figure(ev, {**row, 'frechet_distance': 60.0}, ns) is False   # FD: lower is better
+  assert protocol.better_on_every_figure(ev, {**row, 'ssim_cov': 0.53}, ns) is False
+  assert protocol.better_on_every_figure(ev, {**row, 'ssim_cov': 0.54}, ns) is False           # level is not better
+  assert protocol.better_on_every_figure(ev, {**row, 'ssim_cov': float('nan')}, ns) is None
+  assert protocol.better_on_every_figure(protocol.Evaluator, row, ns) is None                   # no figures named
+  # Shapes: 1-NNA against training references is better nearer 0.5 (copies push it under).
+  from nfjax.modalities.shapes.evaluate import ShapeEval
+  sns = {'cov': 0.50, '1nna': 0.60, 'mmd_cd_x100': 15.0}
+  srow = {'cov': 0.55, '1nna': 0.45, 'mmd_cd_x100': 14.0}
+  assert protocol.better_on_every_figure(ShapeEval, srow, sns) is True
+  assert protocol.better_on_every_figure(ShapeEval, {**srow, '1nna': 0.35}, sns) is False
+  assert protocol.better_on_every_figure(ShapeEval, {**srow, '1nna': 0.65}, sns) is False
+  # The picture: one panel per figure against coverage; none without directions.
+  path = str(tmp_path / 'settings.png')
+  assert settings_plot.settings_png(path, ev.comparison, ev.coverage, {'a': row, 'b': {**row, 'ssim_cov': 0.5}},
+                                    {'no_structure': ns, 'reference': {**row, 'ssim_cov': 0.58}}, headline='a')
+  with Image.open(path) as png:
+    assert png.width > 1.8 * png.height     # two panels side by side
+  assert settings_plot.settings_png(path, ShapeEval.comparison, ShapeEval.coverage, {'a': srow}, {'no_structure': sns})
+  assert not settings_plot.settings_png(str(tmp_path / 'none.png'), (('x', 'x', '.3f'),), 'x', {'a': row}, {})
+  assert not os.path.exists(tmp_path / 'none.png')
 
 
 def test_the_headline_setting_prefers_one_without_guidance():

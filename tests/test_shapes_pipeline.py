@@ -92,14 +92,19 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   assert ns['num_train_sequences'] == len(np.load(os.path.join(workdir, 'tokens', 'train_idx.npy')))
   line, diffs = protocol.compare(shapes.ShapeEval, h, ns)
   assert line.startswith(f"COV {h['cov']:.3f} vs ") and ' 1-NNA ' in line and ' MMD-CDx100 ' in line, line
-  assert ev['vs_no_structure'] == {'setting': 'topk3_t0.8', **diffs}
+  # ... and which settings beat it on all three figures at once (eval/settings.png plots them).
+  better = {name: protocol.better_on_every_figure(shapes.ShapeEval, r, ns) for name, r in ev['settings'].items()}
+  expect = {'setting': 'topk3_t0.8', **diffs, 'better_on_every_figure': better['topk3_t0.8']}
+  if better['topk3_t0.8'] is not None:
+    expect['settings_better_on_every_figure'] = [name for name, b in better.items() if b]
+  assert ev['vs_no_structure'] == expect
   if ns['num_evaluated']:
     assert diffs['cov'] == pytest.approx(h['cov'] - ns['cov'])
   assert ev['reference']['recon_cd_to_source']['median'] > 0 and ev['copy_threshold_cd'] > 0
   assert ev['timings']['reference'] > 0 and ev['seconds'] > 0
   evd = os.path.join(workdir, 'eval')
   for png in ('novelty.png', 'neighbours_topk3_t0.8.png', 'neighbours_reference.png', 'neighbours_baseline.png',
-              *(f'grid_{name}.png' for name in ev['settings'])):
+              'settings.png', *(f'grid_{name}.png' for name in ev['settings'])):
     assert os.path.getsize(os.path.join(evd, png)) > 1000, png
   listed = json.load(open(os.path.join(evd, 'manifest.json')))['files']
   assert {f'grid_{name}.png' for name in ev['settings']} <= set(listed)

@@ -15,10 +15,13 @@ the same references, the frame
      decoded as samples are: nfjax/evaluate/no_structure.py; only where the workdir has finished
      tokens/ and tokenizer/), then every setting (its first N_gen samples);
   4. writes eval/per_sample/<setting>.npz, the pictures (eval/grid_<setting>.png: each setting's samples
-     by class, titled with the setting and its numbers, each row with its class's figure), and
-     summary.json with the headline
-     setting's numbers (evaluate.headline_top_k / headline_temperature) at the top, and logs by
-     how much the headline setting beats the no-structure row (also `vs_no_structure`).
+     by class, titled with the setting and its numbers, each row with its class's figure;
+     eval/settings.png: every setting and the context rows on the comparison figures,
+     nfjax/evaluate/settings_plot.py), and summary.json with the headline setting's numbers
+     (evaluate.headline_top_k / headline_temperature) at the top; logs by how much the headline
+     setting beats the no-structure row and which settings beat it on every comparison figure at
+     once (`vs_no_structure`: the differences, `better_on_every_figure`,
+     `settings_better_on_every_figure`).
 
 The modality's `Evaluator` (`Modality.evaluator`) renders weights into candidates (images, meshes),
 measures a candidate set against the references (its metrics, novelty against the training set),
@@ -35,6 +38,7 @@ import numpy as np
 
 from nfjax.errors import DataError
 from nfjax.evaluate import no_structure
+from nfjax.evaluate import settings_plot
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import samples as sample_io
@@ -52,9 +56,13 @@ class Evaluator:
 
   # per_sample key of each sample's distance to its nearest training example (the novelty histogram)
   data_distance: str = ''
-  # (result key, label, format) of the figures the log compares with the no-structure row; () = the
-  # numeric figures of `headline`
-  comparison: tuple[tuple[str, str, str], ...] = ()
+  # (result key, label, format, which is better: 'higher', 'lower' or the ideal value, e.g. 0.5 for a
+  # 1-NNA against training references that copies push under it) of the figures the log compares with
+  # the no-structure row, and that eval/settings.png plots; () = the numeric figures of `headline` (then
+  # no direction: no picture, no "better on every figure")
+  comparison: tuple[tuple[str, str, str, str], ...] = ()
+  # the comparison figure on the x axis of eval/settings.png (the coverage of the reference set)
+  coverage: str = ''
 
   def load(self, fields, good: np.ndarray) -> dict:
     """Read what the metrics compare with (real data of the good fields); returns {timing: seconds}."""
@@ -177,7 +185,7 @@ def compare(ev: Evaluator, h: dict, other: dict) -> tuple[str, dict]:
   (+0.024), ...', {key: h[key] - other[key]}) over the evaluator's `comparison` figures."""
   figures = ev.comparison or tuple((k, k, '.4g') for k, v in ev.headline(h).items() if _finite(v))
   parts, diffs = [], {}
-  for key, label, fmt in figures:
+  for key, label, fmt, *_ in figures:
     a, b = h.get(key), other.get(key)
     if _finite(a) and _finite(b):
       diffs[key] = float(a - b)
@@ -185,6 +193,20 @@ def compare(ev: Evaluator, h: dict, other: dict) -> tuple[str, dict]:
     else:
       parts.append(f"{label} {format(a, fmt) if _finite(a) else '-'} vs {format(b, fmt) if _finite(b) else '-'}")
   return ', '.join(parts), diffs
+
+
+def better_on_every_figure(ev: Evaluator, row: dict, other: dict) -> bool | None:
+  """Whether `row` beats `other` on every one of the evaluator's comparison figures at once (strictly,
+  each in its better direction); None when the figures have no direction or one is missing."""
+  if not ev.comparison or any(len(f) < 4 for f in ev.comparison):
+    return None
+  for key, _, _, better in ev.comparison:
+    a, b = row.get(key), other.get(key)
+    if not (_finite(a) and _finite(b)):
+      return None
+    if not settings_plot.better(a, b, better):
+      return False
+  return True
 
 
 def perturbed_fields(fields: field_io.FieldDataset, n: int, noise: float, seed: int,
@@ -317,6 +339,9 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   ev.pictures(stage, shown, nn_data, nn_weight, int(e.num_neighbours))
   for s in settings:
     ev.setting_picture(stage, s, shown[s['name']], results[s['name']])
+  context = {'reference': reference, 'baseline': baseline, **({no_structure.NAME: nostruct} if nostruct else {})}
+  settings_plot.settings_png(stage.file('settings.png'), ev.comparison, ev.coverage, results, context, head,
+                             f"every setting ({n_gen} samples each) and the context rows, measured alike")
   timings['pictures'] = time.perf_counter() - t0
 
   # --- summary ----------------------------------------------------------------------------------------
@@ -337,6 +362,14 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
                    f"sequences; their tokens come from the histograms of all classes")
     line, versus = compare(ev, h, nostruct)
     log(STAGE, f"vs {no_structure.NAME} at {describe_setting(next(s for s in settings if s['name'] == head))}: {line}")
+    versus['better_on_every_figure'] = better_on_every_figure(ev, h, nostruct)
+    if versus['better_on_every_figure'] is not None:
+      better = [name for name, r in results.items() if better_on_every_figure(ev, r, nostruct)]
+      labels = [label for _, label, *_ in ev.comparison]
+      figures = ' and '.join([', '.join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+      log(STAGE, f"settings better than {no_structure.NAME} on {figures} at once: {', '.join(better) or 'none'} "
+                 f"(of {len(results)}; eval/settings.png)")
+      versus['settings_better_on_every_figure'] = better
   summary = {
       'modality': fields.modality, 'headline_setting': head, **ev.headline(h),
       'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),

@@ -255,8 +255,9 @@ class ImageEvaluator(Evaluator):
   """Images in the evaluation protocol: renders, the classifier, SSIM matrices, novelty."""
 
   data_distance = 'nn_image_l2'
-  comparison = (('class_accuracy', 'class consistency', '.3f'), ('frechet_distance', 'FD', '.3g'),
-                ('ssim_cov', 'SSIM COV', '.3f'))
+  comparison = (('class_accuracy', 'class consistency', '.3f', 'higher'), ('frechet_distance', 'FD', '.3g', 'lower'),
+                ('ssim_cov', 'SSIM COV', '.3f', 'higher'))
+  coverage = 'ssim_cov'
 
   def __init__(self, config, workdir: str, fields, mesh):
     self.config, self.fields, self.mesh = config, fields, mesh

@@ -269,7 +269,9 @@ class ShapeEval(Evaluator):
   class coverage, FPD, novelty against the training shapes."""
 
   data_distance = 'nn_shape_cd'
-  comparison = (('cov', 'COV', '.3f'), ('1nna', '1-NNA', '.3f'), ('mmd_cd_x100', 'MMD-CDx100', '.3f'))
+  comparison = (('cov', 'COV', '.3f', 'higher'), ('1nna', '1-NNA', '.3f', 0.5),
+                ('mmd_cd_x100', 'MMD-CDx100', '.3f', 'lower'))
+  coverage = 'cov'
 
   def __init__(self, config, workdir: str, fields, mesh):
     self.config, self.workdir, self.fields, self.mesh = config, workdir, fields, mesh

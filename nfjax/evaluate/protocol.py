@@ -60,7 +60,7 @@ class Evaluator:
   # 1-NNA against training references that copies push under it) of the figures the log compares with
   # the no-structure row, and that eval/settings.png plots; () = the numeric figures of `headline` (then
   # no direction: no picture, no "better on every figure")
-  comparison: tuple[tuple[str, str, str, str], ...] = ()
+  comparison: tuple[tuple[str, str, str, str | float], ...] = ()
   # the comparison figure on the x axis of eval/settings.png (the coverage of the reference set)
   coverage: str = ''
 
@@ -339,7 +339,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   ev.pictures(stage, shown, nn_data, nn_weight, int(e.num_neighbours))
   for s in settings:
     ev.setting_picture(stage, s, shown[s['name']], results[s['name']])
-  context = {'reference': reference, 'baseline': baseline, **({no_structure.NAME: nostruct} if nostruct else {})}
+  context = {'reference': reference, 'baseline': baseline, **({no_structure.NAME: nostruct} if nostruct is not None else {})}
   settings_plot.settings_png(stage.file('settings.png'), ev.comparison, ev.coverage, results, context, head,
                              f"every setting ({n_gen} samples each) and the context rows, measured alike")
   timings['pictures'] = time.perf_counter() - t0

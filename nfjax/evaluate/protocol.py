@@ -339,7 +339,9 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   ev.pictures(stage, shown, nn_data, nn_weight, int(e.num_neighbours))
   for s in settings:
     ev.setting_picture(stage, s, shown[s['name']], results[s['name']])
-  context = {'reference': reference, 'baseline': baseline, **({no_structure.NAME: nostruct} if nostruct is not None else {})}
+  context = {'reference': reference, 'baseline': baseline}
+  if nostruct is not None:
+    context[no_structure.NAME] = nostruct
   settings_plot.settings_png(stage.file('settings.png'), ev.comparison, ev.coverage, results, context, head,
                              f"every setting ({n_gen} samples each) and the context rows, measured alike")
   timings['pictures'] = time.perf_counter() - t0

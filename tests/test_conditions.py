@@ -111,6 +111,27 @@ def test_the_notebook_sampler_and_no_structure_condition_the_same_way(conditione
   assert w.shape == (30, s.spec.num_params) and 'prototype' in info['what']
   np.testing.assert_array_equal(seen['labels'], ds.conditions()[ds.train_idx])    # per-prototype histograms
   np.testing.assert_array_equal(ds.class_of(seen['classes']), labels)
+  # The second row of such a workdir: the per-class histograms, the prototypes ignored.
+  assert no_structure.rows(by_proto) == [('no_structure', False), ('no_structure_class', True)]
+  assert no_structure.rows(conditioned[0]) == [('no_structure', False)]            # conditioned on the class
+  wc, info = no_structure.draw(by_proto, labels, 11, s.spec.num_params, per_class=True)
+  assert wc.shape == w.shape and 'class' in info['what'] and 'prototypes' in info['conditioning']
+  np.testing.assert_array_equal(seen['labels'], ds.labels[ds.train_idx])
+  np.testing.assert_array_equal(seen['classes'], labels)
+
+
+def test_evaluate_reads_the_samples_against_both_rows(conditioned, tmp_path):
+  workdir = str(tmp_path / 'proto')
+  shutil.copytree(conditioned[1], workdir)
+  s = main.run(_config(**{'tokenize.condition': 'prototype'}), workdir, 'evaluate')['evaluate']
+  ns, nc, h = s['no_structure'], s['no_structure_class'], s['settings']['topk3_t0.8']
+  assert 'prototype' in ns['conditioning'] and 'prototypes' in nc['conditioning']
+  assert ns['num_samples'] == nc['num_samples'] == h['num_samples'] == 20
+  for name, row in (('no_structure', ns), ('no_structure_class', nc)):
+    vs = s[f'vs_{name}']
+    for key in ('class_accuracy', 'frechet_distance', 'ssim_cov'):
+      assert vs[key] == pytest.approx(h[key] - row[key]), (name, key)
+    assert os.path.getsize(os.path.join(workdir, 'eval', f'neighbours_{name}.png')) > 1000
 
 
 def test_prototype_conditions_are_refused_without_prototypes(tmp_path):

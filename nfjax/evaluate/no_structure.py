@@ -10,7 +10,9 @@ setting's labels, set size and metrics.
 
 With tokenize.condition='prototype' the model conditions on the prototype a field started from, and
 so does this row: per-prototype histograms, each row's prototype drawn from its class's as the sample
-stage draws them (`TokenDataset.conditions_for`).
+stage draws them (`TokenDataset.conditions_for`). Such a workdir gets a second row, NAME_CLASS, drawn
+from the per-class histograms as without prototypes: between the two rows is what the prototypes buy,
+between the first row and a setting what the transformer buys on top of them.
 
 Inputs: WORKDIR/tokens (the training split `train_idx`, its conditions, the weight tokens after the
 prefix) and WORKDIR/tokenizer. Seed: config seed + STREAM.
@@ -27,6 +29,7 @@ from nfjax.io import workdir as wd
 
 STREAM = 0x5107
 NAME = 'no_structure'
+NAME_CLASS = 'no_structure_class'
 
 
 def histogram_tokens(tokens: np.ndarray, labels: np.ndarray, classes: np.ndarray, seed: int
@@ -66,10 +69,18 @@ def available(workdir: str) -> bool:
   return wd.finished(workdir, wd.TOKENS) and wd.finished(workdir, wd.TOKENIZER)
 
 
-def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate'
-         ) -> tuple[np.ndarray, dict]:
+def rows(workdir: str) -> list[tuple[str, bool]]:
+  """The no-structure rows of a workdir with finished tokens/: [(name, per_class)] -- NAME (the model's
+  conditioning) and, where the model conditions on prototypes, NAME_CLASS (per class)."""
+  by_prototype = token_io.load(wd.path(workdir, wd.TOKENS)).condition_class is not None
+  return [(NAME, False)] + ([(NAME_CLASS, True)] if by_prototype else [])
+
+
+def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate',
+         per_class: bool = False) -> tuple[np.ndarray, dict]:
   """Weights [n, P] float32 of histogram-drawn token sequences, one per label (the conditioning
-  classes), decoded as the sample stage decodes; and what the summary says about them."""
+  classes), decoded as the sample stage decodes; and what the summary says about them. per_class: the
+  class's histograms even where the model conditions on prototypes (the NAME_CLASS row)."""
   for d in (wd.TOKENS, wd.TOKENIZER):
     wd.require(workdir, d, stage)
   data = token_io.load(wd.path(workdir, wd.TOKENS))
@@ -81,9 +92,12 @@ def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, sta
   prefix = data.prefix_len
   # The model's conditioning: per class, or (tokenize.condition='prototype') per prototype, each row's
   # prototype drawn from its class's with their shares of the training fields, as the sample stage does.
-  by_prototype = data.condition_class is not None
-  wanted = data.conditions_for(labels, seed)
-  drawn, pooled = histogram_tokens(data.tokens[train, prefix:], data.conditions()[train], wanted, seed)
+  by_prototype = data.condition_class is not None and not per_class
+  if per_class:
+    wanted, conditions = np.asarray(labels, np.int32), np.asarray(data.labels, np.int32)[train]
+  else:
+    wanted, conditions = data.conditions_for(labels, seed), data.conditions()[train]
+  drawn, pooled = histogram_tokens(data.tokens[train, prefix:], conditions, wanted, seed)
   weights = np.asarray(tokenizer.decode(drawn, data.vocab), np.float32)   # as samples are decoded
   if weights.shape[1] != params_per_field:
     raise DataError(f"{workdir}/tokenizer decodes {weights.shape[1]} parameters per field but fields/ has "
@@ -98,4 +112,7 @@ def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, sta
   if by_prototype:
     info['conditioning'] = ("per prototype (tokenize.condition='prototype'): each row's prototype drawn from its "
                             "class's with their shares of the training fields, as the sample stage draws them")
+  elif per_class and data.condition_class is not None:
+    info['conditioning'] = (f"per class, though the model conditions on prototypes: what the prototypes add over "
+                            f"the class histograms is the difference from the {NAME} row")
   return weights, info

@@ -13,7 +13,9 @@ the same references, the frame
      no-structure row ('no_structure': weight tokens drawn independently per position from each
      class's per-slot histogram of the training tokens, with the headline setting's labels,
      decoded as samples are: nfjax/evaluate/no_structure.py; only where the workdir has finished
-     tokens/ and tokenizer/), then every setting (its first N_gen samples);
+     tokens/ and tokenizer/; per prototype where the model conditions on prototypes, and then a second
+     row 'no_structure_class' from the per-class histograms), then every setting (its first N_gen
+     samples);
   4. writes eval/per_sample/<setting>.npz, the pictures (eval/grid_<setting>.png: each setting's samples
      by class, titled with the setting and its numbers, each row with its class's figure;
      eval/settings.png: every setting and the context rows on the comparison figures,
@@ -21,7 +23,7 @@ the same references, the frame
      (evaluate.headline_top_k / headline_temperature) at the top; logs by how much the headline
      setting beats the no-structure row and which settings beat it on every comparison figure at
      once (`vs_no_structure`: the differences, `better_on_every_figure`,
-     `settings_better_on_every_figure`).
+     `settings_better_on_every_figure`; `vs_no_structure_class` the same against the class row).
 
 The modality's `Evaluator` (`Modality.evaluator`) renders weights into candidates (images, meshes),
 measures a candidate set against the references (its metrics, novelty against the training set),
@@ -209,6 +211,23 @@ def better_on_every_figure(ev: Evaluator, row: dict, other: dict) -> bool | None
   return True
 
 
+def _versus(ev: Evaluator, name: str, row: dict, head: str, settings: list[dict], results: dict) -> dict:
+  """Log and return the headline setting against a no-structure row: the differences, whether it is better
+  on every figure at once, and which settings are."""
+  h = results[head]
+  line, versus = compare(ev, h, row)
+  log(STAGE, f"vs {name} at {describe_setting(next(s for s in settings if s['name'] == head))}: {line}")
+  versus['better_on_every_figure'] = better_on_every_figure(ev, h, row)
+  if versus['better_on_every_figure'] is not None:
+    better = [n for n, r in results.items() if better_on_every_figure(ev, r, row)]
+    labels = [label for _, label, *_ in ev.comparison]
+    figures = ' and '.join([', '.join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+    log(STAGE, f"settings better than {name} on {figures} at once: {', '.join(better) or 'none'} "
+               f"(of {len(results)}; eval/settings.png)")
+    versus['settings_better_on_every_figure'] = better
+  return {'setting': head, **versus}
+
+
 def perturbed_fields(fields: field_io.FieldDataset, n: int, noise: float, seed: int,
                      pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """n training fields (drawn without replacement when possible) + N(0, (noise * std_j)^2) per
@@ -301,17 +320,21 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
 
   # --- no structure: tokens from each class's per-slot training-token histogram ------------------
   head = headline_setting(settings, e)
-  nostruct = None
+  nostructs = {}    # no_structure, and no_structure_class where the model conditions on prototypes
   if no_structure.available(workdir):
-    t0 = time.perf_counter()
     nlab = loaded[head][1][:n_gen]       # the headline setting's classes, as many of each
-    nw, info = no_structure.draw(workdir, nlab, seed + no_structure.STREAM, fields.params_per_field, STAGE)
-    cands = ev.candidates(nw)
-    nostruct, ps = ev.measure(f'{no_structure.NAME} (per-slot token histograms)', cands, nlab, nw, all_pool)
-    nostruct.update({**info, 'labels_from': head})
-    nn_data[no_structure.NAME], nn_weight[no_structure.NAME] = ps[ev.data_distance], ps['nn_weight_l2']
-    shown[no_structure.NAME] = (cands, nlab, ps)
-    timings[no_structure.NAME] = time.perf_counter() - t0
+    for name, per_class in no_structure.rows(workdir):
+      t0 = time.perf_counter()
+      nw, info = no_structure.draw(workdir, nlab, seed + no_structure.STREAM, fields.params_per_field, STAGE,
+                                   per_class=per_class)
+      cands = ev.candidates(nw)
+      row, ps = ev.measure(f"{name} ({'per-class' if per_class else 'per-slot'} token histograms)", cands, nlab, nw,
+                           all_pool)
+      nostructs[name] = {**row, **info, 'labels_from': head}
+      nn_data[name], nn_weight[name] = ps[ev.data_distance], ps['nn_weight_l2']
+      shown[name] = (cands, nlab, ps)
+      timings[name] = time.perf_counter() - t0
+  nostruct = nostructs.get(no_structure.NAME)
 
   # --- the sampled settings -------------------------------------------------------------------------
   results = {}
@@ -339,9 +362,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   ev.pictures(stage, shown, nn_data, nn_weight, int(e.num_neighbours))
   for s in settings:
     ev.setting_picture(stage, s, shown[s['name']], results[s['name']])
-  context = {'reference': reference, 'baseline': baseline}
-  if nostruct is not None:
-    context[no_structure.NAME] = nostruct
+  context = {'reference': reference, 'baseline': baseline, **nostructs}
   settings_plot.settings_png(stage.file('settings.png'), ev.comparison, ev.coverage, results, context, head,
                              f"every setting ({n_gen} samples each) and the context rows, measured alike")
   timings['pictures'] = time.perf_counter() - t0
@@ -354,7 +375,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   notes += ev.notes(results, reference, baseline, n_ref, n_gen)
   if any(len(w) < n_gen for w, _ in loaded.values()):
     notes.append(f"some settings have fewer than {n_gen} samples")
-  versus = {}
+  versus = {}   # {row name: the headline against it}
   if nostruct is None:
     notes.append(f"no finished {wd.TOKENS}/ and {wd.TOKENIZER}/ in the workdir (samples not made by the pipeline): "
                  f"no {no_structure.NAME} row")
@@ -362,24 +383,15 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
     if nostruct.get('classes_without_training_sequences'):
       notes.append(f"{no_structure.NAME}: class(es) {nostruct['classes_without_training_sequences']} have no training "
                    f"sequences; their tokens come from the histograms of all classes")
-    line, versus = compare(ev, h, nostruct)
-    log(STAGE, f"vs {no_structure.NAME} at {describe_setting(next(s for s in settings if s['name'] == head))}: {line}")
-    versus['better_on_every_figure'] = better_on_every_figure(ev, h, nostruct)
-    if versus['better_on_every_figure'] is not None:
-      better = [name for name, r in results.items() if better_on_every_figure(ev, r, nostruct)]
-      labels = [label for _, label, *_ in ev.comparison]
-      figures = ' and '.join([', '.join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
-      log(STAGE, f"settings better than {no_structure.NAME} on {figures} at once: {', '.join(better) or 'none'} "
-                 f"(of {len(results)}; eval/settings.png)")
-      versus['settings_better_on_every_figure'] = better
+    for name, row in nostructs.items():
+      versus[name] = _versus(ev, name, row, head, settings, results)
   summary = {
       'modality': fields.modality, 'headline_setting': head, **ev.headline(h),
       'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),
       'num_heldout_fields': int(n_held), 'num_fields': int(len(good)),
       **ev.summary(),
       'settings': results, 'reference': reference, 'baseline': baseline,
-      **({no_structure.NAME: nostruct, f'vs_{no_structure.NAME}': {'setting': head, **versus}}
-         if nostruct is not None else {}),
+      **{k: v for name, row in nostructs.items() for k, v in ((name, row), (f'vs_{name}', versus[name]))},
       'per_sample_files': per_sample_files, 'notes': notes,
       'timings': {k: float(v) for k, v in timings.items()},
       'seconds': float(time.perf_counter() - t_start),

@@ -14,7 +14,9 @@ import numpy as np
 from nfjax.io import files
 
 CONTEXT_STYLE = {
-    'no_structure': dict(marker='X', color='tab:red', s=90, label='no_structure (per-slot token histograms)'),
+    'no_structure': dict(marker='X', color='tab:red', s=90, label='no_structure (per-slot histograms, conditioned as the model)'),
+    'no_structure_class': dict(marker='P', color='tab:orange', s=80,
+                               label='no_structure_class (per-class histograms, prototypes ignored)'),
     'reference': dict(marker='*', color='tab:green', s=160, label='reference (held-out fields: the ceiling)'),
     'baseline': dict(marker='s', color='tab:gray', s=50, label='baseline (training fields + noise)'),
 }

@@ -112,9 +112,13 @@ def test_the_notebook_sampler_and_no_structure_condition_the_same_way(conditione
   np.testing.assert_array_equal(seen['labels'], ds.conditions()[ds.train_idx])    # per-prototype histograms
   np.testing.assert_array_equal(ds.class_of(seen['classes']), labels)
   # The second row of such a workdir: the per-class histograms, the prototypes ignored.
-  assert no_structure.rows(by_proto) == [('no_structure', False), ('no_structure_class', True)]
-  assert no_structure.rows(conditioned[0]) == [('no_structure', False)]            # conditioned on the class
+  both = no_structure.draw_rows(by_proto, labels, 11, s.spec.num_params)
+  assert list(both) == ['no_structure', 'no_structure_class']
+  classes = np.unique(token_io.load(os.path.join(conditioned[0], 'tokens')).labels)[:3]
+  assert list(no_structure.draw_rows(conditioned[0], classes, 11, s.spec.num_params)) == ['no_structure']
   wc, info = no_structure.draw(by_proto, labels, 11, s.spec.num_params, per_class=True)
+  np.testing.assert_array_equal(both['no_structure'][0], w)                          # the same draws, read once
+  np.testing.assert_array_equal(both['no_structure_class'][0], wc)
   assert wc.shape == w.shape and 'class' in info['what'] and 'prototypes' in info['conditioning']
   np.testing.assert_array_equal(seen['labels'], ds.labels[ds.train_idx])
   np.testing.assert_array_equal(seen['classes'], labels)

@@ -69,18 +69,8 @@ def available(workdir: str) -> bool:
   return wd.finished(workdir, wd.TOKENS) and wd.finished(workdir, wd.TOKENIZER)
 
 
-def rows(workdir: str) -> list[tuple[str, bool]]:
-  """The no-structure rows of a workdir with finished tokens/: [(name, per_class)] -- NAME (the model's
-  conditioning) and, where the model conditions on prototypes, NAME_CLASS (per class)."""
-  by_prototype = token_io.load(wd.path(workdir, wd.TOKENS)).condition_class is not None
-  return [(NAME, False)] + ([(NAME_CLASS, True)] if by_prototype else [])
-
-
-def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate',
-         per_class: bool = False) -> tuple[np.ndarray, dict]:
-  """Weights [n, P] float32 of histogram-drawn token sequences, one per label (the conditioning
-  classes), decoded as the sample stage decodes; and what the summary says about them. per_class: the
-  class's histograms even where the model conditions on prototypes (the NAME_CLASS row)."""
+def _inputs(workdir: str, stage: str):
+  """(token dataset, tokenizer) of the workdir, read once and checked against each other."""
   for d in (wd.TOKENS, wd.TOKENIZER):
     wd.require(workdir, d, stage)
   data = token_io.load(wd.path(workdir, wd.TOKENS))
@@ -88,6 +78,29 @@ def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, sta
   if tokenizer.tokens_per_field != data.tokens_per_field:
     raise DataError(f"the tokenizer in {workdir}/tokenizer makes {tokenizer.tokens_per_field} tokens per field but "
                     f"{workdir}/tokens has {data.tokens_per_field}: re-run the tokenize stage")
+  return data, tokenizer
+
+
+def draw_rows(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate'
+              ) -> dict[str, tuple[np.ndarray, dict]]:
+  """{row name: `draw`'s (weights, info)} of every no-structure row of the workdir, its tokens and tokenizer
+  read once: NAME (the model's conditioning) and, where the model conditions on prototypes, NAME_CLASS."""
+  data, tokenizer = _inputs(workdir, stage)
+  per_class = [False] + ([True] if data.condition_class is not None else [])
+  return {NAME_CLASS if pc else NAME: _draw(workdir, data, tokenizer, labels, seed, params_per_field, pc)
+          for pc in per_class}
+
+
+def draw(workdir: str, labels: np.ndarray, seed: int, params_per_field: int, stage: str = 'evaluate',
+         per_class: bool = False) -> tuple[np.ndarray, dict]:
+  """Weights [n, P] float32 of histogram-drawn token sequences, one per label (the conditioning
+  classes), decoded as the sample stage decodes; and what the summary says about them. per_class: the
+  class's histograms even where the model conditions on prototypes (the NAME_CLASS row)."""
+  return _draw(workdir, *_inputs(workdir, stage), labels, seed, params_per_field, per_class)
+
+
+def _draw(workdir: str, data, tokenizer, labels: np.ndarray, seed: int, params_per_field: int,
+          per_class: bool) -> tuple[np.ndarray, dict]:
   train = np.asarray(data.train_idx, np.int64)
   prefix = data.prefix_len
   # The model's conditioning: per class, or (tokenize.condition='prototype') per prototype, each row's

@@ -323,17 +323,17 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   nostructs = {}    # no_structure, and no_structure_class where the model conditions on prototypes
   if no_structure.available(workdir):
     nlab = loaded[head][1][:n_gen]       # the headline setting's classes, as many of each
-    for name, per_class in no_structure.rows(workdir):
-      t0 = time.perf_counter()
-      nw, info = no_structure.draw(workdir, nlab, seed + no_structure.STREAM, fields.params_per_field, STAGE,
-                                   per_class=per_class)
+    t0 = time.perf_counter()
+    drawn = no_structure.draw_rows(workdir, nlab, seed + no_structure.STREAM, fields.params_per_field, STAGE)
+    for name, (nw, info) in drawn.items():
       cands = ev.candidates(nw)
-      row, ps = ev.measure(f"{name} ({'per-class' if per_class else 'per-slot'} token histograms)", cands, nlab, nw,
-                           all_pool)
+      kind = 'per-class' if name == no_structure.NAME_CLASS else 'per-slot'
+      row, ps = ev.measure(f"{name} ({kind} token histograms)", cands, nlab, nw, all_pool)
       nostructs[name] = {**row, **info, 'labels_from': head}
       nn_data[name], nn_weight[name] = ps[ev.data_distance], ps['nn_weight_l2']
       shown[name] = (cands, nlab, ps)
       timings[name] = time.perf_counter() - t0
+      t0 = time.perf_counter()
   nostruct = nostructs.get(no_structure.NAME)
 
   # --- the sampled settings -------------------------------------------------------------------------

@@ -6,9 +6,10 @@ One field per CPU device (every device the launcher makes of the CPU, one per co
 `blocked` fit runs a shape field there), timed alternately in the same run, `--reps` rounds, best
 round kept:
 
-* reference: nfjax's per-field point fit, `nfjax.fields.fitting.fit_points` (what
-  `fit.formulation=blocked` runs for each field): every step draws its points, encodes them, runs
-  the MLP forward and backward and the Adam update.
+* reference: nfjax's per-field point fit, `nfjax.fields.fitting.fit_points` (what the `vmap`
+  formulation runs for each field; `blocked` now runs `stacked.fit_point_field`, the same fit with
+  its backward written out): every step draws its points, encodes them, runs the MLP forward and
+  backward and the Adam update.
 * products_only: the same step's matrix products and nothing else (each layer's forward product,
   its weight gradient and, above the first layer, its input gradient, at the same shapes), chained
   so that none can be skipped. No formulation that keeps these products (any regrouping of the same

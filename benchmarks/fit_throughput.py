@@ -32,8 +32,8 @@ nfjax.data.shapes (or, until that module exists, spheres and boxes with analytic
 parity field: `nefgpt3d` (3,712 params, tanh vs +-1 labels, MSE, 8,192 points per step) or
 `hyperdiffusion` (36,737 params, BCE on occupancy logits, 2,048 points per step); Adam lr 1e-2.
 * nfjax: chunks of fields sharded over every device, each step a per-field random batch of points
-  encoded on the fly, cosine schedule; what the fit stage runs (`--formulation=auto`: on a CPU the
-  reference a cache-sized block of fields at a time, `blocked`), with the vmap reference in the
+  encoded on the fly, cosine schedule; what the fit stage runs (`--formulation=auto`: on a CPU a
+  cache-sized block of fields at a time, each by `stacked.fit_point_field`, `blocked`), with the vmap reference in the
   same run as for images. Time excludes compilation and the one-off shared init.
 * baseline (same run, same shapes, same shared init, same steps and points per step): NeF-GPT's
   ShapeNet loop, one shape at a time in PyTorch (on the GPU when there is one): random points

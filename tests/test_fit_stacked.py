@@ -58,12 +58,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('layout', ['shared', 'per field', 'rows'],
-                         ids=['shared inputs', 'inputs per field', 'one field points-major'])
+@pytest.mark.parametrize('layout', ['shared', 'per field', 'one field'],
+                         ids=['shared inputs', 'inputs per field', 'one point field'])
 @pytest.mark.parametrize('name,spec_kw,cfg_kw', CASES, ids=[c[0] for c in CASES])
 def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg_kw, layout):
-  """stacked.value_and_grad (a stack, features-major) and stacked.rows_value_and_grad (one field,
-  points-major: what the 'blocked' fit runs) against jax.grad of the reference loss."""
+  """stacked.value_and_grad (a stack, features-major) and stacked.field_value_and_grad (one field on
+  its own, a stack of one: what the 'blocked' fit runs for a point field) against jax.grad of the
+  reference loss."""
   shared = layout == 'shared'
   spec = _spec(**spec_kw)
   cfg = _fit_cfg(**cfg_kw)
@@ -78,8 +79,8 @@ def test_value_and_grad_equals_autodiff_of_the_reference_loss(name, spec_kw, cfg
       lambda p, f, t: fitting.field_loss(spec, cfg.loss, cfg.l2, p, f, t, cfg.sdf_clamp)),
       in_axes=(0, None if shared else 0, 0))
   ref_v, ref_g = ref_fn(params, feats, target)
-  if layout == 'rows':
-    v, g = jax.vmap(lambda p, f, t: stacked.rows_value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, p, f, t))(
+  if layout == 'one field':
+    v, g = jax.vmap(lambda p, f, t: stacked.field_value_and_grad(spec, cfg.loss, cfg.l2, cfg.sdf_clamp, p, f.T, t))(
         params, feats, target)
   else:
     feats_minor = feats.T if shared else jnp.swapaxes(feats, 1, 2)
@@ -138,9 +139,9 @@ def test_a_short_fit_matches_the_vmap_reference(points, per_step, anchor):
   new_p, new_loss = jax.jit(lambda *a: stacked.fit_stack(spec, cfg, 20, *a, per_step=per_step, points=points))(
       params, inputs, target, keys)
   found = [(new_p, new_loss)]
-  if points:  # one field at a time, points-major: what the 'blocked' formulation fits a point field with
-    rows_one = lambda p, x, t, k: stacked.fit_rows(spec, cfg, 20, p, x, t, k, per_step)
-    found.append(jax.jit(jax.vmap(rows_one))(params, inputs, target, keys))
+  if points:  # one field at a time: what the 'blocked' formulation fits a point field with
+    one = lambda p, x, t, k: stacked.fit_point_field(spec, cfg, 20, p, x, t, k, per_step)
+    found.append(jax.jit(jax.vmap(one))(params, inputs, target, keys))
   for got_p, got_loss in found:
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p)):
@@ -248,7 +249,7 @@ def _point_fitter(formulation, mesh, block_fields=0, fields=16):
 
 
 def test_blocked_fit_equals_the_reference():
-  """'blocked' fits the same fields as 'vmap' (each point field by stacked.fit_rows, the reference's
+  """'blocked' fits the same fields as 'vmap' (each point field by stacked.fit_point_field, the reference's
   fit with its backward written out, a block of fields per call): per-field losses equal to float
   rounding, for every block size, on 8 devices."""
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1}))

@@ -81,7 +81,7 @@ def get_config(preset: str, modality: str) -> ml_collections.ConfigDict:
   c.fit.refit_steps_factor = 4
   c.fit.formulation = 'auto'       # auto | stacked (a chunk in big matrix products, nfjax/fields/stacked.py) |
                                    # blocked (a cache-sized block of fields at a time; point fields by
-                                   # stacked.fit_rows, the backward written out) | vmap (the reference)
+                                   # stacked.fit_point_field, the backward written out) | vmap (the reference)
   # Precision of the fit's float32 matrix products. 'highest' = true float32 everywhere. 'default'
   # lets a GPU use TF32 tensor cores (10-bit mantissas): 1.3x faster on an H200, but it moved single
   # fields' PSNR by 0.35 dB on average (up to 9.7) between two formulations of the same fit, against

@@ -46,8 +46,8 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
   """The stack fitter, compiled with the field axis sharded over `mesh`: `formulation='stacked'`
   fits the whole stack in big matrix products (nfjax/fields/stacked.py), 'vmap' is the reference,
   jit(vmap(fitting.fit_one)) (or of `fitting.fit_points` with points=True), 'blocked' fits a
-  cache-sized block of fields at a time (point fields by `stacked.fit_rows`, the reference's fit with
-  its backward pass written out; grid fields by the reference), 'auto' picks one (`stacked.resolve`).
+  cache-sized block of fields at a time (point fields by `stacked.fit_point_field`, the reference's fit
+  with its backward pass written out; grid fields by the reference), 'auto' picks one (`stacked.resolve`).
 
   `per_step`: inputs drawn per step (-1 = all every step).
   Returns compile_for(params_stack, feats, targets, keys [F], *extra) -> compiled
@@ -72,11 +72,11 @@ def make_stack_fitter(spec: mlp.FieldSpec, fit_cfg, steps: int, mesh: Mesh,
     else:  # each device fits its own fields: shard_map, no partitioner in the way
       if formulation == 'stacked':
         local = lambda p, f, t, k: stacked.fit_stack(spec, fit_cfg, steps, p, f, t, k, per_step, points)
-      else:  # 'blocked': a cache-sized block of fields at a time; point fields by stacked.fit_rows
+      else:  # 'blocked': a cache-sized block of fields at a time; point fields by stacked.fit_point_field
         block = block_fields(spec, fit_cfg, per_step, feats.shape[-2])
         per_block = reference
         if points:
-          per_block = jax.vmap(lambda p, f, t, k: stacked.fit_rows(spec, fit_cfg, steps, p, f, t, k, per_step))
+          per_block = jax.vmap(lambda p, f, t, k: stacked.fit_point_field(spec, fit_cfg, steps, p, f, t, k, per_step))
         local = lambda p, f, t, k: in_blocks(per_block, block, feats_axis, p, f, t, k)
       rows = sharding.logical_spec('fields')
       params, loss = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows if feats_axis == 0 else P(), rows, rows),

@@ -18,10 +18,12 @@ stack at once, arranged so that the work lands in few, large products:
   derivative cost as much as the NeF-GPT field's products on a CPU.
 
 Point fields (shapes) draw their own points every step, so nothing is shared between fields and
-the stacked layout buys little; `fit_rows` fits one such field with the reference's own layout
-(points-major, [n, width] activations, the reference's products) and its backward pass written out
-the same way, every point encoded once rather than each step's draw, and the loss value at the last
-step only: what the 'blocked' formulation runs for each field of a block.
+a stack of them buys little; `fit_point_field` fits one such field on its own in the same
+features-major layout (a stack of one): its weight gradients take the activations as they are
+([out x n] @ [in x n]^T, no [n x width] transposes as in the reference's points-major layout), the
+narrow layers of the shapes presets put the points on the long side of every product, every point is
+encoded once rather than each step's draw, and the loss value is computed at the last step only: what
+the 'blocked' formulation runs for each field of a block.
 
 The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
 draws them), the l2 and anchor penalties and Adam are those of the reference path, so the results agree with
@@ -47,7 +49,7 @@ def resolve(formulation: str, points: bool, backend: str | None = None) -> str:
   """`fit.formulation` -> the one used. 'auto' is what measured faster (benchmarks/RESULTS.md):
   'stacked' where every field shares its inputs (a grid: images); for point fields (each field its
   own random points per step), where the stacked layout did not pay, cache-sized blocks of fields
-  fitted by `fit_rows` ('blocked') on a CPU and the reference on the whole stack at once ('vmap') on
+  fitted by `fit_point_field` ('blocked') on a CPU and the reference on the whole stack at once ('vmap') on
   an accelerator (`backend`: default jax.default_backend())."""
   if formulation not in fitting.FORMULATIONS:
     choices = ', '.join(map(repr, fitting.FORMULATIONS))
@@ -175,33 +177,23 @@ def _penalised(spec: mlp.FieldSpec, l2: float, anchor: float, params, start, val
   return values, grads
 
 
-def rows_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
-                        anchor: float = 0.0, start=None):
-  """One field's loss and gradient (`fitting.field_loss`, plus the anchor toward `start`), the
-  backward pass written out in the reference's points-major layout: feats [n, E], target [n, out],
-  activations [n, width]; each layer's products are the reference's, [n x in] @ [in x out] and
-  their transposes. The activations' (but GELU's, `gelu_and_derivative`) and the loss's derivatives
-  are `jax.vjp` of the functions the reference uses."""
-  zs, hs, ds = _layers(spec, params, feats, lambda h, layer, i: mlp.dense(layer, h))
-  value, loss_vjp = jax.vjp(lambda r: fitting.output_loss(spec, loss, r, target, clamp), zs[-1])
-  (g,) = loss_vjp(jnp.ones_like(value))
-  grads = [None] * len(params)
-  for i in reversed(range(len(params))):
-    grads[i] = {'weight': g.T @ hs[i]}
-    if 'bias' in params[i]:
-      grads[i]['bias'] = g.sum(0)
-    if i > 0:
-      g = _activation_vjp(spec, zs[i - 1], ds[i - 1], g @ params[i]['weight'], first=(i - 1 == 0))
-  return _penalised(spec, l2, anchor, params, start, value, grads, stacked=False)
+def field_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
+                         anchor: float = 0.0, start=None):
+  """One field's loss and gradient: `value_and_grad` on a stack of one. feats [E, n] and target [n, out]
+  (one field's step), params and start one field's."""
+  up = lambda tree: jax.tree.map(lambda a: a[None], tree)   # noqa: E731
+  values, grads = value_and_grad(spec, loss, l2, clamp, up(params), feats, target.T[None], anchor,
+                                 None if start is None else up(start))
+  return values[0], jax.tree.map(lambda a: a[0], grads)
 
 
-def fit_rows(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key, per_step: int = -1):
+def fit_point_field(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, key, per_step: int = -1):
   """One point field; the same fit as `fitting.fit_points` (its draws from `fold_in(key, step)`, loss,
   penalties and Adam; equal to float rounding) computed with less around the matrix products: the
-  backward pass written out (`rows_value_and_grad`), every point encoded once instead of each step's
-  draw every step, and the loss value at the last step only. What the 'blocked' formulation runs for
-  each field (benchmarks/RESULTS.md, issue 19: 1.14-1.6x the reference's per-field fit on a CPU).
-  coords [n, d], values [n] or [n, out]. Returns (params, final loss)."""
+  backward pass written out features-major (`field_value_and_grad`), every point encoded once instead of
+  each step's draw every step, and the loss value at the last step only. What the 'blocked' formulation
+  runs for each field (benchmarks/RESULTS.md, issue 19). coords [n, d], values [n] or [n, out].
+  Returns (params, final loss)."""
   if values.ndim == 1:
     values = values[:, None]
   target = values.astype(jnp.float32)
@@ -210,17 +202,17 @@ def fit_rows(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, values, k
 
   def batch(step):
     if not 0 < per_step < n:
-      return feats_all, target
+      return feats_all.T, target
     idx = jax.random.randint(jax.random.fold_in(key, step), (per_step,), 0, n)
-    return feats_all[idx], target[idx]
+    return feats_all[idx].T, target[idx]
 
-  return _adam(spec, fit_cfg, steps, params, batch, rows_value_and_grad)
+  return _adam(spec, fit_cfg, steps, params, batch, field_value_and_grad)
 
 
 def _adam(spec: mlp.FieldSpec, fit_cfg, steps: int, params, batch, value_and_grad_fn):
   """The reference's Adam over `steps` from `params` (fit.* optimiser, loss, l2, sdf_clamp and the
   anchor toward `params`), each step on `batch(step)` -> (inputs, target) with the gradient of
-  `value_and_grad_fn` (`value_and_grad` or `rows_value_and_grad`). Returns (params, the last step's loss)."""
+  `value_and_grad_fn` (`value_and_grad` or `field_value_and_grad`). Returns (params, the last step's loss)."""
   opt = fitting.make_optimizer(fit_cfg, steps)
   clamp = float(fit_cfg.get('sdf_clamp', 0.0) or 0.0)
   anchor, start = fitting.anchor_of(fit_cfg), params

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from nfjax.evaluate import no_structure
 from nfjax.io import files
 
 CONTEXT_STYLE = {
-    'no_structure': dict(marker='X', color='tab:red', s=90, label='no_structure (per-slot histograms, conditioned as the model)'),
-    'no_structure_class': dict(marker='P', color='tab:orange', s=80,
+    no_structure.NAME: dict(marker='X', color='tab:red', s=90, label='no_structure (per-slot histograms, conditioned as the model)'),
+    no_structure.NAME_CLASS: dict(marker='P', color='tab:orange', s=80,
                                label='no_structure_class (per-class histograms, prototypes ignored)'),
     'reference': dict(marker='*', color='tab:green', s=160, label='reference (held-out fields: the ceiling)'),
     'baseline': dict(marker='s', color='tab:gray', s=50, label='baseline (training fields + noise)'),
@@ -76,7 +77,7 @@ def settings_png(path: str, figures, coverage: str, settings: dict[str, dict], c
       p = _xy(row, xf[0], yf[0])
       if p is not None:
         ax.scatter(*p, zorder=4, **CONTEXT_STYLE.get(name, dict(marker='D', color='k', s=50, label=name)))
-    ns = _xy(context.get('no_structure', {}), xf[0], yf[0])
+    ns = _xy(context.get(no_structure.NAME, {}), xf[0], yf[0])
     if ns is not None:
       ax.margins(0.15)
       ax.autoscale_view()

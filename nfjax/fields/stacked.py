@@ -199,12 +199,13 @@ def fit_point_field(spec: mlp.FieldSpec, fit_cfg, steps: int, params, coords, va
   target = values.astype(jnp.float32)
   feats_all = mlp.encode(spec, coords.astype(jnp.float32))  # [n, E], once
   n = feats_all.shape[0]
-
-  def batch(step):
-    if not 0 < per_step < n:
-      return feats_all.T, target
-    idx = jax.random.randint(jax.random.fold_in(key, step), (per_step,), 0, n)
-    return feats_all[idx].T, target[idx]
+  if not 0 < per_step < n:   # every point every step: transposed once
+    every_point = (feats_all.T, target)
+    batch = lambda step: every_point   # noqa: E731
+  else:
+    def batch(step):
+      idx = jax.random.randint(jax.random.fold_in(key, step), (per_step,), 0, n)
+      return feats_all[idx].T, target[idx]
 
   return _adam(spec, fit_cfg, steps, params, batch, field_value_and_grad)
 

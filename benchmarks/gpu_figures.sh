@@ -13,7 +13,7 @@
 #   0. gpu_tests: the tests that only run on a GPU (cuDNN attention against the einsum path), when
 #      pytest imports (PYTHONPATH may point at a copy of it);
 #   4. shape_fit: NeF-GPT's and HyperDiffusion's shape fields (1,024 synthetic shapes x 200 steps), the
-#      per-field fit with its backward pass written out (`stacked.fit_rows`, what 'blocked' runs on a
+#      per-field fit with its backward pass written out (`stacked.fit_point_field`, what 'blocked' runs on a
 #      CPU) vmapped over the whole chunk (--formulation=blocked --block_fields=1024) against the
 #      reference that 'auto' runs on a GPU: whether 'auto' should pick it there too.
 # Usage: benchmarks/gpu_figures.sh [OUT_DIR]          (on the GPU machine; OUT_DIR default: $OUT or /tmp/gpu_figures)

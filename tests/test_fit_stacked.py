@@ -55,6 +55,9 @@ CASES = [
      {'loss': 'mse'}),
     ('mse with sdf clamp', {}, {'loss': 'mse', 'sdf_clamp': 0.3}),
     ('bce with l2 penalty', {}, {'loss': 'bce', 'l2': 0.5}),
+    # fan-in >= stacked.FOLD_BIAS_MIN_FAN_IN: one point field's biases folded into the products
+    ('relu bce 64 wide', {'hidden': (64, 64)}, {'loss': 'bce'}),
+    ('gelu 64 wide no output bias', {'activation': 'gelu', 'hidden': (64, 64), 'output_bias': False}, {'loss': 'mse'}),
 ]
 
 
@@ -115,12 +118,13 @@ def test_features_major_encoding_is_encode_transposed():
                              jnp.swapaxes(mlp.encode(spec, jnp.asarray(x)), 1, 2), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('points,per_step,anchor', [(False, -1, 0.0), (False, 16, 0.0), (True, 16, 0.0), (True, -1, 0.0),
-                                                    (False, -1, 50.0), (True, 16, 50.0)],
-                         ids=['grid full batch', 'grid pixel subsets', 'points subsets', 'points all',
-                              'grid anchored', 'points anchored'])
-def test_a_short_fit_matches_the_vmap_reference(points, per_step, anchor):
-  spec = _spec(in_dims=3 if points else 2, activation='gelu' if points else 'relu')
+@pytest.mark.parametrize('points,per_step,anchor,width', [
+    (False, -1, 0.0, 8), (False, 16, 0.0, 8), (True, 16, 0.0, 8), (True, -1, 0.0, 8), (False, -1, 50.0, 8),
+    (True, 16, 50.0, 8), (True, 16, 50.0, 64)],
+    ids=['grid full batch', 'grid pixel subsets', 'points subsets', 'points all', 'grid anchored', 'points anchored',
+         'points anchored, biases folded'])
+def test_a_short_fit_matches_the_vmap_reference(points, per_step, anchor, width):
+  spec = _spec(in_dims=3 if points else 2, activation='gelu' if points else 'relu', hidden=(width, width))
   cfg = _fit_cfg(loss='mse' if points else 'bce', anchor=anchor)
   rng = np.random.default_rng(2)
   keys = stack.field_keys(0, np.arange(F))

@@ -21,9 +21,11 @@ Point fields (shapes) draw their own points every step, so nothing is shared bet
 a stack of them buys little; `fit_point_field` fits one such field on its own in the same
 features-major layout (a stack of one): its weight gradients take the activations as they are
 ([out x n] @ [in x n]^T, no [n x width] transposes as in the reference's points-major layout), the
-narrow layers of the shapes presets put the points on the long side of every product, every point is
-encoded once rather than each step's draw, and the loss value is computed at the last step only: what
-the 'blocked' formulation runs for each field of a block.
+narrow layers of the shapes presets put the points on the long side of every product, the biases of
+wide layers (fan-in >= `FOLD_BIAS_MIN_FAN_IN`) are folded into their products ([W | b] @ [h; 1], so the
+bias gradient is the weight gradient's last column), every point is encoded once rather than each
+step's draw, and the loss value is computed at the last step only: what the 'blocked' formulation runs
+for each field of a block.
 
 The loss, the per-step input subsets (`fold_in(key, step)` per field, as `fitting._fit_loop`
 draws them), the l2 and anchor penalties and Adam are those of the reference path, so the results agree with
@@ -71,27 +73,39 @@ def _layer(weight, bias, h, shared: bool):
   return z if bias is None else z + bias[..., None]
 
 
-def forward(spec: mlp.FieldSpec, params, feats):
+# A layer's bias is folded into its matrix product ([W | b] @ [h; 1]: the bias gradient is then the
+# product's last column, no separate sum over the points) in `field_value_and_grad` where the layer's
+# fan-in is at least this: on a CPU that made HyperDiffusion's 128-wide field's fit 1.05x faster and a
+# 64-wide one 1.06x, while at 32 and 24 wide the extra row costs more than the sum it saves (0.99x,
+# 0.93x; benchmarks/RESULTS.md, issue 19).
+FOLD_BIAS_MIN_FAN_IN = 64
+
+
+def forward(spec: mlp.FieldSpec, params, feats, fold_bias: bool = False):
   """Stacked params ([F, ...] leaves) on features-major inputs: `feats` [E, n] shared by every
-  field or [F, E, n] per field. Returns `_layers`' (pre-activations, layer inputs, activation
-  derivatives): the raw output is the last pre-activation, [F, out, n]."""
-  return _layers(spec, params, feats, lambda h, layer, i: _layer(layer['weight'], layer.get('bias'), h,
-                                                               shared=(i == 0 and feats.ndim == 2)))
-
-
-def _layers(spec: mlp.FieldSpec, params, feats, product):
-  """The forward pass with each layer's pre-activation z = product(h, layer, i) (bias included).
-  Returns (pre-activations, layer inputs, what `_activation_vjp` needs of each hidden layer)."""
-  zs, hs, ds = [], [feats], []
-  last = len(params) - 1
+  field or [F, E, n] per field. Returns (pre-activations, layer inputs, what `_activation_vjp` needs of
+  each hidden layer): the raw output is the last pre-activation, [F, out, n]. With `fold_bias`, the
+  layers `_folds` picks take their input with a row of ones below it ([F, in + 1, n]) and add their
+  bias inside the product."""
+  zs, hs, ds = [], [], []
+  h, last = feats, len(params) - 1
   for i, layer in enumerate(params):
-    z = product(hs[-1], layer, i)
+    weight, bias = layer['weight'], layer.get('bias')
+    if fold_bias and _folds(layer):
+      h = jnp.concatenate([h, jnp.ones(h.shape[:-2] + (1, h.shape[-1]), h.dtype)], axis=-2)
+      weight, bias = jnp.concatenate([weight, bias[..., None]], axis=-1), None
+    hs.append(h)
+    z = _layer(weight, bias, h, shared=(i == 0 and feats.ndim == 2))
     zs.append(z)
     if i < last:
       h, d = _activate(spec, z, first=(i == 0))
-      hs.append(h)
       ds.append(d)
   return zs, hs, ds
+
+
+def _folds(layer) -> bool:
+  """Whether `forward(fold_bias=True)` folds this layer's bias into its product."""
+  return 'bias' in layer and layer['weight'].shape[-1] >= FOLD_BIAS_MIN_FAN_IN
 
 
 # Abramowitz & Stegun 7.1.26: erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-a^2), t = 1 / (1 + p a), for
@@ -134,11 +148,11 @@ def _activation_vjp(spec: mlp.FieldSpec, z, derivative, dh, first: bool):
 
 
 def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
-                   anchor: float = 0.0, start=None):
+                   anchor: float = 0.0, start=None, fold_bias: bool = False):
   """Per-field losses [F] and their gradients (stacked like params) of `fitting.field_loss` for
   every field at once, plus `fitting.anchor_penalty` toward `start` (stacked like params) when
-  anchor > 0. feats as in `forward`; target [F, out, n]."""
-  zs, hs, ds = forward(spec, params, feats)
+  anchor > 0. feats and fold_bias as in `forward`; target [F, out, n]."""
+  zs, hs, ds = forward(spec, params, feats, fold_bias)
   raw = zs[-1]
   per_field = lambda r: jax.vmap(lambda rr, tt: fitting.output_loss(spec, loss, rr.T, tt.T, clamp))(r, target)
   values, loss_vjp = jax.vjp(per_field, raw)
@@ -151,9 +165,12 @@ def value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, para
       dw = (g.reshape(f * o, n) @ h.T).reshape(f, o, -1)
     else:
       dw = jnp.einsum('fon,fin->foi', g, h)
-    grads[i] = {'weight': dw}
-    if 'bias' in params[i]:
-      grads[i]['bias'] = g.sum(-1)
+    if fold_bias and _folds(params[i]):   # [dW | db]: the bias's column is the product's last
+      grads[i] = {'weight': dw[..., :-1], 'bias': dw[..., -1]}
+    else:
+      grads[i] = {'weight': dw}
+      if 'bias' in params[i]:
+        grads[i]['bias'] = g.sum(-1)
     if i > 0:
       dh = jnp.einsum('foi,fon->fin', params[i]['weight'], g)
       g = _activation_vjp(spec, zs[i - 1], ds[i - 1], dh, first=(i - 1 == 0))
@@ -179,11 +196,12 @@ def _penalised(spec: mlp.FieldSpec, l2: float, anchor: float, params, start, val
 
 def field_value_and_grad(spec: mlp.FieldSpec, loss: str, l2: float, clamp: float, params, feats, target,
                          anchor: float = 0.0, start=None):
-  """One field's loss and gradient: `value_and_grad` on a stack of one. feats [E, n] and target [n, out]
-  (one field's step), params and start one field's."""
+  """One field's loss and gradient: `value_and_grad` on a stack of one, the biases of wide layers folded
+  into their products (`FOLD_BIAS_MIN_FAN_IN`). feats [E, n] and target [n, out] (one field's step),
+  params and start one field's."""
   up = lambda tree: jax.tree.map(lambda a: a[None], tree)   # noqa: E731
   values, grads = value_and_grad(spec, loss, l2, clamp, up(params), feats, target.T[None], anchor,
-                                 None if start is None else up(start))
+                                 None if start is None else up(start), fold_bias=True)
   return values[0], jax.tree.map(lambda a: a[0], grads)
 
 

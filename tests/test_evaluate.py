@@ -313,6 +313,12 @@ def test_stage_end_to_end_skip_and_rerun_on_new_samples(smoke_fields, tmp_path, 
   assert f"[evaluate] vs no_structure at top-k 3, T 0.8: class consistency {a:.3f} vs {b:.3f} ({a - b:+.3f}), " \
          f"FD {h['frechet_distance']:.3g} vs {ns['frechet_distance']:.3g}" in line, line
   assert f"SSIM COV {h['ssim_cov']:.3f} vs {ns['ssim_cov']:.3f}" in line, line
+  # How much of the held-out fields' coverage the row and the headline reach (the ceiling real fields set).
+  ref = s['reference']['ssim_cov']
+  assert ref > 0 and vs['coverage_of_reference'] == pytest.approx({'row': ns['ssim_cov'] / ref,
+                                                                   'headline': h['ssim_cov'] / ref})
+  assert f"[evaluate] no_structure reaches {ns['ssim_cov'] / ref:.2f} of the held-out fields' SSIM COV " \
+         f"({ns['ssim_cov']:.3f} against {ref:.3f}), the headline {h['ssim_cov'] / ref:.2f} ({h['ssim_cov']:.3f})" in out
   # Which settings beat the row on all three figures at once: class consistency up, FD and COV in
   # their own directions (FD down, COV up), in the summary, the log and eval/settings.png.
   beats = lambda r: (r['class_accuracy'] > ns['class_accuracy'] and r['frechet_distance'] < ns['frechet_distance']
@@ -431,6 +437,12 @@ def test_better_on_every_figure_reads_each_figure_in_its_own_direction(tmp_path)
   assert protocol.better_on_every_figure(ev, {**row, 'ssim_cov': 0.54}, ns) is False           # level is not better
   assert protocol.better_on_every_figure(ev, {**row, 'ssim_cov': float('nan')}, ns) is None
   assert protocol.better_on_every_figure(protocol.Evaluator, row, ns) is None                   # no figures named
+  # coverage as a share of the held-out fields': None where a figure is missing or the reference covers nothing
+  assert protocol.coverage_of_reference(ev, ns, row, {'ssim_cov': 0.5}) == pytest.approx({'row': 1.08, 'headline': 1.1})
+  assert protocol.coverage_of_reference(ev, ns, row, {'ssim_cov': 0.0}) is None
+  assert protocol.coverage_of_reference(ev, {**ns, 'ssim_cov': float('nan')}, row, {'ssim_cov': 0.5}) is None
+  assert protocol.coverage_of_reference(ev, ns, row, {}) is None
+  assert protocol.coverage_of_reference(protocol.Evaluator, ns, row, {'ssim_cov': 0.5}) is None   # no coverage named
   # Shapes: 1-NNA against training references is better nearer 0.5 (copies push it under).
   from nfjax.modalities.shapes.evaluate import ShapeEval
   sns = {'cov': 0.50, '1nna': 0.60, 'mmd_cd_x100': 15.0}

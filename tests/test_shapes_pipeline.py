@@ -97,7 +97,13 @@ def test_all_five_stages_write_meshes_pictures_and_metrics(pipeline):
   expect = {'setting': 'topk3_t0.8', **diffs, 'better_on_every_figure': better['topk3_t0.8']}
   if better['topk3_t0.8'] is not None:
     expect['settings_better_on_every_figure'] = [name for name, b in better.items() if b]
-  assert ev['vs_no_structure'] == expect
+  versus = dict(ev['vs_no_structure'])
+  share, ref_cov = versus.pop('coverage_of_reference', None), ev['reference']['cov']
+  if all(np.isfinite(x) for x in (ns['cov'], h['cov'], ref_cov)) and ref_cov > 0:   # shares of the fields' COV
+    assert share == pytest.approx({'row': ns['cov'] / ref_cov, 'headline': h['cov'] / ref_cov})
+  else:
+    assert share is None
+  assert versus == expect
   if ns['num_evaluated']:
     assert diffs['cov'] == pytest.approx(h['cov'] - ns['cov'])
   assert ev['reference']['recon_cd_to_source']['median'] > 0 and ev['copy_threshold_cd'] > 0

@@ -211,12 +211,32 @@ def better_on_every_figure(ev: Evaluator, row: dict, other: dict) -> bool | None
   return True
 
 
-def _versus(ev: Evaluator, name: str, row: dict, head: str, settings: list[dict], results: dict) -> dict:
+def coverage_of_reference(ev: Evaluator, row: dict, h: dict, reference: dict) -> dict | None:
+  """The coverage figure (`ev.coverage`) of a row and of the headline `h` as shares of the reference
+  row's, the held-out fields' (what real fields cover of the references): {'row', 'headline'}; None where
+  a figure is missing or the reference covers nothing."""
+  key = ev.coverage
+  c_row, c_head, c_ref = row.get(key), h.get(key), (reference or {}).get(key)
+  if not (key and _finite(c_row) and _finite(c_head) and _finite(c_ref) and c_ref > 0):
+    return None
+  return {'row': float(c_row / c_ref), 'headline': float(c_head / c_ref)}
+
+
+def _versus(ev: Evaluator, name: str, row: dict, head: str, settings: list[dict], results: dict,
+            reference: dict) -> dict:
   """Log and return the headline setting against a no-structure row: the differences, whether it is better
-  on every figure at once, and which settings are."""
+  on every figure at once, which settings are, and how much of the held-out fields' coverage the row and
+  the headline reach (a row at or above it cannot be passed on coverage by samples spread over the
+  references as real fields are)."""
   h = results[head]
   line, versus = compare(ev, h, row)
   log(STAGE, f"vs {name} at {describe_setting(next(s for s in settings if s['name'] == head))}: {line}")
+  share = coverage_of_reference(ev, row, h, reference)
+  if share is not None:
+    label = next((lab for k, lab, *_ in ev.comparison if k == ev.coverage), ev.coverage)
+    log(STAGE, f"{name} reaches {share['row']:.2f} of the held-out fields' {label} ({row[ev.coverage]:.3f} "
+               f"against {reference[ev.coverage]:.3f}), the headline {share['headline']:.2f} ({h[ev.coverage]:.3f})")
+    versus['coverage_of_reference'] = share
   versus['better_on_every_figure'] = better_on_every_figure(ev, h, row)
   if versus['better_on_every_figure'] is not None:
     better = [n for n, r in results.items() if better_on_every_figure(ev, r, row)]
@@ -384,7 +404,7 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
       notes.append(f"{no_structure.NAME}: class(es) {nostruct['classes_without_training_sequences']} have no training "
                    f"sequences; their tokens come from the histograms of all classes")
     for name, row in nostructs.items():
-      versus[name] = _versus(ev, name, row, head, settings, results)
+      versus[name] = _versus(ev, name, row, head, settings, results, reference)
   summary = {
       'modality': fields.modality, 'headline_setting': head, **ev.headline(h),
       'num_samples': int(n_eval), 'num_generated': int(n_gen), 'num_reference': int(n_ref),

@@ -175,6 +175,26 @@ def test_the_sampler_computes_on_the_device_it_is_given(pipeline, tmp_path, monk
                                   np.load(os.path.join(workdir, 'samples', name, 'tokens.npy')))
 
 
+def test_a_launch_that_trains_without_class_dropout_refuses_guided_settings_before_the_fit(tmp_path):
+  """Training and sampling in one launch with a guided setting and train.class_dropout=0 is one
+  ConfigError naming the setting and the key before any stage runs (not after the fit and the training);
+  with class dropout, or without the train stage in the launch (the sample stage then checks the model
+  it finds), the config passes."""
+  from nfjax import main
+  from nfjax.configs import checks
+  from nfjax.errors import ConfigError
+  grid = ((3, 0.8, 1.0), (3, 0.8, 1.0, 2.0), (0, 1.0, 1.0, 1.0))
+  cfg = _config(**{'sample.settings': grid})
+  with pytest.raises(ConfigError, match=r"\(3, 0\.8, 1\.0, 2\.0\) uses classifier-free guidance.*"
+                                        r"--config\.train\.class_dropout=0\.1"):
+    main.run(cfg, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'fields')
+  checks.validate(_config(**{'sample.settings': grid, 'train.class_dropout': 0.1}), ('train', 'sample'))
+  checks.validate(cfg, ('sample',))
+  checks.validate(cfg, ('fit', 'tokenize', 'train'))
+  checks.validate(_config(**{'sample.settings': ((3, 0.8, 1.0), (0, 1.0, 1.0, 1.0))}), ('train', 'sample'))
+
+
 def test_guided_settings_need_a_null_class_and_are_named_with_their_scale(pipeline, tmp_path, monkeypatch):
   """Classifier-free guidance end to end: a guided setting on a model trained without class dropout is
   one ConfigError naming train.class_dropout before anything compiles; a model trained with it

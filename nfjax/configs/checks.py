@@ -39,6 +39,8 @@ def validate(config, stages=STAGES) -> None:
   for stage in STAGES:
     if stage in todo:
       _CHECKS[stage](config)
+  if {'train', 'sample'} <= todo:
+    _guidance_needs_a_null_class(config)
 
 
 @contextlib.contextmanager
@@ -174,6 +176,19 @@ def _sample(config) -> None:
       raise ConfigError(f"config key sample.settings: {s!r} needs top_k >= 0, temperature >= 0, 0 < top_p <= 1")
     if len(s) == 4 and not 0 <= float(s[3]) < float('inf'):
       raise ConfigError(f"config key sample.settings: {s!r} needs a finite guidance scale >= 0 (its 4th element)")
+
+
+def _guidance_needs_a_null_class(config) -> None:
+  """A launch that trains the GPT and samples it: guided settings need the null class that only
+  train.class_dropout > 0 gives it. Refused here, before the fit, rather than at the sample stage after
+  the training (which checks a model trained in another launch itself)."""
+  if float(config.train.get('class_dropout', 0.0)) > 0 or config.model.kind != 'gpt':
+    return
+  guided = [s for s in config_lib.get(config, 'sample.settings') if len(s) == 4 and float(s[3]) != 1.0]
+  if guided:
+    raise ConfigError(f"config key sample.settings: {', '.join(map(repr, guided))} {'uses' if len(guided) == 1 else 'use'} classifier-free guidance "
+                      f"(a 4th element != 1), but train.class_dropout=0 trains the GPT without a null class: set "
+                      f"--config.train.class_dropout=0.1 (for example), or drop the guidance scales")
 
 
 def _evaluate(config) -> None:

@@ -41,13 +41,21 @@ def _handlers() -> dict:
           'meta': ocp.JsonCheckpointHandler()}
 
 
+def init_from_missing(init_from: str) -> str:
+  """The error for a train.init_from that is no directory."""
+  return (f"config key train.init_from={init_from!r} is no directory: give the checkpoints directory of a "
+          f"trained GPT (WORKDIR/transformer/checkpoints), or set it to ''")
+
+
 class Checkpointer:
   """Save/restore (params, opt_state, meta) by step; keeps the newest `keep` steps."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    """read_only: another run's checkpoints, only read (train.init_from): the directory is neither
+    created nor cleaned of its unfinished saves."""
     self.directory = files.absolute(directory)   # a gs:// URL as it is: Orbax writes straight to the bucket
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True, create=True)
+                                           cleanup_tmp_directories=not read_only, create=not read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
   def latest_step(self) -> int | None:

@@ -387,6 +387,8 @@ def _launch(args, cwd=ROOT):
      r"--config.fit.stepz: 'stepz' is not a key of the config; did you mean 'steps'\?"),
     (['--config=configs/mnist.py:smok'], r"unknown preset 'smok'"),
     (['--config=configs/mnist.py:smoke', '--config.evaluate.num_neighbours=-1'], r"evaluate.num_neighbours=-1"),
+    (['--config=configs/mnist.py:smoke', '--config.train.init_from=/nonexistent_nfjax/ckpt'],
+     r"train.init_from='/nonexistent_nfjax/ckpt' is no directory: give the checkpoints directory"),
 ])
 def test_launcher_user_errors_are_one_line(tmp_path, args, expect):
   p = _launch([*args, f'--workdir={tmp_path / "wd"}'])
@@ -396,6 +398,7 @@ def test_launcher_user_errors_are_one_line(tmp_path, args, expect):
   import re
   assert re.search(expect, lines[0]), lines[0]
   assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'wd' / 'config.json')
+  assert not os.path.exists('/nonexistent_nfjax')
 
 
 def test_an_unwritable_workdir_is_one_line(tmp_path):

@@ -300,6 +300,26 @@ def test_init_from_a_trained_checkpoint(reference, tmp_path):
   assert step == 1 and loss < scratch[1] - 0.1 and abs(loss - scratch[8]) < 0.1
 
 
+def test_init_from_without_a_finished_checkpoint_is_one_line_and_left_as_it_was(tmp_path):
+  """train.init_from naming a directory with no finished checkpoint (here only an unfinished save's
+  temporary directory): one error line naming the key, no traceback at exit (the source's checkpoint
+  manager is closed), and the source is only read: its unfinished save is not cleaned away."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  make_tokens(str(tmp_path / 'wd'))
+  src = tmp_path / 'src'
+  (src / '3.orbax-checkpoint-tmp-1765000000').mkdir(parents=True)
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', f'--config={ROOT}/configs/mnist.py:smoke',
+                      f'--workdir={tmp_path / "wd"}', '--stages=train', f'--config.train.init_from={src}',
+                      '--config.train.steps=4'], capture_output=True, text=True, cwd=str(tmp_path))
+  assert p.returncode == 2, p.stderr
+  errors = [ln for ln in p.stderr.splitlines() if 'error' in ln.lower() or 'Traceback' in ln]
+  assert errors == [f"nfjax: error: train.init_from='{src}' holds no finished checkpoint: give the checkpoints "
+                    f"directory of a trained GPT (WORKDIR/transformer/checkpoints), or set it to ''"], p.stderr
+  assert os.listdir(src) == ['3.orbax-checkpoint-tmp-1765000000']
+
+
 def test_profile_window_writes_a_trace(tmp_path):
   """train.profile_num_steps > 0: a jax.profiler trace of that window lands in transformer/profile."""
   import glob

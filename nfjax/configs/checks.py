@@ -12,10 +12,12 @@ import contextlib
 
 import jax
 
+from nfjax import checkpoint as ckpt_lib
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError
 from nfjax.fields import fitting
+from nfjax.io import files
 from nfjax.models import gpt as gpt_lib
 from nfjax.models.regression import LOSSES
 
@@ -144,6 +146,9 @@ def _train(config) -> None:
     if m.class_bias_prior > 0 and m.get('class_bias_init', 'zeros') != 'histogram':
       raise ConfigError(f"config key model.class_bias_prior={m.class_bias_prior!r} smooths the histograms of "
                         f"model.class_bias_init='histogram'; set model.class_bias_init='histogram' or the prior to 0")
+  init_from = str(t.get('init_from', '') or '')
+  if init_from and not files.is_remote(init_from) and not files.isdir(files.absolute(init_from)):
+    raise ConfigError(ckpt_lib.init_from_missing(init_from))   # a bucket's is looked at by the train stage
   p_drop = float(t.get('class_dropout', 0.0))
   if not 0.0 <= p_drop < 1.0:
     raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")

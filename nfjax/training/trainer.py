@@ -302,12 +302,17 @@ class Trainer:
         params[name] = jax.make_array_from_callback(value.shape, params[name].sharding, lambda idx, v=value: v[idx])
       state = {**state, 'params': params}
     if init_from:
-      src = ckpt_lib.Checkpointer(init_from, async_save=False)
-      step = src.latest_step()
-      if step is None:
-        raise NfjaxError(f"train.init_from={init_from!r} holds no checkpoint")
-      params, _ = src.restore_params(step, self.abstract_state['params'])
-      src.close()
+      if not files.isdir(files.absolute(init_from)):
+        raise NfjaxError(ckpt_lib.init_from_missing(init_from))
+      src = ckpt_lib.Checkpointer(init_from, async_save=False, read_only=True)
+      try:
+        step = src.latest_step()
+        if step is None:
+          raise NfjaxError(f"train.init_from={init_from!r} holds no finished checkpoint: give the checkpoints "
+                           f"directory of a trained GPT (WORKDIR/transformer/checkpoints), or set it to ''")
+        params, _ = src.restore_params(step, self.abstract_state['params'])
+      finally:
+        src.close()
       state = {**state, 'params': params}
       log(STAGE, f"initialised the parameters from {init_from} step {step}")
     return state, 0

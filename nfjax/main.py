@@ -73,11 +73,17 @@ def run(config, workdir: str, stages: str | None = 'all', redo: str | None = '')
 
 def run_or_exit(config, workdir: str, stages: str | None = 'all', redo: str | None = '') -> dict:
   """`run` as the launcher runs it: a user error is one line and exit 2; a SIGTERM (preemption) saves
-  up to a safe point (nfjax/utils/preemption.py), says so in one line and exits 143."""
+  up to a safe point (nfjax/utils/preemption.py), says so in one line and exits 143; Ctrl-C says in one
+  line which stage it stopped and exits 130."""
   try:
     return run(config, workdir, stages, redo)
   except preemption.Preempted as e:
     _fail(str(e), code=e.exit_code, kind='stopped')
+  except preemption.Interrupted as e:
+    _fail(str(e), code=e.exit_code, kind='stopped')
+  except KeyboardInterrupt:   # before or between the stages
+    _fail("interrupted (Ctrl-C) outside a stage: every file written is whole and kept. Run the same command "
+          "again to go on.", code=preemption.Interrupted.exit_code, kind='stopped')
   except NfjaxError as e:
     _fail(str(e))
 

@@ -89,6 +89,10 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
                        else stage.run(config, workdir))
         except ArtifactError as e:
           raise ArtifactError(_advice(e, workdir, name), e.path) from None
+        except KeyboardInterrupt as e:
+          if isinstance(e, preemption.Interrupted):
+            raise
+          raise preemption.Interrupted(name, list(out)) from e
         _to_tensorboard(workdir, name, before)
         processes.barrier(f'{name} finished')
         log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")

@@ -118,6 +118,8 @@ CHILD = textwrap.dedent('''
           count[0] += 1
           if count[0] == n and action == 'kill':
             os.kill(os.getpid(), signal.SIGKILL)   # kill -9 right after the n-th write
+          if count[0] == n and action == 'int':
+            os.kill(os.getpid(), signal.SIGINT)    # Ctrl-C right after the n-th write
           if count[0] == n and action == 'term':
             print('ready for SIGTERM', flush=True)
             t0 = time.monotonic()
@@ -224,6 +226,40 @@ def test_sigterm_saves_at_a_safe_point_exits_143_and_the_same_command_resumes_id
     with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
       want = json.load(f)
     assert result['resumed_from'] == 5 and result['steps_this_run'] == 1   # not one step lost
+    assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
+
+
+# Ctrl-C (SIGINT) in the launcher: one line naming the stage, exit 130, no traceback; the same command
+# resumes to the same artifacts. fit: right after its first chunk is written; train: while step 5 of 6
+# runs, as for SIGTERM (the checkpoint of step 3 is the newest: the run resumes from there).
+INT_AT = {'fit': (r'chunks/chunk_00000\.npz$', 1), 'train': (r'metrics\.jsonl$', 5)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', list(INT_AT))
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes_identically(ref, tmp_path, stage):
+  from nfjax import main
+  workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
+  pattern, n = INT_AT[stage]
+  p = subprocess.run(_child(workdir, stage, pattern, n, 'int'), env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 130, p.stdout[-2000:] + p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr and 'finished without being killed' not in p.stdout
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f'nfjax: stopped: interrupted (Ctrl-C) during the {stage} stage'), \
+      p.stderr
+  assert 'Run the same command again' in lines[0]
+  for d in STAGE_DIRS[stage]:
+    assert not os.path.exists(os.path.join(workdir, d, 'summary.json'))
+  if stage == 'fit':
+    assert sorted(os.listdir(os.path.join(workdir, 'fields', 'chunks'))) == ['chunk_00000.npz']
+  result = main.run(load_config('smoke'), workdir, stage)[stage]            # the same command again
+  for d in STAGE_DIRS[stage]:
+    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
+  if stage == 'train':
+    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
+      want = json.load(f)
+    assert result['resumed_from'] == 3
     assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
 
 

@@ -91,6 +91,20 @@ def seconds_since_notice() -> float | None:
   return time.monotonic() - _received_at[0] if _received_at else None
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) during a stage: still a KeyboardInterrupt (a notebook or a caller sees one), naming
+  the stage. No safe point is waited for: every file is written whole or not at all, and a stage
+  resumes from what it finished (fit chunks, train checkpoints, sampled settings) as after kill -9."""
+
+  exit_code = 128 + signal.SIGINT
+
+  def __init__(self, stage: str, finished: list[str]):
+    super().__init__(f"interrupted (Ctrl-C) during the {stage} stage: "
+                     + (f"{', '.join(finished)} finished; " if finished else '')
+                     + "every file written is whole and kept (fit chunks, train checkpoints, sampled settings). "
+                       "Run the same command again to resume from there.")
+
+
 def stop(stage: str, kept: str) -> None:
   """Raise Preempted for `stage`, saying what was kept and how to go on."""
   since = seconds_since_notice()

@@ -14,7 +14,7 @@ import time
 
 from nfjax import processes
 from nfjax.configs import checks
-from nfjax.errors import ArtifactError, NfjaxError
+from nfjax.errors import ArtifactError, DataError, NfjaxError
 from nfjax.io import files, lock
 from nfjax.io import workdir as wd
 from nfjax.utils import preemption
@@ -70,6 +70,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   with checks.launch(config, names), preemption.handling(), processes.begin(workdir):
     # checks before any data is read; SIGTERM; in a multi-process run a shared workdir, one writer
     with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
+      processes.agree('inputs', lambda: check_inputs(workdir, names))   # read by process 0, before any write
       if is_main_process():
         files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
         for name in _names(redo, 'redo'):
@@ -97,6 +98,33 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
         processes.barrier(f'{name} finished')
         log('main', f"stage {name} finished in {fmt_seconds(time.perf_counter() - t0)}")
   return out
+
+
+def _unmet(workdir: str, names) -> list[tuple[str, str]]:
+  """[(stage, directory)]: each directory a stage of `names` reads that is neither finished in the
+  workdir nor written by an earlier stage of `names`."""
+  out, produced = [], set()
+  for name in (s for s in PIPELINE if s in names):
+    out += [(name, d) for d in wd.STAGES[name][1] if d not in produced and not wd.finished(workdir, d)]
+    produced.update(wd.writes(name))
+  return out
+
+
+def check_inputs(workdir: str, names: list[str]) -> None:
+  """One error before any stage runs (not after the ones before it) when a selected stage would read a
+  directory that is not finished and that no stage of this launch writes; it names the stages that
+  make the launch whole."""
+  unmet = _unmet(workdir, names)
+  if not unmet:
+    return
+  whole = set(names)
+  while (more := {wd.producer(d) for _, d in _unmet(workdir, whole)} - whole):
+    whole |= more
+  stage, d = unmet[0]
+  what = ('is incomplete (no summary.json): its stage was interrupted' if files.isdir(wd.path(workdir, d))
+          else 'does not exist')
+  raise DataError(f"{wd.path(workdir, d)} {what}; the {stage} stage reads it and this launch does not run the "
+                  f"{wd.producer(d)} stage: run --stages={','.join(s for s in PIPELINE if s in whole)}")
 
 
 def _to_tensorboard(workdir: str, name: str, before: dict) -> None:

@@ -263,6 +263,33 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes_identically(re
     assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
 
 
+def test_a_launch_missing_a_stage_is_one_error_before_any_stage_runs(ref, tmp_path):
+  """A selected stage whose input is neither finished nor written by an earlier stage of the launch:
+  one DataError before the first stage runs (the fit used to run, then the train stage refused), naming
+  the directory and the --stages that make the launch whole, which then works."""
+  from nfjax import main
+  from nfjax.errors import DataError
+  fresh = tmp_path / 'fresh'
+  with pytest.raises(DataError, match=r"fresh/tokens does not exist; the train stage reads it and this launch "
+                                      r"does not run the tokenize stage: run --stages=fit,tokenize,train$"):
+    main.run(load_config('smoke'), str(fresh), 'fit,train')
+  with pytest.raises(DataError, match=r"fresh/fields does not exist; the sample stage reads it and this launch "
+                                      r"does not run the fit stage: run --stages=fit,tokenize,train,sample$"):
+    main.run(load_config('smoke'), str(fresh), 'sample')
+  assert not os.path.exists(fresh / 'fields') and not os.path.exists(fresh / 'config.json')
+  workdir = _copy(ref, tmp_path / 'wd', drop_from='tokenize')   # fields finished, nothing after them
+  os.makedirs(os.path.join(workdir, 'tokens'))                     # a tokenize stage that was interrupted
+  with pytest.raises(DataError, match=r"wd/tokens is incomplete \(no summary.json\): its stage was interrupted; the "
+                                      r"train stage reads it and this launch does not run the tokenize stage: run "
+                                      r"--stages=tokenize,train$"):
+    main.run(load_config('smoke'), workdir, 'train')
+  with pytest.raises(DataError, match=r"run --stages=tokenize,train,sample,evaluate$"):   # samples/ too
+    main.run(load_config('smoke'), workdir, 'train,evaluate')
+  out = main.run(load_config('smoke'), workdir, 'tokenize,train')   # the advice
+  assert set(out) == {'tokenize', 'train'}
+  main.run(load_config('smoke'), workdir, 'train')                  # now whole: the finished stage is skipped
+
+
 # --------------------------------------------------------------------------------------------------
 # Damaged artifacts: named, with the stage that made them and a command that redoes it
 
@@ -425,6 +452,8 @@ def _launch(args, cwd=ROOT):
     (['--config=configs/mnist.py:smoke', '--config.evaluate.num_neighbours=-1'], r"evaluate.num_neighbours=-1"),
     (['--config=configs/mnist.py:smoke', '--config.train.init_from=/nonexistent_nfjax/ckpt'],
      r"train.init_from='/nonexistent_nfjax/ckpt' is no directory: give the checkpoints directory"),
+    (['--config=configs/mnist.py:smoke', '--config.data.num_fields=3'],
+     r"data.num_fields=3: the evaluate stage needs at least 4 good fields; fit 4 or more, or leave it out"),
 ])
 def test_launcher_user_errors_are_one_line(tmp_path, args, expect):
   p = _launch([*args, f'--workdir={tmp_path / "wd"}'])

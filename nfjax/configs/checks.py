@@ -16,6 +16,7 @@ from nfjax import checkpoint as ckpt_lib
 from nfjax import config as config_lib
 from nfjax import modalities, sharding, tokenizers
 from nfjax.errors import ConfigError
+from nfjax.evaluate import protocol
 from nfjax.fields import fitting
 from nfjax.io import files
 from nfjax.models import gpt as gpt_lib
@@ -43,6 +44,8 @@ def validate(config, stages=STAGES) -> None:
       _CHECKS[stage](config)
   if {'train', 'sample'} <= todo:
     _guidance_needs_a_null_class(config)
+  if {'fit', 'evaluate'} <= todo:
+    _enough_fields_to_evaluate(config)
 
 
 @contextlib.contextmanager
@@ -194,6 +197,16 @@ def _guidance_needs_a_null_class(config) -> None:
     raise ConfigError(f"config key sample.settings: {', '.join(map(repr, guided))} {'uses' if len(guided) == 1 else 'use'} classifier-free guidance "
                       f"(a 4th element != 1), but train.class_dropout=0 trains the GPT without a null class: set "
                       f"--config.train.class_dropout=0.1 (for example), or drop the guidance scales")
+
+
+def _enough_fields_to_evaluate(config) -> None:
+  """A launch that fits the fields and evaluates: refused before the fit when it fits fewer fields than
+  the evaluation needs (it stopped at the evaluate stage, after everything else)."""
+  n = int(config.data.get('num_fields', -1))
+  if 0 < n < protocol.MIN_GOOD_FIELDS:
+    raise ConfigError(f"config key data.num_fields={n}: the evaluate stage needs at least {protocol.MIN_GOOD_FIELDS} "
+                      f"good fields; fit {protocol.MIN_GOOD_FIELDS} or more, or leave it out "
+                      f"(--stages=fit,tokenize,train,sample)")
 
 
 def _evaluate(config) -> None:

@@ -41,10 +41,10 @@ def _handlers() -> dict:
           'meta': ocp.JsonCheckpointHandler()}
 
 
-def init_from_missing(init_from: str) -> str:
-  """The error for a train.init_from that is no directory."""
-  return (f"config key train.init_from={init_from!r} is no directory: give the checkpoints directory of a "
-          f"trained GPT (WORKDIR/transformer/checkpoints), or set it to ''")
+def init_from_error(init_from: str, what: str = 'is no directory') -> str:
+  """The error for a train.init_from that cannot start a run: `what` is wrong with it."""
+  return (f"config key train.init_from={init_from!r} {what}: give the checkpoints directory of a trained GPT "
+          f"(WORKDIR/transformer/checkpoints), or set it to ''")
 
 
 class Checkpointer:

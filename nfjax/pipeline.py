@@ -70,7 +70,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   with checks.launch(config, names), preemption.handling(), processes.begin(workdir):
     # checks before any data is read; SIGTERM; in a multi-process run a shared workdir, one writer
     with (lock.hold(workdir) if is_main_process() else contextlib.nullcontext()):
-      processes.agree('inputs', lambda: check_inputs(workdir, names))   # read by process 0, before any write
+      processes.agree('inputs', lambda: check_inputs(workdir, names, config))   # read by process 0, before any write
       if is_main_process():
         files.write_json(wd.path(workdir, 'config.json'), config.to_dict() if hasattr(config, 'to_dict') else config)
         for name in _names(redo, 'redo'):
@@ -100,25 +100,32 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   return out
 
 
-def _unmet(workdir: str, names) -> list[tuple[str, str]]:
+def _needs(name: str, config) -> tuple[str, ...]:
+  """The directories stage `name` reads: its module's `needs(config)` where the config decides, else
+  every input of wd.STAGES."""
+  stage = get(name)
+  return tuple(stage.needs(config)) if hasattr(stage, 'needs') else wd.STAGES[name][1]
+
+
+def _unmet(workdir: str, names, config) -> list[tuple[str, str]]:
   """[(stage, directory)]: each directory a stage of `names` reads that is neither finished in the
   workdir nor written by an earlier stage of `names`."""
   out, produced = [], set()
   for name in (s for s in PIPELINE if s in names):
-    out += [(name, d) for d in wd.STAGES[name][1] if d not in produced and not wd.finished(workdir, d)]
+    out += [(name, d) for d in _needs(name, config) if d not in produced and not wd.finished(workdir, d)]
     produced.update(wd.writes(name))
   return out
 
 
-def check_inputs(workdir: str, names: list[str]) -> None:
+def check_inputs(workdir: str, names: list[str], config) -> None:
   """One error before any stage runs (not after the ones before it) when a selected stage would read a
   directory that is not finished and that no stage of this launch writes; it names the stages that
   make the launch whole."""
-  unmet = _unmet(workdir, names)
+  unmet = _unmet(workdir, names, config)
   if not unmet:
     return
   whole = set(names)
-  while (more := {wd.producer(d) for _, d in _unmet(workdir, whole)} - whole):
+  while (more := {wd.producer(d) for _, d in _unmet(workdir, whole, config)} - whole):
     whole |= more
   stage, d = unmet[0]
   what = ('is incomplete (no summary.json): its stage was interrupted' if files.isdir(wd.path(workdir, d))

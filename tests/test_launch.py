@@ -751,7 +751,7 @@ def test_compile_cache_flag_fills_the_directory_and_is_reused(tmp_path):
   p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', '--stages=train',
                       f'--workdir={tmp_path / "w"}', f'--compile_cache={cache}'], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=120)
-  assert p.returncode == 2 and 'run the tokenize stage' in p.stderr    # nothing to train: no compile
+  assert p.returncode == 2 and 'run --stages=fit,tokenize,train' in p.stderr    # nothing to train: no compile
   assert cache.is_dir() and 'JAX compilation cache' in p.stdout + p.stderr
   program = ('from nfjax import main; main.enable_compile_cache(%r, 0.0); import jax, jax.numpy as jnp; '
              'print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))' % str(cache))

@@ -315,8 +315,8 @@ def test_init_from_without_a_finished_checkpoint_is_one_line_and_left_as_it_was(
                       '--config.train.steps=4'], capture_output=True, text=True, cwd=str(tmp_path))
   assert p.returncode == 2, p.stderr
   errors = [ln for ln in p.stderr.splitlines() if 'error' in ln.lower() or 'Traceback' in ln]
-  assert errors == [f"nfjax: error: train.init_from='{src}' holds no finished checkpoint: give the checkpoints "
-                    f"directory of a trained GPT (WORKDIR/transformer/checkpoints), or set it to ''"], p.stderr
+  assert errors == [f"nfjax: error: config key train.init_from='{src}' holds no finished checkpoint: give the "
+                    f"checkpoints directory of a trained GPT (WORKDIR/transformer/checkpoints), or set it to ''"], p.stderr
   assert os.listdir(src) == ['3.orbax-checkpoint-tmp-1765000000']
 
 

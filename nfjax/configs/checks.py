@@ -151,7 +151,7 @@ def _train(config) -> None:
                         f"model.class_bias_init='histogram'; set model.class_bias_init='histogram' or the prior to 0")
   init_from = str(t.get('init_from', '') or '')
   if init_from and not files.is_remote(init_from) and not files.isdir(files.absolute(init_from)):
-    raise ConfigError(ckpt_lib.init_from_missing(init_from))   # a bucket's is looked at by the train stage
+    raise ConfigError(ckpt_lib.init_from_error(init_from))   # a bucket's is looked at by the train stage
   p_drop = float(t.get('class_dropout', 0.0))
   if not 0.0 <= p_drop < 1.0:
     raise ConfigError(f"config key train.class_dropout={p_drop!r} must be in [0, 1)")
@@ -194,7 +194,8 @@ def _guidance_needs_a_null_class(config) -> None:
     return
   guided = [s for s in config_lib.get(config, 'sample.settings') if len(s) == 4 and float(s[3]) != 1.0]
   if guided:
-    raise ConfigError(f"config key sample.settings: {', '.join(map(repr, guided))} {'uses' if len(guided) == 1 else 'use'} classifier-free guidance "
+    verb = 'uses' if len(guided) == 1 else 'use'
+    raise ConfigError(f"config key sample.settings: {', '.join(map(repr, guided))} {verb} classifier-free guidance "
                       f"(a 4th element != 1), but train.class_dropout=0 trains the GPT without a null class: set "
                       f"--config.train.class_dropout=0.1 (for example), or drop the guidance scales")
 

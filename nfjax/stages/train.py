@@ -37,6 +37,12 @@ KEYS = ('seed', 'model') + tuple(f'train.{k}' for k in (
 # (train.class_dropout is fingerprinted only when > 0: nfjax.config.OMITTED_AT.)
 
 
+def needs(config) -> tuple[str, ...]:
+  """The directories this stage reads (what the launcher checks before the first stage): the tokens
+  for a GPT, the fields for the regression transformer."""
+  return (wd.TOKENS,) if config.model.kind == 'gpt' else (wd.FIELDS,)
+
+
 def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]] = ()) -> dict:
   """The train stage. `hooks` (see Trainer.run) are for tests and notebooks."""
   t_start = time.perf_counter()
@@ -51,7 +57,8 @@ def run(config, workdir: str, *, hooks: Iterable[Callable[[int, Trainer], None]]
 
   # Data and model checks come before the directory is claimed (a config rejected here leaves
   # nothing behind) and before anything is compiled.
-  wd.require(workdir, wd.TOKENS if config.model.kind == 'gpt' else wd.FIELDS, STAGE)
+  for d in needs(config):
+    wd.require(workdir, d, STAGE)
   task = tasks.make_task(config, workdir)
   stage.claim()
   mdef = task.model

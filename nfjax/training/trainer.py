@@ -303,13 +303,12 @@ class Trainer:
       state = {**state, 'params': params}
     if init_from:
       if not files.isdir(files.absolute(init_from)):
-        raise NfjaxError(ckpt_lib.init_from_missing(init_from))
+        raise NfjaxError(ckpt_lib.init_from_error(init_from))
       src = ckpt_lib.Checkpointer(init_from, async_save=False, read_only=True)
       try:
         step = src.latest_step()
         if step is None:
-          raise NfjaxError(f"train.init_from={init_from!r} holds no finished checkpoint: give the checkpoints "
-                           f"directory of a trained GPT (WORKDIR/transformer/checkpoints), or set it to ''")
+          raise NfjaxError(ckpt_lib.init_from_error(init_from, 'holds no finished checkpoint'))
         params, _ = src.restore_params(step, self.abstract_state['params'])
       finally:
         src.close()

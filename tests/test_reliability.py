@@ -109,6 +109,8 @@ CHILD = textwrap.dedent('''
     from nfjax.io import files
     from nfjax.utils import preemption
     workdir, stage, pattern, n, action = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+    if action == 'int':   # Ctrl-C as a terminal delivers it, even where this test runs with SIGINT ignored
+      signal.signal(signal.SIGINT, signal.default_int_handler)
     count = [0]
     def counted(fn):
       def wrapper(path, *a, **k):
@@ -134,6 +136,22 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+def _resumes_to_the_reference(ref: str, workdir: str, stage: str) -> dict:
+  """The same command again on an interrupted workdir: the stage's arrays equal the uninterrupted run's
+  (train: the same steps, train_loss and eval_loss, training being bit-identical). Returns its summary."""
+  from nfjax import main
+  out = main.run(load_config('smoke'), workdir, stage)[stage]
+  for d in STAGE_DIRS[stage]:
+    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
+  if stage == 'train':
+    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
+      want = json.load(f)
+    # train_loss averages the same window after a resume
+    assert (out['steps'], out['train_loss'], out['eval_loss']) == (want['steps'], want['train_loss'],
+                                                                    want['eval_loss'])
+  return out
+
+
 def _child(workdir, stage, pattern, n, action):
   return [sys.executable, '-c', CHILD, ROOT, workdir, stage, pattern, str(n), action]
 
@@ -141,22 +159,13 @@ def _child(workdir, stage, pattern, n, action):
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', ORDER)
 def test_kill_9_in_every_stage_resumes_to_the_same_artifacts(ref, tmp_path, stage):
-  from nfjax import main
   workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
   p = subprocess.run(_child(workdir, stage, f"^({'|'.join(STAGE_DIRS[stage])})/", KILL_AFTER[stage], 'kill'),
                      env=_env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-2000:]
   for d in STAGE_DIRS[stage]:
     assert not os.path.exists(os.path.join(workdir, d, 'summary.json'))   # killed mid-stage
-  out = main.run(load_config('smoke'), workdir, stage)[stage]             # the same command again
-  for d in STAGE_DIRS[stage]:
-    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
-  if stage == 'train':
-    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
-      want = json.load(f)
-    # Bit-identical training, and the same reported figures (train_loss averages the same window).
-    assert (out['steps'], out['train_loss'], out['eval_loss']) == (want['steps'], want['train_loss'],
-                                                                    want['eval_loss'])
+  _resumes_to_the_reference(ref, workdir, stage)                         # the same command again
 
 
 def test_train_loss_after_a_resume_is_the_uninterrupted_figure(ref, tmp_path):
@@ -186,7 +195,6 @@ TERM_AT = {'fit': (r'chunks/chunk_00000\.npz$', 1), 'train': (r'metrics\.jsonl$'
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', list(TERM_AT))
 def test_sigterm_saves_at_a_safe_point_exits_143_and_the_same_command_resumes_identically(ref, tmp_path, stage):
-  from nfjax import main
   workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
   pattern, n = TERM_AT[stage]
   p = subprocess.Popen(_child(workdir, stage, pattern, n, 'term'), env=_env(), stdout=subprocess.PIPE,
@@ -219,14 +227,9 @@ def test_sigterm_saves_at_a_safe_point_exits_143_and_the_same_command_resumes_id
   if stage == 'sample':   # the finished setting kept, the other not started
     assert os.path.exists(os.path.join(workdir, 'samples', 'topk3_t0.8', 'weights.npy'))
     assert not os.path.exists(os.path.join(workdir, 'samples', 'topk0_t1.0', 'weights.npy'))
-  result = main.run(load_config('smoke'), workdir, stage)[stage]            # the same command again
-  for d in STAGE_DIRS[stage]:
-    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
+  result = _resumes_to_the_reference(ref, workdir, stage)                  # the same command again
   if stage == 'train':
-    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
-      want = json.load(f)
     assert result['resumed_from'] == 5 and result['steps_this_run'] == 1   # not one step lost
-    assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
 
 
 # Ctrl-C (SIGINT) in the launcher: one line naming the stage, exit 130, no traceback; the same command
@@ -238,7 +241,6 @@ INT_AT = {'fit': (r'chunks/chunk_00000\.npz$', 1), 'train': (r'metrics\.jsonl$',
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', list(INT_AT))
 def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes_identically(ref, tmp_path, stage):
-  from nfjax import main
   workdir = _copy(ref, tmp_path / 'wd', drop_from=stage)
   pattern, n = INT_AT[stage]
   p = subprocess.run(_child(workdir, stage, pattern, n, 'int'), env=_env(), capture_output=True, text=True,
@@ -253,14 +255,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes_identically(re
     assert not os.path.exists(os.path.join(workdir, d, 'summary.json'))
   if stage == 'fit':
     assert sorted(os.listdir(os.path.join(workdir, 'fields', 'chunks'))) == ['chunk_00000.npz']
-  result = main.run(load_config('smoke'), workdir, stage)[stage]            # the same command again
-  for d in STAGE_DIRS[stage]:
-    assert _assert_same_arrays(os.path.join(ref, d), os.path.join(workdir, d)) or d == 'transformer'
+  result = _resumes_to_the_reference(ref, workdir, stage)                  # the same command again
   if stage == 'train':
-    with open(os.path.join(ref, 'transformer', 'summary.json')) as f:
-      want = json.load(f)
     assert result['resumed_from'] == 3
-    assert (result['train_loss'], result['eval_loss']) == (want['train_loss'], want['eval_loss'])
 
 
 def test_a_launch_missing_a_stage_is_one_error_before_any_stage_runs(ref, tmp_path):

@@ -89,6 +89,7 @@ ended() {
     case $(job_code) in
       0) echo "finished (exit code 0)";;
       143) echo "stopped by SIGTERM (exit code 143: stopped or preempted; the same run command resumes it)";;
+      130) echo "interrupted by SIGINT (exit code 130: Ctrl-C or kill -INT; the same run command resumes it)";;
       *) echo "failed (exit code $(job_code))";;
     esac
   else

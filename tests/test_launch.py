@@ -618,6 +618,18 @@ def test_job_runs_detached_refuses_a_second_copy_and_records_its_exit_code(env, 
   assert job('logs', '--run=r2', env=env, cwd=tmp_path, check=4).stderr.startswith('nfjax_job.sh: error: no log')
 
 
+def test_job_interrupted_by_sigint_says_so_and_how_to_resume(env, tmp_path):
+  """A job that ended with nfjax's Ctrl-C code (130) is reported as interrupted, with how to go on,
+  not as failed."""
+  env = {**job_env(tmp_path, env), 'JOB_RC': '130'}
+  start_fake(tmp_path, env)
+  (tmp_path / 'go').touch()
+  follow = job('logs', '--run=r1', '--follow', env=env, cwd=tmp_path, check=130)
+  assert 'interrupted by SIGINT (exit code 130' in follow.stderr and 'the same run command resumes it' in follow.stderr
+  status = job('status', '--run=r1', env=env, cwd=tmp_path, check=0).stdout
+  assert 'run r1 interrupted by SIGINT' in status and 'failed' not in status
+
+
 @pytest.mark.parametrize('how', ['stop', 'shutdown'])
 def test_job_gets_one_sigterm(env, tmp_path, how):
   """`stop` signals the command; a shutdown signals every process (the wrapper too), and the

@@ -77,9 +77,7 @@ def run_or_exit(config, workdir: str, stages: str | None = 'all', redo: str | No
   line which stage it stopped and exits 130."""
   try:
     return run(config, workdir, stages, redo)
-  except preemption.Preempted as e:
-    _fail(str(e), code=e.exit_code, kind='stopped')
-  except preemption.Interrupted as e:
+  except (preemption.Preempted, preemption.Interrupted) as e:
     _fail(str(e), code=e.exit_code, kind='stopped')
   except KeyboardInterrupt:   # before or between the stages
     _fail("interrupted (Ctrl-C) outside a stage: every file written is whole and kept. Run the same command "

@@ -91,8 +91,6 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
         except ArtifactError as e:
           raise ArtifactError(_advice(e, workdir, name), e.path) from None
         except KeyboardInterrupt as e:
-          if isinstance(e, preemption.Interrupted):
-            raise
           raise preemption.Interrupted(name, list(out)) from e
         _to_tensorboard(workdir, name, before)
         processes.barrier(f'{name} finished')

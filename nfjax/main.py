@@ -91,6 +91,7 @@ def enable_compile_cache(directory: str, min_compile_secs: float = 1.0) -> None:
   anything is compiled: executables compiled earlier are not written there."""
   if not directory:
     return
+  directory = files.expand(directory)
   if '://' not in directory:
     files.makedirs(directory)
   jax.config.update('jax_compilation_cache_dir', directory)
@@ -187,8 +188,9 @@ def main(argv):
               '--process_id': _PROCESS_ID.value}
   if not _DISTRIBUTED.value and any(v is not None for v in explicit.values()):
     raise app.UsageError(f"{', '.join(k for k, v in explicit.items() if v is not None)} need --distributed")
+  workdir = files.expand(_WORKDIR.value)   # --workdir=~/runs/x: the shell leaves that `~` to us
   try:
-    files.check_workdir(_WORKDIR.value)   # a scheme nfjax cannot write, or gs:// without [gcs]: before any work
+    files.check_workdir(workdir)   # a scheme nfjax cannot write, or gs:// without [gcs]: before any work
   except NfjaxError as e:
     _fail(str(e))
   cpu_devices = sharding.split_cpu(_CPU_DEVICES.value)
@@ -200,15 +202,16 @@ def main(argv):
       raise app.UsageError(f"--distributed: {e} JAX detects Cloud TPU VMs, SLURM, Open MPI and Kubernetes; "
                            "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
   try:
-    start_log_file(_WORKDIR.value)
-  except NfjaxError as e:   # a workdir that cannot be written
+    sharding.start_backend()   # JAX_PLATFORMS naming a backend this machine or install lacks: one line
+    start_log_file(workdir)
+  except NfjaxError as e:   # that, or a workdir that cannot be written
     _fail(str(e))
   if cpu_devices and jax.default_backend() == 'cpu':
     log('main', f"computing on the CPU as {cpu_devices} device(s)"
                 + (": the fit runs on all (one per core), the other stages on one that uses every core"
                    if cpu_devices > 1 else ''))
-  summaries = run_or_exit(_CONFIG.value, _WORKDIR.value, _STAGES.value, _REDO.value)
-  for line in closing_lines(_WORKDIR.value, summaries):
+  summaries = run_or_exit(_CONFIG.value, workdir, _STAGES.value, _REDO.value)
+  for line in closing_lines(workdir, summaries):
     log('main', line)
 
 

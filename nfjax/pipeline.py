@@ -65,6 +65,7 @@ def run_stages(config, workdir: str, stages: str | None = "all", redo: str | Non
   writer per workdir, nfjax/io/lock.py; process 0 of a multi-process run), config.json written and
   the stages run in order. A damaged artifact met on the way is reported with the stage that made
   it and the command that redoes it."""
+  workdir = files.expand(workdir)   # '~/runs/x' from a notebook or a script
   files.check_workdir(workdir)   # a scheme nfjax cannot write (or gs:// without [gcs]): one error, no work
   names = parse(stages, redo)
   with checks.launch(config, names), preemption.handling(), processes.begin(workdir):

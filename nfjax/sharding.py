@@ -25,7 +25,7 @@ try:  # private: the only way to choose gloo's address (cpu_collectives_on_loopb
 except ImportError:  # pragma: no cover - another JAX layout
   _jaxlib = None
 
-from nfjax.errors import ConfigError
+from nfjax.errors import ConfigError, NfjaxError
 from nfjax.utils.logging import log
 
 MESH_AXES = ('data', 'fsdp', 'model')
@@ -82,6 +82,22 @@ def split_cpu(requested: int = 0) -> int | None:
   jax.config.update('jax_num_cpu_devices', count)
   _PER_CORE_CPU = count > 1
   return count
+
+
+def start_backend() -> str:
+  """Start JAX's backends; returns the default platform. A backend that cannot start (JAX_PLATFORMS naming
+  one this machine or this install lacks, a plugin that fails) is one NfjaxError that says what to do,
+  not JAX's traceback: with JAX_PLATFORMS=cuda and no visible GPU, JAX itself fails an assertion."""
+  try:
+    return jax.default_backend()
+  except (RuntimeError, AssertionError) as e:
+    asked = os.environ.get('JAX_PLATFORMS', '')
+    reason = str(e).split(' (set JAX_PLATFORMS=')[0].split(' (you may need to')[0].rstrip('.') or (
+        f"no {asked} device is visible, or JAX's plugin for it is not installed" if asked else 'no backend started')
+    raise NfjaxError(
+        f"JAX could not start its backend{f' (JAX_PLATFORMS={asked})' if asked else ''}: {reason}. On a GPU "
+        "machine install JAX for it (pip install -e '.[cuda12]'), on a TPU VM pip install -e '.[tpu]'; to "
+        "compute on this machine's CPU, unset JAX_PLATFORMS or set JAX_PLATFORMS=cpu.") from None
 
 
 def devices(per_core: bool = False) -> list[jax.Device]:

@@ -471,6 +471,34 @@ def test_an_unwritable_workdir_is_one_line(tmp_path):
   assert p.stderr.strip().startswith(f'nfjax: error: cannot write {blocker}/wd')
 
 
+@pytest.mark.parametrize('platforms,expect', [
+    ('cuda', r"\(JAX_PLATFORMS=cuda\): no cuda device is visible, or JAX's plugin for it is not installed\. "),
+    ('nope', r"\(JAX_PLATFORMS=nope\): Unable to initialize backend 'nope': .* not in the list of known backends"),
+])
+def test_a_backend_jax_cannot_start_is_one_line_that_says_what_to_do(tmp_path, platforms, expect):
+  import re
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', f'--workdir={tmp_path / "wd"}'],
+                     cwd=ROOT, env={**_env(), 'JAX_PLATFORMS': platforms}, capture_output=True, text=True, timeout=300)
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert lines[0].startswith('nfjax: error: JAX could not start its backend') and re.search(expect, lines[0]), lines[0]
+  assert "pip install -e '.[cuda12]'" in lines[0] and 'set JAX_PLATFORMS=cpu' in lines[0], lines[0]
+  assert not os.path.exists(tmp_path / 'wd')   # refused before anything was written
+
+
+def test_a_workdir_under_tilde_is_the_home_directory_not_a_directory_named_tilde(tmp_path):
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir(), cwd.mkdir()
+  # --stages=sample on a new workdir is refused before any stage: quick, and the launch's log is written first
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', f'--config={ROOT}/configs/mnist.py:smoke', '--workdir=~/runs/wd',
+                      '--stages=sample'], cwd=cwd, env={**_env(), 'HOME': str(home)}, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 2 and 'run --stages=' in p.stderr, p.stderr[-3000:]
+  assert os.listdir(cwd) == []                                   # no directory named '~'
+  assert len(os.listdir(home / 'runs' / 'wd' / 'logs')) == 1     # the launch's log, in the home directory
+  assert str(home / 'runs' / 'wd') in p.stderr
+
+
 def test_a_refused_launch_leaves_config_json_alone(ref, tmp_path):
   from nfjax import main
   from nfjax.errors import ConfigError

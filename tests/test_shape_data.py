@@ -339,6 +339,16 @@ def test_sdf_and_occupancy_labels_on_a_sphere(tmp_path):
   assert (occ.heldout_occupancy[0][rad < 0.9 * r] == 1).all() and (occ.heldout_occupancy[0][rad > r] == 0).all()
 
 
+def test_the_cache_dir_key_expands_tilde_and_defaults_to_the_workdir(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  assert shapes.cache_dir(_config(cache_dir=''), 'wd') == os.path.join('wd', 'shape_data')
+  cache = shapes.cache_dir(_config(cache_dir='~/points'), 'wd')
+  assert cache == str(tmp_path / 'home' / 'points')
+  shapes.load(_config(num_fields=2, cache_dir='~/points'), cache)
+  assert 'manifest.json' in os.listdir(tmp_path / 'home' / 'points') and not os.path.exists(tmp_path / '~')
+
+
 def test_cache_resume_and_fingerprint(tmp_path, monkeypatch):
   calls = []
   real = shapes._label

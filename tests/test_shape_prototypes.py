@@ -79,7 +79,7 @@ def test_shapes_start_from_their_clusters_prototype_and_sample_through_them(run)
   # its quality is its held-out IoU on that shape, and it fits that shape better than the shared init does
   spec = mlp.FieldSpec.from_dict(fields.meta['field'])
   shared = np.load(os.path.join(workdir, 'fields', 'shared_init.npy'))
-  hp, ho = shape_mod.shape_data.heldout(config, shape_mod.shape_cache_dir(config, workdir))
+  hp, ho = shape_mod.shape_data.heldout(config, shape_mod.shape_data.cache_dir(config, workdir))
   for j, (mean, c) in enumerate(zip(proto['means'], proto['labels'])):
     members = np.nonzero(labels == c)[0]
     medoid = members[np.argmin(((vectors[members] - mean) ** 2).sum(-1))]

@@ -65,6 +65,7 @@ from nfjax.data.images import select
 from nfjax.errors import ConfigError, DataError
 from nfjax import config as cfg_utils
 from nfjax.io import files
+from nfjax.io.workdir import SHAPE_DATA
 from nfjax.utils.logging import Progress, log
 
 SOURCES = ('procedural', 'meshes')
@@ -380,6 +381,11 @@ def _plan(config) -> tuple[_Source, int, int]:
   src = _source(config)
   chunk = int(config.data.get('cache_chunk', DEFAULT_CACHE_CHUNK))
   return src, chunk, -(-len(src.ids) // chunk)
+
+
+def cache_dir(config, workdir: str) -> str:
+  """Where the shapes' points are cached: data.cache_dir (its `~` expanded), or WORKDIR/shape_data."""
+  return files.expand(config.data.get('cache_dir', '') or '') or files.join(workdir, SHAPE_DATA)
 
 
 def load(config, cache_dir: str | None = None) -> ShapeSet:

@@ -373,9 +373,15 @@ def scheme(path) -> str:
   return str(path).split('://', 1)[0].lower() if is_remote(path) else ''
 
 
+def expand(path: str) -> str:
+  """A local path with its leading `~` or `~user` expanded (a shell leaves the `~` of `--workdir=~/runs`
+  as it is); a URL, or a path without one, as it is."""
+  return path if is_remote(path) else os.path.expanduser(path)
+
+
 def absolute(path: str) -> str:
-  """os.path.abspath for a local path; a URL as it is."""
-  return path if is_remote(path) else os.path.abspath(path)
+  """os.path.abspath for a local path (its `~` expanded); a URL as it is."""
+  return path if is_remote(path) else os.path.abspath(expand(path))
 
 
 def check_workdir(path: str) -> None:

@@ -43,7 +43,6 @@ from nfjax.fields.stack import StackFitter
 from nfjax.io import fields as field_io
 from nfjax.io import files
 from nfjax.io import samples as sample_io
-from nfjax.io.workdir import SHAPE_DATA
 from nfjax.modalities.base import FitData, Modality, PrototypeSpace, Quality, SampleOutput
 from nfjax.modalities.shapes import evaluate as shape_eval
 from nfjax.utils import images as img_utils
@@ -99,14 +98,9 @@ def _validate_fit(config) -> None:
     cfg_utils.get(config, key)  # must exist: they are part of the stage's fingerprint
 
 
-def shape_cache_dir(config, workdir: str) -> str:
-  """Where the shapes' points are cached: data.cache_dir, or WORKDIR/shape_data."""
-  return config.data.get('cache_dir', '') or files.join(workdir, SHAPE_DATA)
-
-
 def load_data(config, workdir: str):
-  """The ShapeSet to fit (nfjax.data.shapes.load), cached under shape_cache_dir(config, workdir)."""
-  return shape_data.load(config, shape_cache_dir(config, workdir))
+  """The ShapeSet to fit (nfjax.data.shapes.load), cached under shape_data.cache_dir(config, workdir)."""
+  return shape_data.load(config, shape_data.cache_dir(config, workdir))
 
 
 def check_data(config, spec: mlp.FieldSpec, data) -> tuple:
@@ -303,7 +297,7 @@ def heldout_iou(config, workdir: str, meta: dict, weights: dict[str, np.ndarray]
   each named weight set [len(rows), P] (e.g. fitted, tokenized); the data is read once from the cache."""
   spec = mlp.FieldSpec.from_dict(meta['field'])
   level, above = float(meta['surface']['level']), meta['surface']['inside'] == 'above'
-  hp, ho = shape_data.heldout(config, shape_cache_dir(config, workdir))   # not the training points
+  hp, ho = shape_data.heldout(config, shape_data.cache_dir(config, workdir))   # not the training points
   score = jax.jit(jax.vmap(lambda p, x, o: fitting.occupancy_iou(spec, level, above, x, o, p, IOU_CHUNK)))
 
   def one(w_all: np.ndarray) -> np.ndarray:

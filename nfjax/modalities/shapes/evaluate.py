@@ -51,9 +51,7 @@ from nfjax.evaluate import novelty, pointnet2
 from nfjax.evaluate import shape_metrics as sm
 from nfjax.evaluate.protocol import Evaluator
 from nfjax.fields import meshing, mlp
-from nfjax.io import files
 from nfjax.io import samples as sample_io
-from nfjax.io.workdir import SHAPE_DATA
 from nfjax.utils import images as img_utils
 from nfjax.utils import picks, render3d
 from nfjax.utils.logging import log
@@ -288,8 +286,7 @@ class ShapeEval(Evaluator):
   def load(self, fields, good):
     e, seed = self.config.evaluate, int(self.config.seed)
     t0 = time.perf_counter()
-    cache = self.config.data.get('cache_dir', '') or files.join(self.workdir, SHAPE_DATA)
-    data = shape_data.catalog(self.config, cache, stage='evaluate')   # no points
+    data = shape_data.catalog(self.config, shape_data.cache_dir(self.config, self.workdir), stage='evaluate')   # no points
     meta = fields.meta
     if data.source != meta.get('source') or len(data) != len(fields) or \
         not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):

@@ -286,7 +286,8 @@ class ShapeEval(Evaluator):
   def load(self, fields, good):
     e, seed = self.config.evaluate, int(self.config.seed)
     t0 = time.perf_counter()
-    data = shape_data.catalog(self.config, shape_data.cache_dir(self.config, self.workdir), stage='evaluate')   # no points
+    cache = shape_data.cache_dir(self.config, self.workdir)
+    data = shape_data.catalog(self.config, cache, stage='evaluate')   # no points
     meta = fields.meta
     if data.source != meta.get('source') or len(data) != len(fields) or \
         not np.array_equal(np.asarray(data.source_index), np.asarray(fields.source_index)):

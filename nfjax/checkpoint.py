@@ -22,6 +22,8 @@ given one), without a mesh, an optimizer or the training config: what the sample
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, Callable
 
 import jax
@@ -34,6 +36,21 @@ from nfjax.io import files
 from nfjax.utils.logging import log
 
 ITEMS = ('params', 'opt_state', 'meta')
+# What tensorstore's errors say when a checkpoint's bytes could not be written (Orbax raises them as ValueError).
+_WRITE_FAILURES = ('RESOURCE_EXHAUSTED', 'No space left', 'Failed writing', 'Disk quota exceeded',
+                   'Read-only file system')
+
+
+def _not_a_write_failure(record: logging.LogRecord) -> bool:
+  """A logging filter: False for Orbax's own reports (each with its background thread's traceback) of a
+  save that could not write its bytes, which `Checkpointer` turns into one NfjaxError line."""
+  if record.levelno < logging.ERROR or 'orbax' not in (record.pathname or ''):
+    return True
+  text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else '')
+  return not any(m in text for m in _WRITE_FAILURES)
+
+
+logging.getLogger('absl').addFilter(_not_a_write_failure)   # Orbax logs through absl's logger
 
 
 def _handlers() -> dict:
@@ -65,10 +82,48 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, step: int, params, opt_state, meta: dict) -> None:
-    """Start saving (asynchronously when enabled); the arrays may be donated right after."""
-    self._mngr.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    """Start saving (asynchronously when enabled); the arrays may be donated right after. A local disk
+    without room for the step is one NfjaxError before the save starts (`_check_room`); a save that
+    fails on the way (the disk filled meanwhile) is one when it is met here, in `wait` or in `close`."""
+    self._check_room(step, (params, opt_state))
+    with self._write_failures(step):
+      self._mngr.save(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+
+  # The room asked for a step: its arrays' bytes x ROOM_MARGIN + ROOM_SLACK_BYTES (Orbax's metadata, the JSON
+  # meta, the OCDBT manifests). A smoke run's steps took ~0.8x their arrays' bytes: no more is asked.
+  ROOM_MARGIN = 1.0
+  ROOM_SLACK_BYTES = 1 << 20
+
+  def _check_room(self, step: int, tree) -> None:
+    """A local checkpoint directory on a disk without room for one more step: one NfjaxError now, before
+    Orbax's background threads start a save that would fail halfway (and print their tracebacks)."""
+    if files.is_remote(self.directory):
+      return
+    arrays = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(tree))
+    need = int(arrays * self.ROOM_MARGIN) + self.ROOM_SLACK_BYTES
+    free = files.free_bytes(self.directory)
+    if free is not None and free < need:
+      raise NfjaxError(f"cannot write the checkpoint of step {step} in {self.directory}: {free / 2**20:.1f} MiB "
+                       f"free on its disk, the step needs ~{need / 2**20:.1f} MiB. Free space there (or use a "
+                       f"--workdir on a disk with room); the same command then resumes from the last checkpoint")
+
+  @contextlib.contextmanager
+  def _write_failures(self, step: int | None):
+    """An Orbax save that failed to write (tensorstore's RESOURCE_EXHAUSTED / an OSError: a full disk,
+    a quota, a lost mount) as one NfjaxError naming the directory; anything else as it is."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      text = str(e)
+      if not isinstance(e, OSError) and not any(m in text for m in _WRITE_FAILURES):
+        raise
+      why = 'no space left on its disk' if ('No space left' in text or 'RESOURCE_EXHAUSTED' in text) else \
+          (getattr(e, 'strerror', None) or text.splitlines()[0][:200])
+      raise NfjaxError(f"cannot write the checkpoint{'' if step is None else f' of step {step}'} in "
+                       f"{self.directory}: {why}. Free space there (or use a --workdir you can write to, with "
+                       f"room); the same command then resumes from the last finished checkpoint") from None
 
   def restore(self, step: int, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
     """(params, opt_state, meta) of `step`, laid out as the abstract targets' shardings say."""
@@ -87,11 +142,21 @@ class Checkpointer:
     return dict(self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with self._write_failures(None):
+      self._mngr.wait_until_finished()
 
-  def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+  def close(self, failed: bool = False) -> None:
+    """Wait for the last save and close. `failed`: the run is already ending with an error, which a
+    failed save (the same cause, met again) must not replace."""
+    try:
+      with self._write_failures(None):
+        try:
+          self._mngr.wait_until_finished()
+        finally:
+          self._mngr.close()   # waits for the save as well: its failure is met here once more
+    except NfjaxError:
+      if not failed:
+        raise
 
 
 def newest_intact(steps: list[int], restore: Callable[[int], Any], directory: str, what: str = 'checkpoint'):

@@ -432,6 +432,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(ref, tmp_pat
   assert want['step'] == 3 and meta['rng'] == want['rng']
 
 
+FULL_DISK = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
+    from conftest import load_config
+    from nfjax import main
+    from nfjax.io import files
+    files.free_bytes = lambda path: 3 << 20   # a disk with 3 MiB left: less than one smoke checkpoint
+    main.run_or_exit(load_config('smoke'), sys.argv[2], 'train')
+''')
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_one_line_and_the_same_command_resumes(ref, tmp_path):
+  workdir = _copy(ref, tmp_path / 'wd', drop_from='train')
+  p = subprocess.run([sys.executable, '-c', FULL_DISK, ROOT, workdir], env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  ckpts = os.path.join(workdir, 'transformer', 'checkpoints')
+  assert lines[0].startswith(f"nfjax: error: cannot write the checkpoint of step 3 in {ckpts}: 3.0 MiB free on its "
+                             "disk, the step needs ~"), lines[0]
+  assert 'Free space there' in lines[0] and 'the same command then resumes' in lines[0]
+  assert os.listdir(ckpts) == []                           # refused before Orbax wrote anything
+  _resumes_to_the_reference(ref, workdir, 'train')          # with room again: the uninterrupted run's figures
+
+
 # --------------------------------------------------------------------------------------------------
 # User-caused failures in the launcher: one line, exit code 2, no traceback
 
@@ -477,8 +502,9 @@ def test_an_unwritable_workdir_is_one_line(tmp_path):
 ])
 def test_a_backend_jax_cannot_start_is_one_line_that_says_what_to_do(tmp_path, platforms, expect):
   import re
-  p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke', f'--workdir={tmp_path / "wd"}'],
-                     cwd=ROOT, env={**_env(), 'JAX_PLATFORMS': platforms}, capture_output=True, text=True, timeout=300)
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke',
+                      f'--workdir={tmp_path / "wd"}'], cwd=ROOT, env={**_env(), 'JAX_PLATFORMS': platforms},
+                     capture_output=True, text=True, timeout=300)
   lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
   assert p.returncode == 2 and len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
   assert lines[0].startswith('nfjax: error: JAX could not start its backend') and re.search(expect, lines[0]), lines[0]
@@ -490,9 +516,9 @@ def test_a_workdir_under_tilde_is_the_home_directory_not_a_directory_named_tilde
   home, cwd = tmp_path / 'home', tmp_path / 'cwd'
   home.mkdir(), cwd.mkdir()
   # --stages=sample on a new workdir is refused before any stage: quick, and the launch's log is written first
-  p = subprocess.run([sys.executable, '-m', 'nfjax.main', f'--config={ROOT}/configs/mnist.py:smoke', '--workdir=~/runs/wd',
-                      '--stages=sample'], cwd=cwd, env={**_env(), 'HOME': str(home)}, capture_output=True, text=True,
-                     timeout=300)
+  p = subprocess.run([sys.executable, '-m', 'nfjax.main', f'--config={ROOT}/configs/mnist.py:smoke',
+                      '--workdir=~/runs/wd', '--stages=sample'], cwd=cwd, env={**_env(), 'HOME': str(home)},
+                     capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and 'run --stages=' in p.stderr, p.stderr[-3000:]
   assert os.listdir(cwd) == []                                   # no directory named '~'
   assert len(os.listdir(home / 'runs' / 'wd' / 'logs')) == 1     # the launch's log, in the home directory

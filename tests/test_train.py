@@ -472,3 +472,36 @@ def test_class_bias_init_histogram_starts_at_the_per_slot_histograms(tmp_path):
     checks.validate(config(**{'model.class_bias_init': 'hist'}), ('train',))
   with pytest.raises(ConfigError, match=r"model.class_bias_init='histogram' starts the class x position bias"):
     checks.validate(config(**{'model.class_bias_init': 'histogram', 'model.class_bias': False}), ('train',))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_directory(tmp_path, monkeypatch):
+  import logging
+  from nfjax.errors import NfjaxError
+  directory = str(tmp_path / 'ckpt')
+  ck = checkpoint.Checkpointer(directory, async_save=False)
+  params, opt_state = {'w': jnp.ones((4, 4))}, {'m': jnp.zeros((4, 4))}
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file "x": Failed writing')
+
+  def fail(*a, **k):
+    raise full
+
+  def mismatch(*a, **k):
+    raise ValueError('a shape mismatch')
+  monkeypatch.setattr(ck._mngr, 'save', fail)
+  with pytest.raises(NfjaxError, match=r"cannot write the checkpoint of step 2 in .*ckpt: no space left on its disk\. "
+                                       r"Free space there"):
+    ck.save(2, params, opt_state, {'step': 2})
+  monkeypatch.setattr(ck._mngr, 'save', mismatch)
+  with pytest.raises(ValueError, match='a shape mismatch'):   # anything else is left as it is
+    ck.save(2, params, opt_state, {'step': 2})
+  monkeypatch.setattr(ck._mngr, 'wait_until_finished', fail)
+  with pytest.raises(NfjaxError, match='no space left'):
+    ck.wait()
+  ck.close(failed=True)            # the run already ends with that error: closing does not raise it again
+  with pytest.raises(NfjaxError, match='no space left'):
+    ck.close()                     # a last save that failed is not lost in the close
+  # Orbax's own reports of such a save (from its background threads) are left to that one line
+  orbax_record = logging.LogRecord('absl', logging.ERROR, '/x/orbax/checkpoint/future.py', 1,
+                                   '_SignalingThread.run() raised an exception: %s', (full,), None)
+  other = logging.LogRecord('absl', logging.ERROR, '/x/orbax/checkpoint/future.py', 1, 'something else', (), None)
+  assert not checkpoint._not_a_write_failure(orbax_record) and checkpoint._not_a_write_failure(other)

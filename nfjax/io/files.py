@@ -72,6 +72,20 @@ def _cannot_write(path: str, e: OSError) -> NfjaxError:
   return NfjaxError(f"cannot write {path}: {e.strerror or e}. Use a --workdir you can write to (and with free space)")
 
 
+def free_bytes(path: str) -> int | None:
+  """Bytes free on the local disk that holds `path` (or its nearest existing parent); None for a URL or
+  when the system cannot say."""
+  if is_remote(path):
+    return None
+  p = os.path.abspath(path)
+  while not os.path.exists(p) and os.path.dirname(p) != p:
+    p = os.path.dirname(p)
+  try:
+    return shutil.disk_usage(p).free
+  except OSError:
+    return None
+
+
 def makedirs(path: str) -> None:
   if is_remote(path) or not _writes:
     return   # an object store has no directories: a prefix exists once an object is written under it

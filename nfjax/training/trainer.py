@@ -328,6 +328,7 @@ class Trainer:
                                    async_save=bool(self.t.async_checkpoints))
     writer = None
     self._profile = None
+    failed = False
     try:
       state, start = self._restore_or_init(ckpt)
       if start:
@@ -336,13 +337,16 @@ class Trainer:
         _truncate_metrics(files.join(self.directory, 'metrics.jsonl'), start)
         writer = MetricsWriter(self.directory, namespace=STAGE)
       return self._run(state, start, ckpt, writer, list(hooks), t_start)
+    except BaseException:
+      failed = True
+      raise
     finally:
       if self._profile is not None:
         self._profile.close()
       if writer is not None:
         writer.close()
       if ckpt is not None:
-        ckpt.close()
+        ckpt.close(failed=failed)
 
   def _run(self, state, start, ckpt, writer, hooks, t_start) -> dict:
     t = self.t

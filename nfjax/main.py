@@ -109,6 +109,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     sharding.cpu_collectives_on_loopback()
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+  sharding.start_backend()   # after initialize (which must come first); a backend that cannot start: one line
   local = jax.local_devices()
   log('main', f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
               f"{local[0].device_kind} device(s) of {jax.device_count()}", every_process=True)
@@ -201,6 +202,8 @@ def main(argv):
     except ValueError as e:  # no cluster detected and not enough flags
       raise app.UsageError(f"--distributed: {e} JAX detects Cloud TPU VMs, SLURM, Open MPI and Kubernetes; "
                            "elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I.")
+    except NfjaxError as e:   # JAX_PLATFORMS naming a backend this machine or install lacks
+      _fail(str(e))
   try:
     sharding.start_backend()   # JAX_PLATFORMS naming a backend this machine or install lacks: one line
     start_log_file(workdir)

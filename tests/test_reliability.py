@@ -496,14 +496,23 @@ def test_an_unwritable_workdir_is_one_line(tmp_path):
   assert p.stderr.strip().startswith(f'nfjax: error: cannot write {blocker}/wd')
 
 
-@pytest.mark.parametrize('platforms,expect', [
-    ('cuda', r"\(JAX_PLATFORMS=cuda\): no cuda device is visible, or JAX's plugin for it is not installed\. "),
-    ('nope', r"\(JAX_PLATFORMS=nope\): Unable to initialize backend 'nope': .* not in the list of known backends"),
+@pytest.mark.parametrize('platforms,expect,distributed', [
+    ('cuda', r"\(JAX_PLATFORMS=cuda\): no cuda device is visible, or JAX's plugin for it is not installed\. ", False),
+    ('nope', r"\(JAX_PLATFORMS=nope\): Unable to initialize backend 'nope': .* not in the list of known backends",
+     False),
+    ('nope', r"\(JAX_PLATFORMS=nope\): Unable to initialize backend 'nope'", True),   # after jax.distributed
 ])
-def test_a_backend_jax_cannot_start_is_one_line_that_says_what_to_do(tmp_path, platforms, expect):
+def test_a_backend_jax_cannot_start_is_one_line_that_says_what_to_do(tmp_path, platforms, expect, distributed):
   import re
+  import socket as socket_lib
+  extra = []
+  if distributed:
+    with socket_lib.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    extra = ['--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=1', '--process_id=0']
   p = subprocess.run([sys.executable, '-m', 'nfjax.main', '--config=configs/mnist.py:smoke',
-                      f'--workdir={tmp_path / "wd"}'], cwd=ROOT, env={**_env(), 'JAX_PLATFORMS': platforms},
+                      f'--workdir={tmp_path / "wd"}', *extra], cwd=ROOT, env={**_env(), 'JAX_PLATFORMS': platforms},
                      capture_output=True, text=True, timeout=300)
   lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
   assert p.returncode == 2 and len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]

@@ -544,6 +544,22 @@ def test_a_refused_launch_leaves_config_json_alone(ref, tmp_path):
   assert open(os.path.join(workdir, 'config.json')).read() == before
 
 
+def test_a_stage_of_another_config_names_the_redo_flag_and_that_advice_works(ref, tmp_path):
+  import re
+  from nfjax import main
+  from nfjax.errors import NfjaxError
+  workdir = _copy(ref, tmp_path / 'wd')
+  config = load_config('smoke', **{'sample.settings': ((3, 0.8, 1.0), (5, 1.0, 1.0))})
+  with pytest.raises(NfjaxError) as e:
+    main.run(config, workdir, 'all')
+  advice = re.search(r"run the same command with --redo=(\w+) to redo this stage", str(e.value))
+  assert 'holds the sample stage of a run with a different config' in str(e.value) and advice, str(e.value)
+  out = main.run(config, workdir, 'all', redo=advice.group(1))        # the advice, followed
+  assert [st['name'] for st in out['sample']['settings']] == ['topk3_t0.8', 'topk5_t1']
+  assert set(out['evaluate']['settings']) == {'topk3_t0.8', 'topk5_t1'}   # the evaluation redid itself
+  assert not os.path.exists(os.path.join(workdir, 'samples', 'topk0_t1'))
+
+
 # --------------------------------------------------------------------------------------------------
 # The smaller items
 

@@ -173,8 +173,9 @@ class StageDir:
       if old != self.fingerprint:
         changes = '; '.join(config_lib.diff(old, self.fingerprint)[:8])
         raise NfjaxError(
-            f"{self.path} holds the {self.name} stage of a run with a different config ({changes}). "
-            f"Use a new --workdir, or delete {self.path} to redo this stage.")
+            f"{self.path} holds the {self.stage} stage of a run with a different config ({changes}). "
+            f"Use a new --workdir, or run the same command with --redo={self.stage} to redo this stage (it "
+            f"clears {self.path} first; the stages after it then redo themselves).")
     files.makedirs(self.path)
     files.write_json(fp_path, self.fingerprint)
     inputs = self.inputs()

@@ -487,3 +487,16 @@ def test_a_new_key_at_its_default_keeps_old_fingerprints():
   assert config_lib.fingerprint(now, ('evaluate', 'evaluate.headline_top_k', 'evaluate.headline_guidance')) == before
   moved = load_config('smoke', **{'evaluate.headline_guidance': 2.0})
   assert config_lib.fingerprint(moved, ('evaluate',))['evaluate']['headline_guidance'] == 2.0
+
+
+def test_too_few_samples_for_the_set_figures_is_warned(smoke_fields, tmp_path, capsys):
+  wd = _workdir_with_fields(smoke_fields, tmp_path)
+  protocol.write_fake_samples(wd, SETTINGS, num_samples=1)
+  s = main.run(load_config('smoke'), wd, 'evaluate')['evaluate']
+  out = capsys.readouterr().out
+  assert np.isnan(s['settings']['topk3_t0.8']['frechet_distance'])
+  assert 'WARNING: 1 sample(s) per setting against 1 reference(s)' in out and 'raise sample.num_samples' in out
+  wd2 = _workdir_with_fields(smoke_fields, tmp_path / 'enough')
+  protocol.write_fake_samples(wd2, SETTINGS, num_samples=24)
+  main.run(load_config('smoke'), wd2, 'evaluate')
+  assert 'WARNING: ' not in capsys.readouterr().out

@@ -316,6 +316,10 @@ def evaluate(config, workdir: str, stage, fields, settings: list[dict], ev: Eval
   timings['reference_matrix'] = time.perf_counter() - t0
   log(STAGE, f"{len(good)} good fields: {n_ref} references, {n_held} held out; {len(settings)} setting(s), the "
              f"first {n_gen} samples of each" + (f"; {ev.describe()}" if ev.describe() else ''))
+  if min(n_ref, n_held, n_gen) < 2:
+    log(STAGE, f"WARNING: {n_gen} sample(s) per setting against {n_ref} reference(s) and {n_held} held-out field(s): "
+               "a Fréchet distance needs 2 of each (it is nan here) and the set figures mean little with so few; "
+               "raise sample.num_samples (and data.num_fields) for figures worth reading")
 
   shown, nn_data, nn_weight, per_sample_files = {}, {}, {}, {}
 

@@ -205,11 +205,11 @@ def main(argv):
     except NfjaxError as e:   # JAX_PLATFORMS naming a backend this machine or install lacks
       _fail(str(e))
   try:
-    sharding.start_backend()   # JAX_PLATFORMS naming a backend this machine or install lacks: one line
+    platform = sharding.start_backend()   # JAX_PLATFORMS naming a backend this machine or install lacks: one line
     start_log_file(workdir)
   except NfjaxError as e:   # that, or a workdir that cannot be written
     _fail(str(e))
-  if cpu_devices and jax.default_backend() == 'cpu':
+  if cpu_devices and platform == 'cpu':
     log('main', f"computing on the CPU as {cpu_devices} device(s)"
                 + (": the fit runs on all (one per core), the other stages on one that uses every core"
                    if cpu_devices > 1 else ''))

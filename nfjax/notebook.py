@@ -104,7 +104,7 @@ def _tuples(value):
 def resolve_workdir(workdir: str, preset: str) -> str:
   """'' -> a default per preset: /content/workdirs/<preset> on Colab, ./workdirs/<preset> else."""
   if workdir:
-    return workdir if files.is_remote(workdir) else os.path.abspath(os.path.expanduser(workdir))
+    return files.absolute(workdir)   # '~' expanded; a URL as it is
   base = '/content/workdirs' if in_colab() else os.path.join(repo_root() or os.getcwd(), 'workdirs')
   return os.path.join(base, preset.rsplit(':', 1)[-1])
 

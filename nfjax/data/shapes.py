@@ -194,8 +194,8 @@ def _procedural_source(config) -> _Source:
 
 def _mesh_source(config) -> _Source:
   d = config.data
-  root = os.path.abspath(os.path.expanduser(d.mesh_dir))
-  split_file = os.path.abspath(os.path.expanduser(d.split_file)) if d.split_file else ''
+  root = files.absolute(d.mesh_dir)
+  split_file = files.absolute(d.split_file) if d.split_file else ''
   entries = mesh_io.find_meshes(root, tuple(d.synsets), split_file)
   ids = select(len(entries), int(d.num_fields), int(config.seed))
   chosen = [entries[i] for i in ids]
@@ -385,7 +385,8 @@ def _plan(config) -> tuple[_Source, int, int]:
 
 def cache_dir(config, workdir: str) -> str:
   """Where the shapes' points are cached: data.cache_dir (its `~` expanded), or WORKDIR/shape_data."""
-  return files.expand(config.data.get('cache_dir', '') or '') or files.join(workdir, SHAPE_DATA)
+  given = config.data.get('cache_dir', '')
+  return files.expand(given) if given else files.join(workdir, SHAPE_DATA)
 
 
 def load(config, cache_dir: str | None = None) -> ShapeSet:
